@@ -1,0 +1,24 @@
+"""Shared CLI plumbing: turn sepsnet errors into one clear line and an exit code."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
+
+from sepsnet.errors import SEPSNetError
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``main``; print ``error: <message>`` and return 2 on a :class:`SEPSNetError`."""
+    try:
+        return int(main(argv) or 0)
+    except SEPSNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def not_implemented(command: str, issue: str) -> int:
+    print(f"error: {command} is not implemented yet ({issue})", file=sys.stderr)
+    return 3
