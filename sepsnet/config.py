@@ -314,3 +314,23 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:
+    """``["solver.max_iter=30", "model.components.mask_aux=false"]`` -> nested dict
+    (values parsed as YAML scalars/lists)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: invalid value: {exc}") from None
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out

@@ -75,3 +75,18 @@ def test_semantic_validation(tmp_path: Path) -> None:
     p.write_text("model:\n  backbone: {pretrained: /nonexistent/weights.pth}\n")
     with pytest.raises(ConfigError, match="pretrained file not found"):
         load_config(p)
+
+
+def test_overrides(tmp_path: Path) -> None:
+    from sepsnet.config import parse_overrides
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny_synthetic.yaml",
+                      overrides=parse_overrides(["solver.max_iter=30", "model.components.mask_aux=false",
+                                                 "data.min_size_train=[128, 160]"]))
+    assert cfg.solver.max_iter == 30 and cfg.model.components.mask_aux is False
+    assert cfg.data.min_size_train == [128, 160]
+    with pytest.raises(ConfigError, match="solver.max_itr|max_itr"):
+        load_config(Path(__file__).parents[1] / "configs" / "tiny_synthetic.yaml",
+                    overrides=parse_overrides(["solver.max_itr=3"]))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["solver"])
