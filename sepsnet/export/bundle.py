@@ -1,0 +1,251 @@
+"""Export bundle: ``manifest.json`` beside the graphs/engines (DESIGN.md "Export bundle").
+
+Manifest schema (``format`` = ``sepsnet-bundle/1``)::
+
+    format        "sepsnet-bundle/1"
+    created       ISO-8601 UTC time
+    precision     "fp32" | "fp16" | "int8"   (precision of the engine graphs / plans)
+    opset         ONNX opset of the graphs
+    classes       ClassMetadata.to_dict() (things/stuff: id, name, color) or generated names
+    model         num_thing_classes, num_stuff_classes, num_bases, attn_size, mask_size,
+                  strides, mask_score, silhouette_feature
+    input         height, width, batch, dynamic (bool), ranges {batch, height, width: [min, opt, max]},
+                  pixel_mean, pixel_std, size_divisibility, min_size_test, max_size_test
+    instances     {min, opt, max}: the dynamic instance count range of instance graph/engine
+    postprocess   every PostprocessConfig field (alpha, score_thresh, nms_thresh, ...)
+    alpha         copy of postprocess.alpha (Eq. 4)
+    versions      torch, torchvision, onnx, onnxruntime, tensorrt (null when absent), sepsnet
+    gpu           GPU name the plans were built on (null for an ONNX-only bundle)
+    plugin        file name of the TensorRT plugin library or null
+    graphs        {"dense": G, "instance": G}; G = {onnx: fp32 graph file (ORT runs it),
+                  engine_onnx: graph the TensorRT engine is built from (fp32/fp16/int8 file),
+                  plan: "dense.plan" or null, inputs/outputs: [{name, shape, dtype}]}
+                  (shape entries are ints or dim names such as "instances")
+    files         {relative path: {sha256, bytes}} for every other file in the bundle
+
+The manifest is written last and atomically, so a bundle with a manifest is complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from sepsnet.errors import BundleError
+
+FORMAT = "sepsnet-bundle/1"
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` through a temp file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; bundles are shared read-only files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def software_versions() -> dict[str, Optional[str]]:
+    """Versions of the libraries an exported graph or engine depends on (None when absent)."""
+    out: dict[str, Optional[str]] = {}
+    for name in ("torch", "torchvision", "onnx", "onnxruntime", "tensorrt", "sepsnet"):
+        try:
+            module = __import__(name)
+            out[name] = str(getattr(module, "__version__", "unknown"))
+        except Exception:  # tensorrt may fail with OSError/RuntimeError, not only ImportError
+            out[name] = None
+    return out
+
+
+def tensor_specs(onnx_path: Union[str, Path]) -> dict[str, list[dict[str, Any]]]:
+    """Input/output names, shapes (int or dim name) and dtypes of an ONNX graph."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+
+    def spec(values: Any) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            tt = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+            out.append({"name": v.name, "shape": dims,
+                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
+        return out
+
+    init_names = {i.name for i in model.graph.initializer}
+    return {"inputs": spec([i for i in model.graph.input if i.name not in init_names]),
+            "outputs": spec(model.graph.output)}
+
+
+def file_table(bundle_dir: Union[str, Path]) -> dict[str, dict[str, Any]]:
+    """sha256 + size of every file in the bundle except the manifest and temp files."""
+    root = Path(bundle_dir)
+    table: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == MANIFEST or p.name.startswith("."):
+            continue
+        table[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return table
+
+
+def write_manifest(bundle_dir: Union[str, Path], content: dict[str, Any]) -> Path:
+    """Add format/created/files to ``content`` and write ``manifest.json`` last, atomically."""
+    root = Path(bundle_dir)
+    manifest = {"format": FORMAT,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    manifest.update(content)
+    manifest["files"] = file_table(root)
+    path = root / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_manifest(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a manifest (``path`` = bundle folder or manifest file); check its format version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"no {MANIFEST} at {path}: not an export bundle (run sepsnet-export first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: manifest must be a JSON object")
+    fmt = manifest.get("format")
+    if fmt != FORMAT:
+        raise BundleError(f"{path}: unknown bundle format version {fmt!r}; this sepsnet reads {FORMAT!r}. "
+                          "Re-export the bundle with this version of sepsnet-export.")
+    for key in ("graphs", "files", "precision"):
+        if key not in manifest:
+            raise BundleError(f"{path}: manifest has no {key!r} entry")
+    return manifest
+
+
+def has_plans(manifest: dict[str, Any]) -> bool:
+    """True when the bundle contains TensorRT engines."""
+    return any(g.get("plan") for g in manifest.get("graphs", {}).values())
+
+
+def check_trt_compatible(manifest: dict[str, Any], trt_version: Optional[str], gpu_name: Optional[str],
+                         where: str = "bundle") -> None:
+    """Refuse plans built for another TensorRT version or GPU, naming both sides."""
+    built_trt = manifest.get("versions", {}).get("tensorrt")
+    built_gpu = manifest.get("gpu")
+    if trt_version is None:
+        raise BundleError(f"{where}: its TensorRT engines were built with TensorRT {built_trt} on {built_gpu}, "
+                          "but tensorrt cannot be imported here; use the ONNX graphs (backend='ort')")
+    if built_trt != trt_version:
+        raise BundleError(f"{where}: TensorRT engines were built with TensorRT {built_trt}, this machine has "
+                          f"TensorRT {trt_version}; rebuild them with `sepsnet-export --from-onnx {where} "
+                          f"--{manifest.get('precision', 'fp16')}` or use backend='ort'")
+    if gpu_name is not None and built_gpu != gpu_name:
+        raise BundleError(f"{where}: TensorRT engines were built on GPU {built_gpu!r}, this machine has "
+                          f"{gpu_name!r}; plans are GPU-specific, rebuild them with "
+                          f"`sepsnet-export --from-onnx {where} --{manifest.get('precision', 'fp16')}`")
+
+
+def verify_bundle(bundle_dir: Union[str, Path], *, check_trt: bool = False, trt_version: Optional[str] = None,
+                  gpu_name: Optional[str] = None) -> dict[str, Any]:
+    """Load the manifest and check every listed file exists with its sha256.
+
+    With ``check_trt`` (the TensorRT runtime does this) also refuse plans built for another
+    TensorRT version or GPU (``trt_version``/``gpu_name`` describe this machine).
+    Returns the manifest.
+    """
+    root = Path(bundle_dir)
+    if root.is_file():
+        root = root.parent
+    manifest = load_manifest(root)
+    files = manifest["files"]
+    for rel, entry in files.items():
+        p = root / rel
+        if not p.is_file():
+            raise BundleError(f"{root}: file {rel!r} listed in the manifest is missing")
+        digest = sha256_file(p)
+        if digest != entry.get("sha256"):
+            raise BundleError(f"{root}: sha256 mismatch for {rel!r} (manifest {str(entry.get('sha256'))[:12]}..., "
+                              f"file {digest[:12]}...): the file was modified or corrupted; re-export")
+    for name, graph in manifest["graphs"].items():
+        for key in ("onnx", "engine_onnx", "plan"):
+            rel = graph.get(key)
+            if rel and rel not in files:
+                raise BundleError(f"{root}: graph {name!r} {key} file {rel!r} is not listed in the manifest files")
+    if manifest.get("plugin") and manifest["plugin"] not in files:
+        raise BundleError(f"{root}: plugin library {manifest['plugin']!r} is not in the bundle")
+    if check_trt and has_plans(manifest):
+        check_trt_compatible(manifest, trt_version, gpu_name, where=str(root))
+    return manifest
+
+
+def default_classes(num_things: int, num_stuff: int) -> dict[str, Any]:
+    """Class table when the checkpoint has no metadata: generated names and colours."""
+    def color(i: int) -> list[int]:
+        return [(37 * i + 60) % 256, (91 * i + 120) % 256, (53 * i + 200) % 256]
+
+    return {"things": [{"id": i + 1, "name": f"thing_{i}", "color": color(i)} for i in range(num_things)],
+            "stuff": [{"id": num_things + i + 1, "name": f"stuff_{i}", "color": color(num_things + i)}
+                      for i in range(num_stuff)]}
+
+
+def manifest_content(cfg: Any, classes: Optional[dict[str, Any]], *, ranges: dict[str, list[int]],
+                     dynamic: bool, instances: dict[str, int], precision: str, opset: int,
+                     graphs: dict[str, dict[str, Any]], plugin: Optional[str] = None,
+                     gpu: Optional[str] = None) -> dict[str, Any]:
+    """Everything the runtime needs besides the files (see the module docstring)."""
+    from dataclasses import asdict
+
+    m, d = cfg.model, cfg.data
+    return {
+        "precision": precision,
+        "opset": opset,
+        "classes": classes or default_classes(m.num_thing_classes, m.num_stuff_classes),
+        "model": {"num_thing_classes": m.num_thing_classes, "num_stuff_classes": m.num_stuff_classes,
+                  "num_bases": m.blender.num_bases, "attn_size": m.blender.attn_size,
+                  "mask_size": m.blender.mask_size, "sampling_ratio": m.blender.sampling_ratio,
+                  "strides": list(m.fcos.strides), "fpn_channels": m.fpn_channels,
+                  "mask_score": m.components.mask_score, "silhouette_feature": m.components.silhouette_feature},
+        "input": {"height": ranges["height"][1], "width": ranges["width"][1], "batch": ranges["batch"][1],
+                  "dynamic": dynamic, "ranges": ranges, "pixel_mean": list(d.pixel_mean),
+                  "pixel_std": list(d.pixel_std), "size_divisibility": d.size_divisibility,
+                  "min_size_test": d.min_size_test, "max_size_test": d.max_size_test},
+        "instances": instances,
+        "postprocess": asdict(cfg.postprocess),
+        "alpha": cfg.postprocess.alpha,
+        "versions": software_versions(),
+        "gpu": gpu,
+        "plugin": plugin,
+        "graphs": graphs,
+        "config": cfg.to_dict(),
+    }

@@ -1,0 +1,126 @@
+"""Candidate selection on the dense outputs (DESIGN "Inference split", step 2).
+
+FCOS test-time selection with the AdelaiDet defaults: class probability above
+``score_thresh``, pre-NMS top-k per FPN level ranked by ``prob * centerness``,
+FCOS score ``sqrt(prob * centerness)``, boxes clipped to the resized (unpadded)
+image, class-aware NMS (:func:`torchvision.ops.batched_nms`), at most
+``max_instances`` kept per image.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torchvision.ops import batched_nms
+
+from sepsnet.errors import ConfigError
+
+
+@dataclass
+class Candidates:
+    """Instances of one image kept by NMS, sorted by descending FCOS score."""
+
+    boxes: torch.Tensor  # float32 (n, 4) xyxy, network-input pixels
+    scores: torch.Tensor  # float32 (n,) FCOS score sqrt(prob * centerness)
+    classes: torch.Tensor  # int64 (n,) contiguous thing class
+    attention: torch.Tensor  # float32 (n, K*M*M)
+    batch_index: torch.Tensor  # int64 (n,) image index in the batch
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())
+
+
+def postprocess_cfg(cfg: Any) -> Any:
+    """Accept either a full ``SEPSNetConfig`` or its ``PostprocessConfig`` section."""
+    return cfg.postprocess if hasattr(cfg, "postprocess") else cfg
+
+
+def level_sizes(p3_hw: Sequence[int], num_levels: int = 5) -> list[tuple[int, int]]:
+    """(h, w) of P3..P7 from P3's size: each next level is (ceil(h/2), ceil(w/2))."""
+    h, w = int(p3_hw[0]), int(p3_hw[1])
+    sizes = []
+    for _ in range(num_levels):
+        sizes.append((h, w))
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return sizes
+
+
+def _check_shapes(boxes: torch.Tensor, scores: torch.Tensor, centerness: torch.Tensor,
+                  attention: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> None:
+    if boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ConfigError(f"select_candidates: boxes must be (N,L,4), got {tuple(boxes.shape)}")
+    n, num_loc = boxes.shape[:2]
+    expect = {"scores": (n, num_loc), "centerness": (n, num_loc), "attention": (n, num_loc)}
+    for name, t in (("scores", scores), ("centerness", centerness), ("attention", attention)):
+        if tuple(t.shape[:2]) != expect[name]:
+            raise ConfigError(f"select_candidates: {name} shape {tuple(t.shape)} does not match "
+                              f"boxes (N,L)=({n},{num_loc})")
+    total = sum(h * w for h, w in sizes)
+    if total != num_loc:
+        raise ConfigError(f"select_candidates: level sizes {list(sizes)} give {total} locations, "
+                          f"dense outputs have L={num_loc}")
+
+
+def select_candidates(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    centerness: torch.Tensor,
+    attention: torch.Tensor,
+    level_sizes: Sequence[tuple[int, int]],
+    cfg: Any,
+    image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+) -> list[Candidates]:
+    """Per image :class:`Candidates` from the dense engine outputs (INTERFACES.md).
+
+    ``image_sizes``: per image the resized, unpadded (h, w) the boxes are clipped to;
+    boxes left empty by clipping are dropped. ``cfg``: config or postprocess section.
+    """
+    pp = postprocess_cfg(cfg)
+    sizes = [(int(h), int(w)) for h, w in level_sizes]
+    _check_shapes(boxes, scores, centerness, attention, sizes)
+    starts = [0]
+    for h, w in sizes:
+        starts.append(starts[-1] + h * w)
+    out = []
+    for b in range(boxes.shape[0]):
+        loc_list, cls_list, val_list = [], [], []
+        for lvl in range(len(sizes)):
+            s, e = starts[lvl], starts[lvl + 1]
+            prob = scores[b, s:e]  # (l, T)
+            cand = (prob > pp.score_thresh).nonzero()  # (c, 2) [loc, cls]
+            if cand.numel() == 0:
+                continue
+            val = prob[cand[:, 0], cand[:, 1]] * centerness[b, s + cand[:, 0]]
+            if val.numel() > pp.pre_nms_topk:
+                val, top = val.topk(pp.pre_nms_topk, sorted=False)
+                cand = cand[top]
+            loc_list.append(cand[:, 0] + s)
+            cls_list.append(cand[:, 1])
+            val_list.append(val)
+        if loc_list:
+            loc = torch.cat(loc_list)
+            cls = torch.cat(cls_list)
+            fcos = torch.cat(val_list).clamp(min=0).sqrt()
+        else:
+            loc = torch.zeros(0, dtype=torch.int64, device=boxes.device)
+            cls = loc.clone()
+            fcos = torch.zeros(0, dtype=boxes.dtype, device=boxes.device)
+        bx = boxes[b, loc].clone()
+        if image_sizes is not None:
+            h, w = image_sizes[b]
+            bx[:, 0::2] = bx[:, 0::2].clamp(0, float(w))
+            bx[:, 1::2] = bx[:, 1::2].clamp(0, float(h))
+        valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
+        bx, cls, fcos, loc = bx[valid], cls[valid], fcos[valid], loc[valid]
+        keep = batched_nms(bx.float(), fcos.float(), cls, pp.nms_thresh)  # sorted by score
+        keep = keep[: pp.max_instances]
+        out.append(Candidates(
+            boxes=bx[keep],
+            scores=fcos[keep],
+            classes=cls[keep],
+            attention=attention[b, loc[keep]],
+            batch_index=torch.full((keep.numel(),), b, dtype=torch.int64, device=boxes.device),
+        ))
+    return out

@@ -1,0 +1,101 @@
+"""Instance scoring (paper Eq. 4) and silhouette de-duplication (paper III-G).
+
+Mask score (Eq. 4): ``alpha * FCOS score + (1 - alpha) * predicted IoU`` with alpha from
+``cfg.postprocess.alpha`` (0.8). With the mask-score component off the confidence head
+does not exist, ``iou_score`` is None and the FCOS score is used alone.
+
+Silhouette de-duplication rule. The paper says the silhouette score "will be considered
+only whenever two masks possibly belong to the same instance". We read "possibly the same
+instance" as: same class AND IoU of the binary masks pasted in the image (original
+resolution, after thresholding) above ``cfg.postprocess.dedup_iou``. Pasted masks are used
+(not the 56x56 crops) because two crops live in different box frames; the image is the one
+frame where their overlap is exact. Among such groups we keep the mask with the higher
+predicted silhouette score, greedily like NMS keyed by the silhouette score: visit instances
+by descending silhouette score; a visited instance that is still alive removes every
+same-class instance whose mask IoU with it exceeds the threshold. Only pairs whose boxes
+intersect are examined, and only inside the intersection of their boxes, so the cost is
+proportional to the overlapping area, not to the image size. With no silhouette scores
+(mask-score component off) nothing is removed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sepsnet.errors import ConfigError
+
+
+def mask_scores(fcos_score: torch.Tensor, iou_score: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Eq. 4: ``alpha * fcos + (1 - alpha) * iou``; ``fcos`` alone when ``iou_score`` is None."""
+    if iou_score is None:
+        return fcos_score
+    if iou_score.shape != fcos_score.shape:
+        raise ConfigError(f"mask_scores: iou_score shape {tuple(iou_score.shape)} != fcos_score "
+                          f"shape {tuple(fcos_score.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"mask_scores: alpha must be in [0, 1], got {alpha}")
+    return alpha * fcos_score + (1.0 - alpha) * iou_score
+
+
+def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight integer boxes [x0, y0, x1, y1) (exclusive end) of bool masks (n,h,w); empty -> 0s."""
+    n = masks.shape[0]
+    rows = masks.any(dim=2)  # (n, h)
+    cols = masks.any(dim=1)  # (n, w)
+    h, w = masks.shape[1:]
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, ar_h, h).amin(1) if h else torch.zeros(n, dtype=torch.long)
+    y1 = torch.where(rows, ar_h + 1, 0).amax(1) if h else torch.zeros(n, dtype=torch.long)
+    x0 = torch.where(cols, ar_w, w).amin(1) if w else torch.zeros(n, dtype=torch.long)
+    x1 = torch.where(cols, ar_w + 1, 0).amax(1) if w else torch.zeros(n, dtype=torch.long)
+    return torch.stack([x0, y0, x1, y1], 1)
+
+
+def silhouette_dedup(
+    masks: torch.Tensor,
+    classes: torch.Tensor,
+    silhouette_scores: Optional[torch.Tensor],
+    iou_thresh: float,
+    regions: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Indices (ascending) of the instances kept by the rule in the module docstring.
+
+    ``masks``: bool (n, h, w) pasted masks; ``classes``: (n,); ``silhouette_scores``: (n,) or
+    None (keep all). ``regions``: optional int (n, 4) [x0, y0, x1, y1) boxes that contain each
+    mask (e.g. from :func:`sepsnet.postprocess.paste.paste_regions`); computed when None.
+    """
+    n = masks.shape[0]
+    device = masks.device
+    if silhouette_scores is None or n < 2:
+        return torch.arange(n, device=device)
+    if masks.dim() != 3 or classes.shape != (n,) or silhouette_scores.shape != (n,):
+        raise ConfigError(f"silhouette_dedup: expected masks (n,h,w), classes (n,), scores (n,); got "
+                          f"{tuple(masks.shape)}, {tuple(classes.shape)}, {tuple(silhouette_scores.shape)}")
+    reg = (_mask_boxes(masks) if regions is None else regions.to(device=device, dtype=torch.long))
+    areas = masks.flatten(1).sum(1) if regions is None else torch.stack(
+        [masks[i, reg[i, 1]:reg[i, 3], reg[i, 0]:reg[i, 2]].sum() for i in range(n)]) 
+    # candidate pairs: same class and intersecting regions (vectorised), upper triangle
+    ix0 = torch.maximum(reg[:, None, 0], reg[None, :, 0])
+    iy0 = torch.maximum(reg[:, None, 1], reg[None, :, 1])
+    ix1 = torch.minimum(reg[:, None, 2], reg[None, :, 2])
+    iy1 = torch.minimum(reg[:, None, 3], reg[None, :, 3])
+    pair = (ix1 > ix0) & (iy1 > iy0) & (classes[:, None] == classes[None, :])
+    pair &= torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    ii, jj = pair.nonzero(as_tuple=True)
+    dup = torch.zeros(n, n, dtype=torch.bool)
+    boxes_cpu = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
+    areas_cpu = areas.tolist()
+    for (i, j), (x0, y0, x1, y1) in zip(zip(ii.tolist(), jj.tolist()), boxes_cpu):
+        inter = int((masks[i, y0:y1, x0:x1] & masks[j, y0:y1, x0:x1]).sum())
+        union = areas_cpu[i] + areas_cpu[j] - inter
+        if union > 0 and inter / union > iou_thresh:
+            dup[i, j] = dup[j, i] = True
+    order = torch.argsort(silhouette_scores.detach().cpu(), descending=True, stable=True).tolist()
+    removed = torch.zeros(n, dtype=torch.bool)
+    for i in order:
+        if not removed[i]:
+            removed |= dup[i]
+            removed[i] = False
+    return (~removed).nonzero(as_tuple=True)[0].to(device)

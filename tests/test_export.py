@@ -1,0 +1,303 @@
+"""Export of the tiny model: strip proof, ONNX checks, ORT == PyTorch deploy, fp16/int8 graphs,
+TensorRT guards and the sepsnet-export CLI end to end."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from sepsnet.cli.export import main as export_main
+from sepsnet.config import load_config
+from sepsnet.errors import DataError, EngineError
+from sepsnet.export import bundle, onnx_export, precision, strip, surgery, trt_build
+from sepsnet.train.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 64, 96
+
+
+def _trt_and_gpu() -> str | None:
+    """None when TensorRT engines can be built here, else the reason."""
+    try:
+        trt_build.check_environment()
+    except EngineError as exc:
+        return str(exc).split(". ")[0]
+    return None
+
+
+NO_TRT = _trt_and_gpu()
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sepsnet.model.sepsnet import SEPSNet
+
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
+    model = SEPSNet(cfg.model)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", model=model, cfg=cfg, iteration=1,
+                           with_rng=False)
+
+
+@pytest.fixture(scope="module")
+def deploy(ckpt: Path):
+    data = load_checkpoint(ckpt)
+    cfg = checkpoint_config(data)
+    model, aux = strip.build_deploy_model(cfg, data["model"])
+    return cfg, model, aux, data["model"]
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+    """CLI run with --fp16: writes the fp32 + fp16 graphs; exits non-zero where TensorRT is missing."""
+    out = tmp_path_factory.mktemp("bundle_fp16")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = export_main([str(ckpt), "--out", str(out), "--fp16", "--height", str(H), "--width", str(W)])
+    return out, rc, err.getvalue()
+
+
+def test_strip_removes_aux(deploy) -> None:
+    cfg, model, aux, state = deploy
+    assert aux.modules, "the tiny config has every train-only component on"
+    names = {n for n, _ in model.named_parameters()}
+    assert not [n for n in names if any(n.startswith(m + ".") for m in aux.modules)]
+    assert aux.fingerprints and all(t in state for t in aux.tensor_names)
+
+
+def test_graphs_clean_and_free_of_aux(fp16_bundle, deploy) -> None:
+    out, _, _ = fp16_bundle
+    cfg, _, aux, state = deploy
+    for name in ("dense.onnx", "instance.onnx"):
+        model = onnx.load(str(out / name))
+        onnx.checker.check_model(model, full_check=True)
+        strip.assert_no_aux_weights(model, aux, name)
+    inst = onnx.load(str(out / "instance.onnx"))
+    nodes = surgery.roi_align_nodes(inst)
+    assert nodes and all(n["coordinate_transformation_mode"] == b"half_pixel" and
+                         n["sampling_ratio"] == cfg.model.blender.sampling_ratio for n in nodes)
+    dims = surgery.dim_names(inst)
+    assert isinstance(dims["rois"][0], str) and dims["rois"][0] == dims["attention"][0]
+    assert surgery.dim_names(onnx.load(str(out / "dense.onnx")))["image"] == [1, 3, H, W]
+    # the proof can fail: plant one aux weight (by value, under an innocent name) into the graph
+    planted = copy.deepcopy(inst)
+    aux_name = next(n for n in aux.tensor_names if state[n].numel() >= strip.MIN_FINGERPRINT_NUMEL
+                    and bool((state[n] != state[n].flatten()[0]).any()))
+    planted.graph.initializer.append(numpy_helper.from_array(state[aux_name].numpy(), "innocent"))
+    with pytest.raises(EngineError, match=aux_name.replace(".", r"\.")):
+        strip.assert_no_aux_weights(planted, aux, "planted")
+
+
+def test_dense_ort_equals_torch(fp16_bundle, deploy) -> None:
+    out, _, _ = fp16_bundle
+    _, model, _, _ = deploy
+    image = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.forward_dense(image)
+    got = _session(out / "dense.onnx").run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()})
+    for name, value in zip(onnx_export.DENSE_OUTPUTS, got):
+        torch.testing.assert_close(torch.from_numpy(value), ref[name], atol=1e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("n", [0, 1, 23])
+def test_instance_ort_equals_torch(fp16_bundle, deploy, n: int) -> None:
+    out, _, _ = fp16_bundle
+    cfg, model, _, _ = deploy
+    g = torch.Generator().manual_seed(n)
+    with torch.no_grad():
+        dense = model.forward_dense(torch.randn(1, 3, H, W, generator=g))
+        rois = onnx_export.example_rois(n, 1, H, W, g)
+        attention = torch.randn(n, dense["attention"].shape[2], generator=g)
+        ref = model.forward_instances(dense["bases"], dense["p3"], rois, attention)
+    names = onnx_export.instance_output_names(model, cfg)
+    feeds = {"bases": dense["bases"].numpy(), "p3": dense["p3"].numpy(), "rois": rois.numpy(),
+             "attention": attention.numpy()}
+    got = _session(out / "instance.onnx").run(list(names), feeds)
+    R = cfg.model.blender.mask_size
+    assert got[0].shape == (n, R, R)
+    for name, value in zip(names, got):
+        torch.testing.assert_close(torch.from_numpy(value), ref[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_fp16_graph_runs_and_is_close(fp16_bundle, deploy) -> None:
+    """fp16 tolerance: |ort_fp16 - torch_fp32| <= 1e-2 * max(1, max|torch|) per output."""
+    out, _, _ = fp16_bundle
+    cfg, model, _, _ = deploy
+    g16 = onnx.load(str(out / "dense.fp16.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in g16.graph.initializer)
+    assert [i.type.tensor_type.elem_type for i in g16.graph.input] == [onnx.TensorProto.FLOAT]
+    image = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model.forward_dense(image)
+        rois = onnx_export.example_rois(5, 1, H, W, torch.Generator().manual_seed(3))
+        inst_ref = model.forward_instances(ref["bases"], ref["p3"], rois, ref["attention"][0, :5])
+    got = _session(out / "dense.fp16.onnx").run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()})
+    for name, value in zip(onnx_export.DENSE_OUTPUTS, got):
+        tol = 1e-2 * max(1.0, float(ref[name].abs().max()))
+        assert float(np.abs(value - ref[name].numpy()).max()) <= tol, name
+    names = onnx_export.instance_output_names(model, cfg)
+    feeds = {"bases": ref["bases"].numpy(), "p3": ref["p3"].numpy(), "rois": rois.numpy(),
+             "attention": ref["attention"][0, :5].numpy()}
+    for name, value in zip(names, _session(out / "instance.fp16.onnx").run(list(names), feeds)):
+        assert float(np.abs(value - inst_ref[name].numpy()).max()) <= 1e-2, name
+
+
+def test_int8_qdq_graph(fp16_bundle, tmp_path: Path) -> None:
+    out, _, _ = fp16_bundle
+    batches = precision.calibration_batches(H, W, 1, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], count=2)
+    q = precision.to_int8_qdq(out / "dense.onnx", tmp_path / "dense.int8.onnx", batches)
+    counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear", "Conv")
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] >= counts["QuantizeLinear"]
+    got = _session(tmp_path / "dense.int8.onnx").run(None, {"image": batches[0]})
+    ref = _session(out / "dense.onnx").run(None, {"image": batches[0]})
+    assert [a.shape for a in got] == [b.shape for b in ref]
+    assert all(np.isfinite(a).all() for a in got)
+    # quantization changes values, but scores stay probabilities near the fp32 ones
+    assert float(np.abs(got[1] - ref[1]).max()) < 0.25
+
+
+def test_calibration_folder(tmp_path: Path) -> None:
+    import cv2
+
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((40, 50, 3), 60 * i, np.uint8))
+    batches = precision.calibration_batches(H, W, 2, [0, 0, 0], [1, 1, 1], folder=tmp_path, count=8)
+    assert len(batches) == 1 and batches[0].shape == (2, 3, H, W)
+    assert float(batches[0][1, 0, 0, 0]) == 60.0  # 40x50 -> 64x80 (aspect kept), normalised with mean 0 / std 1
+    assert float(batches[0][1, :, :, 80:].max()) == 0.0 and float(batches[0][1, :, :, :80].min()) == 60.0
+    (tmp_path / "none").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        precision.calibration_batches(H, W, 1, [0, 0, 0], [1, 1, 1], folder=tmp_path / "none")
+
+
+def test_dynamic_export(deploy, tmp_path: Path) -> None:
+    cfg, model, _, _ = deploy
+    shape = onnx_export.default_shape(cfg, H, W, dynamic=True, max_batch=2)
+    onnx_export.export_dense(model, cfg, tmp_path / "dense.onnx", shape)
+    inst = onnx_export.export_instance(model, cfg, tmp_path / "instance.onnx", shape)
+    dims = surgery.dim_names(onnx.load(str(tmp_path / "dense.onnx")))["image"]
+    assert [isinstance(d, str) for d in dims] == [True, False, True, True]
+    assert all(isinstance(d, str) for i in (0, 2, 3) for d in [surgery.dim_names(inst)["bases"][i]])
+    sess = _session(tmp_path / "dense.onnx")
+    for b, h, w in ((1, 96, 64), (2, 64, 128)):
+        image = torch.randn(b, 3, h, w)
+        with torch.no_grad():
+            ref = model.forward_dense(image)
+        got = sess.run(["boxes", "bases"], {"image": image.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got[0]), ref["boxes"], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(got[1]), ref["bases"], atol=1e-4, rtol=1e-5)
+    # the dynamic instance graph at another feature size and batch, 4 instances
+    names = onnx_export.instance_output_names(model, cfg)
+    rois = onnx_export.example_rois(4, 2, 64, 128, torch.Generator().manual_seed(4))
+    attention = torch.randn(4, ref["attention"].shape[2])
+    with torch.no_grad():
+        inst_ref = model.forward_instances(ref["bases"], ref["p3"], rois, attention)
+    feeds = {"bases": ref["bases"].numpy(), "p3": ref["p3"].numpy(), "rois": rois.numpy(),
+             "attention": attention.numpy()}
+    for name, value in zip(names, _session(tmp_path / "instance.onnx").run(list(names), feeds)):
+        torch.testing.assert_close(torch.from_numpy(value), inst_ref[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_cli_onnx_only(ckpt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bundle"
+    assert export_main([str(ckpt), "--out", str(out), "--onnx-only", "--height", str(H), "--width", str(W)]) == 0
+    m = bundle.verify_bundle(out)
+    assert m["precision"] == "fp32" and m["opset"] >= 17
+    assert m["input"]["height"] == H and m["input"]["width"] == W and m["input"]["dynamic"] is False
+    assert set(m["files"]) == {"dense.onnx", "instance.onnx"}
+    specs = {s["name"]: s for s in m["graphs"]["instance"]["inputs"]}
+    assert specs["rois"]["shape"][1] == 5 and isinstance(specs["rois"]["shape"][0], str)
+    assert [s["name"] for s in m["graphs"]["dense"]["outputs"]] == list(onnx_export.DENSE_OUTPUTS)
+    if NO_TRT is None:
+        return
+    # later, on the target: --from-onnx converts to fp16 and stops at the missing TensorRT, bundle intact
+    rc = export_main(["--from-onnx", str(out), "--fp16"])
+    assert rc == 2 and "tensorrt" in capsys.readouterr().err.lower()
+    m = bundle.verify_bundle(out)
+    assert m["precision"] == "fp16" and m["graphs"]["dense"]["engine_onnx"] == "dense.fp16.onnx"
+    assert "dense.fp16.onnx" in m["files"] and not bundle.has_plans(m)
+
+
+@pytest.mark.skipif(NO_TRT is None, reason="TensorRT and a GPU are available here")
+def test_cli_fp16_without_tensorrt(fp16_bundle) -> None:
+    out, rc, err = fp16_bundle
+    assert rc != 0
+    assert "TensorRT + an NVIDIA GPU" in err and f"sepsnet-export --from-onnx {out} --fp16" in err
+    m = bundle.verify_bundle(out)  # the ONNX bundle is complete and valid
+    assert m["precision"] == "fp16" and m["graphs"]["dense"]["engine_onnx"] == "dense.fp16.onnx"
+    assert not bundle.has_plans(m)
+    with pytest.raises(EngineError, match="tensorrt|CUDA GPU"):
+        trt_build.build_engine(out / "dense.onnx", out / "dense.plan")
+
+
+def test_cli_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert export_main([str(ckpt), "--out", str(tmp_path / "x"), "--height", "50", "--width", "64"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "missing.pth"), "--out", str(tmp_path / "y")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert export_main(["--from-onnx", str(tmp_path / "nothing")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT engine build needs tensorrt + GPU: {NO_TRT}")
+def test_trt_build_from_onnx(fp16_bundle) -> None:  # pragma: no cover - needs TensorRT + GPU
+    out, rc, _ = fp16_bundle
+    assert rc == 0
+    m = bundle.verify_bundle(out, check_trt=True, trt_version=trt_build.trt_version(), gpu_name=trt_build.gpu_name())
+    assert m["graphs"]["dense"]["plan"] == "dense.plan" and m["gpu"]
+
+
+def test_roi_align_fix_writes_missing_attributes() -> None:
+    """An exporter that omits sampling_ratio / uses output_half_pixel / int32 indices gets fixed."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8]),
+              helper.make_tensor_value_info("rois", TensorProto.FLOAT, ["n", 4]),
+              helper.make_tensor_value_info("idx", TensorProto.INT32, ["n"])]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 3, 3])
+    node = helper.make_node("RoiAlign", ["x", "rois", "idx"], ["y"], output_height=3, output_width=3,
+                            coordinate_transformation_mode="output_half_pixel")
+    model = helper.make_model(helper.make_graph([node], "g", inputs, [out]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(EngineError, match="output_half_pixel"):
+        surgery.assert_roi_align(model, 1, "raw")
+    fixed = surgery.clean_graph(model, sampling_ratio=1)
+    surgery.assert_roi_align(fixed, 1, "fixed")
+    (attrs,) = surgery.roi_align_nodes(fixed)
+    assert attrs["sampling_ratio"] == 1 and attrs["coordinate_transformation_mode"] == b"half_pixel"
+    cast = [n for n in fixed.graph.node if n.op_type == "Cast"]
+    assert len(cast) == 1 and cast[0].attribute[0].i == TensorProto.INT64
+    x = np.arange(128, dtype=np.float32).reshape(1, 2, 8, 8)
+    y = _session_bytes(fixed).run(None, {"x": x, "rois": np.array([[0, 0, 4, 4]], np.float32),
+                                         "idx": np.zeros(1, np.int32)})[0]
+    assert y.shape == (1, 2, 3, 3)
+
+
+def _session_bytes(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_cli_plugin_graph(ckpt: Path, tmp_path: Path) -> None:
+    """--plugin --onnx-only: the instance engine graph has exactly one SEPSNetRoiBlend node."""
+    pytest.importorskip("sepsnet.export.plugin_rewrite", reason="plugin_rewrite (cpp plugin issue) not present")
+    out = tmp_path / "bundle"
+    rc = export_main([str(ckpt), "--out", str(out), "--onnx-only", "--plugin", "--height", str(H), "--width", str(W)])
+    assert rc == 0
+    m = bundle.verify_bundle(out)
+    assert m["graphs"]["instance"]["engine_onnx"] == "instance.plugin.onnx"
+    ops = [n.op_type for n in onnx.load(str(out / "instance.plugin.onnx")).graph.node]
+    assert ops.count(trt_build.PLUGIN_OP) == 1
