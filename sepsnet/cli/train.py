@@ -1,13 +1,66 @@
-"""CLI placeholder: replaced when its issue lands."""
+"""``sepsnet-train --config X [--out DIR] [--resume] [--data DIR] [--set k=v ...]``.
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node 8 -m sepsnet.cli.train --config X``.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Optional, Sequence
 
-from sepsnet.cli._common import not_implemented
+from sepsnet.cli._common import run_cli
 
 
-def main() -> int:
-    return not_implemented("sepsnet-train", "see the open issues")
+def _main(argv: Optional[Sequence[str]]) -> int:
+    p = argparse.ArgumentParser(prog="sepsnet-train", description="Train SE-PSNet.")
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics.jsonl, tb/)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last_checkpoint")
+    p.add_argument("--weights", default=None, help="initialise the model from this checkpoint")
+    p.add_argument("--data", default=None, help="dataset root (overrides data.train_root/val_root)")
+    p.add_argument("--max-iter", type=int, default=None, help="override solver.max_iter")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from sepsnet.config import load_config, parse_overrides
+    from sepsnet.data.loader import build_dataset
+    from sepsnet.data.transforms import Collate
+    from sepsnet.model import build_model
+    from sepsnet.train.trainer import Trainer
+
+    overrides = parse_overrides(list(a.set))
+    if a.data:
+        overrides.setdefault("data", {}).update({"train_root": a.data, "val_root": a.data})
+    if a.max_iter:
+        overrides.setdefault("solver", {})["max_iter"] = a.max_iter
+    cfg = load_config(a.config, overrides=overrides)
+    torch.manual_seed(cfg.solver.seed)
+    dataset = build_dataset(cfg, train=True)
+    model = build_model(cfg)
+    evaluate_fn = None
+    if cfg.solver.eval_period and cfg.data.val_root:
+        from sepsnet.eval.evaluator import evaluate_model
+
+        val = build_dataset(cfg, train=False)
+        evaluate_fn = lambda m, it: evaluate_model(m, val, cfg, out_dir=f"{a.out}/eval_{it:07d}")  # noqa: E731
+    trainer = Trainer(cfg, model, dataset, Collate(cfg.data.size_divisibility), a.out,
+                      meta=dataset.meta.to_dict(), device=a.device, evaluate_fn=evaluate_fn,
+                      progress=not a.no_progress)
+    trainer.resume_or_load(a.resume, a.weights)
+    last = trainer.run()
+    if trainer.dist.is_main:
+        losses = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
+        print(f"done at iteration {trainer.iteration}: {losses}")
+        print(f"checkpoint: {a.out}/model_final.pt")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

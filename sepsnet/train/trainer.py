@@ -160,6 +160,9 @@ class Trainer:
         workers = self.cfg.data.num_workers
         return DataLoader(SeededDataset(self.dataset), batch_sampler=sampler, collate_fn=self.collate_fn,
                           num_workers=workers, persistent_workers=False,
+                          # own generator: creating the loader must not consume the global RNG
+                          # (the model's positive sampling draws from it; resume restores it)
+                          generator=torch.Generator().manual_seed(self.cfg.solver.seed + self.iteration),
                           pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
 
     def _wrap_ddp(self) -> torch.nn.Module:
