@@ -235,6 +235,12 @@ def test_many_random_perturbations_match_reference(tmp_path):
     for (g, gs), (p, ps) in zip(gts, preds):
         acc.add(id_to_bgr(g)[..., ::-1], gs, p.astype(np.int32), ps)  # RGB and int32 inputs
     assert_same(acc.summary(), theirs)
+    big = 1 << 40  # ids beyond 24 bits take the searchsorted path, not the lookup table
+    acc = PQAccumulator(CATS)
+    for (g, gs), (p, ps) in zip(gts, preds):
+        acc.add(np.where(g > 0, g + big, 0), [dict(s, id=s["id"] + big) for s in gs],
+                np.where(p > 0, p + big, 0), [dict(s, id=s["id"] + big) for s in ps])
+    assert_same(acc.summary(), theirs)
 
 
 def test_crowd_and_void_by_hand():

@@ -1,13 +1,67 @@
-"""CLI placeholder: replaced when its issue lands."""
+"""``sepsnet-eval --checkpoint C [--config X] [--data DIR] [--split val] [--out DIR]``:
+PQ (and mask AP) of a checkpoint on a COCO-panoptic-layout dataset."""
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from typing import Optional, Sequence
 
-from sepsnet.cli._common import not_implemented
+from sepsnet.cli._common import run_cli
 
 
-def main() -> int:
-    return not_implemented("sepsnet-evaluate", "see the open issues")
+def _main(argv: Optional[Sequence[str]]) -> int:
+    p = argparse.ArgumentParser(prog="sepsnet-eval", description="Evaluate SE-PSNet (PQ, mask AP).")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
+    p.add_argument("--data", default=None, help="dataset root (default data.val_root)")
+    p.add_argument("--split", default=None, help="default data.val_split")
+    p.add_argument("--out", default=None, help="write predictions (COCO panoptic) and metrics.json here")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--no-ap", action="store_true", help="skip mask AP (pycocotools)")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from sepsnet.config import load_config, parse_overrides
+    from sepsnet.data.loader import build_dataset
+    from sepsnet.eval.evaluator import evaluate_model
+    from sepsnet.eval.pq import format_table
+    from sepsnet.model import build_model
+    from sepsnet.train.checkpoint import (check_compatible, checkpoint_config, load_checkpoint,
+                                          load_model_weights)
+
+    ckpt = load_checkpoint(a.checkpoint)
+    overrides = parse_overrides(list(a.set))
+    if a.config:
+        cfg = load_config(a.config, overrides=overrides)
+        check_compatible(ckpt, cfg, a.checkpoint)
+    else:
+        from sepsnet.config import config_from_dict
+        from sepsnet.config import _merge  # noqa: PLC2701 (same package)
+
+        cfg = config_from_dict(_merge(checkpoint_config(ckpt, a.checkpoint).to_dict(), overrides))
+    model = build_model(cfg)
+    load_model_weights(model, ckpt["model"], a.checkpoint)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    dataset = build_dataset(cfg, train=False, root=a.data, split=a.split)
+    metrics = evaluate_model(model, dataset, cfg, out_dir=a.out, max_images=a.max_images, with_ap=not a.no_ap)
+    table = {"All": {}, "Things": {}, "Stuff": {}}
+    for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        table[name] = {"pq": metrics["PQ" + suffix], "sq": metrics["SQ" + suffix], "rq": metrics["RQ" + suffix],
+                       "n": len(dataset.meta.things if suffix == "_th" else dataset.meta.stuff if suffix == "_st"
+                                else dataset.meta.categories())}
+    print(format_table(table))
+    extra = {k: round(v, 4) for k, v in metrics.items() if k in ("mask_AP", "box_AP", "seconds_per_image")}
+    print(json.dumps({"images": metrics["images"], **extra}))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":
