@@ -20,8 +20,27 @@ $(STAMP): pyproject.toml setup.py
 test: install
 	$(PY) -m pytest -q tests
 
+SAMPLES := $(wildcard ../shared/data/coco_panoptic_sample/images/*.jpg) \
+           $(wildcard ../shared/data/cityscapes_sample/leftImg8bit/val/*/*.png)
+BIN := $(VENV)/bin
+DEMO_ITERS ?= 60
+
 demo: install
-	$(PY) -m sepsnet.cli.demo_all --out $(DEMO)
+	@echo "== 1. the network on the real sample photos: output shapes and parameter counts"
+	$(PY) -m sepsnet.cli.shapes --config configs/tiny_synthetic.yaml $(SAMPLES)
+	@echo "== 2. synthetic COCO-panoptic dataset"
+	$(BIN)/sepsnet-synth --out $(DEMO)/synthetic --n 64 --val-n 8
+	@echo "== 3. a short training run (the full proof of learning is benchmarks/learn_synthetic.py)"
+	$(BIN)/sepsnet-train --config configs/tiny_synthetic.yaml --data $(DEMO)/synthetic --out $(DEMO)/train \
+	    --max-iter $(DEMO_ITERS) --no-progress --set solver.batch_size=4 solver.log_period=20 data.num_workers=1
+	@echo "== 4. PQ on the synthetic val split"
+	$(BIN)/sepsnet-eval --checkpoint $(DEMO)/train/model_final.pt --data $(DEMO)/synthetic --out $(DEMO)/eval
+	@echo "== 5. export: ONNX bundle (TensorRT engines need TensorRT + an NVIDIA GPU)"
+	$(BIN)/sepsnet-export $(DEMO)/train/model_final.pt --out $(DEMO)/bundle --onnx-only
+	@echo "== 6. ONNX Runtime predictor on the real photos -> overlays"
+	$(BIN)/sepsnet-demo --bundle $(DEMO)/bundle $(SAMPLES) --out $(DEMO)/overlays
+	@echo "== 7. latency"
+	$(BIN)/sepsnet-bench $(DEMO)/bundle --iters 20 --warmup 3 --json $(DEMO)/bench.json
 
 bench: install
 	$(PY) benchmarks/model_forward.py

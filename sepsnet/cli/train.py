@@ -19,6 +19,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--weights", default=None, help="initialise the model from this checkpoint")
     p.add_argument("--data", default=None, help="dataset root (overrides data.train_root/val_root)")
     p.add_argument("--max-iter", type=int, default=None, help="override solver.max_iter")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no-progress", action="store_true")
@@ -51,7 +52,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                       meta=dataset.meta.to_dict(), device=a.device, evaluate_fn=evaluate_fn,
                       progress=not a.no_progress)
     trainer.resume_or_load(a.resume, a.weights)
-    last = trainer.run()
+    last = trainer.run(max_seconds=a.max_minutes * 60 if a.max_minutes else None)
     if trainer.dist.is_main:
         losses = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
         print(f"done at iteration {trainer.iteration}: {losses}")

@@ -195,8 +195,9 @@ class Trainer:
         out["lr"] = lr
         return out
 
-    def run(self, max_iter: Optional[int] = None) -> dict[str, float]:
-        """Train until ``max_iter`` (default ``cfg.solver.max_iter``); returns the last metrics."""
+    def run(self, max_iter: Optional[int] = None, max_seconds: Optional[float] = None) -> dict[str, float]:
+        """Train until ``max_iter`` (default ``cfg.solver.max_iter``) or, if given, until
+        ``max_seconds`` of wall time have passed; returns the last metrics."""
         solver = self.cfg.solver
         max_iter = max_iter or solver.max_iter
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +212,13 @@ class Trainer:
 
             bar = tqdm(total=max_iter, initial=self.iteration, desc="train", dynamic_ncols=True)
         data = iter(self._loader())
-        start = time.perf_counter()
+        start = t_begin = time.perf_counter()
         try:
             while self.iteration < max_iter:
+                if max_seconds is not None and time.perf_counter() - t_begin > max_seconds:
+                    if self.dist.is_main:
+                        print(f"time budget of {max_seconds:.0f} s reached at iteration {self.iteration}")
+                    break
                 images, targets = self._unpack(next(data))
                 last = self.step(net, images, targets)
                 self.iteration += 1
