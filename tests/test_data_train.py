@@ -106,3 +106,31 @@ def test_train_refuses_checkpoint_of_other_config(tmp_path: Path) -> None:
                "--out", str(tmp_path / "run"), "--resume", "--no-progress", "--max-iter", "2",
                "--set", "model.fpn_channels=32", "data.num_workers=0"])
     assert rc == 2
+
+
+CITY = Path(__file__).parents[2] / "shared" / "data" / "cityscapes_sample"
+
+
+def test_cityscapes_sample_matches_instance_ids() -> None:
+    import cv2
+    from cityscapesscripts.helpers.labels import id2label
+
+    from sepsnet.data.cityscapes import CityscapesDataset
+
+    ds = CityscapesDataset(CITY, "val", DataConfig(min_size_test=0), train=False)
+    assert len(ds) == 1 and len(ds.meta.things) == 8 and len(ds.meta.stuff) == 11
+    raw = cv2.imread(str(next((CITY / "gtFine" / "val").rglob("*instanceIds.png"))), cv2.IMREAD_UNCHANGED)
+    expected = {}
+    for v in np.unique(raw):
+        lab = id2label[v // 1000 if v >= 1000 else v]
+        if v >= 1000 and lab.hasInstances and not lab.ignoreInEval:
+            expected[int(v)] = int((raw == v).sum())
+    item = ds[0]
+    t = item["targets"]
+    assert t["boxes"].shape[0] == len(expected) > 0
+    assert sorted(int(m.sum()) for m in t["masks"]) == sorted(expected.values())
+    thing_names = [th["name"] for th in ds.meta.things]
+    got = sorted(thing_names[int(c)] for c in t["classes"])
+    assert got == sorted(id2label[v // 1000].name for v in expected)
+    gt_ids, segs = ds.load_gt(0)
+    assert all(int((gt_ids == s["id"]).sum()) == s["area"] for s in segs)

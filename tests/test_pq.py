@@ -270,6 +270,9 @@ def test_crowd_and_void_by_hand():
     assert r["All"]["pq"] == pytest.approx(0.8 / 3)
     pred2 = pred.copy()
     pred2[10:20, 10:20] = 3      # the cat-2 segment now also covers the cat-1 crowd -> still FP
+    acc3 = PQAccumulator(CATS)  # a gt segment of a category outside the list is ignored
+    acc3.add(gt, gsegs + [{"id": 8, "category_id": 99, "iscrowd": 0, "area": 0}], pred, psegs)
+    assert acc3.summary() == r
     acc2 = PQAccumulator(CATS)
     acc2.add(gt, gsegs, pred2, [psegs[0], psegs[2], psegs[3]])
     assert acc2.stat.fp[acc2.stat.cat_index[2]] == 1
@@ -289,6 +292,8 @@ def test_bad_predictions_raise_clear_errors(tmp_path):
         acc.add(gt, gsegs, pred, [{"id": 9, "category_id": 77}])
     with pytest.raises(DataError, match="differ in size"):
         acc.add(gt, gsegs, pred[:4], [{"id": 9, "category_id": 10}])
+    with pytest.raises(DataError, match="malformed segments_info"):
+        acc.add(gt, gsegs, pred, [{"id": 9}])
     with pytest.raises(DataError, match="appears twice"):
         acc.add(gt, gsegs, pred, [{"id": 9, "category_id": 10}] * 2)
     # files: a missing prediction, a missing folder, a malformed JSON, through the CLI

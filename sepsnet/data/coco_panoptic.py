@@ -104,6 +104,11 @@ class CocoPanopticDataset(Dataset):
                             f"{rec['ann']['file_name']} is {id_map.shape}")
         return image, id_map, rec
 
+    def load_gt(self, index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Ground truth at the original resolution: id map + COCO ``segments_info``."""
+        rec = self.records[index]
+        return read_panoptic_png(self.png_dir / rec["ann"]["file_name"]), rec["ann"]["segments_info"]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         try:
             image, id_map, rec = self.load_raw(index)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sepsnet.config import SEPSNetConfig
-from sepsnet.data.coco_panoptic import CocoPanopticDataset, read_panoptic_png
+from sepsnet.data.coco_panoptic import CocoPanopticDataset
 from sepsnet.data.transforms import collate
 from sepsnet.eval.instance_ap import InstanceAPAccumulator
 from sepsnet.eval.pq import PQAccumulator
@@ -49,14 +49,13 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
             for k, (res, info) in enumerate(zip(results, infos)):
                 res = res.to("cpu")
                 index = first + k
-                rec = dataset.records[index]
-                gt_ids = read_panoptic_png(dataset.png_dir / rec["ann"]["file_name"])
+                gt_ids, gt_segments = dataset.load_gt(index)
                 pred_ids, pred_segs = _remap(res, meta.to_dict(), False)
-                pq.add(gt_ids, rec["ann"]["segments_info"], pred_ids, pred_segs, image_id=info["image_id"])
+                pq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
                 if writer is not None:
                     writer.add(res, info["image_id"], info["file_name"])
                 if ap is not None:
-                    _add_ap(ap, index, gt_ids, rec["ann"]["segments_info"], res, thing_ids)
+                    _add_ap(ap, index, gt_ids, gt_segments, res, thing_ids)
     finally:
         if was_training:
             model.train()

@@ -210,7 +210,9 @@ def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.n
         if gcrowd[g]:
             crowd_of_cat[int(gcat[g])] = gseg[g]
             continue
-        stat.fn[ci[int(gcat[g])]] += 1
+        k = ci.get(int(gcat[g]))
+        if k is not None:  # gt of a category outside the list: ignored, as in the reference
+            stat.fn[k] += 1
 
     # false positives: unmatched predictions not mostly on void + same-class crowd
     for p in np.nonzero(~p_matched)[0].tolist():
@@ -271,9 +273,12 @@ class PQAccumulator:
             image_id: Any = None) -> None:
         """Add one image (id maps as int (H, W) or RGB uint8; segments as COCO segments_info)."""
         image = self.num_images if image_id is None else image_id
-        pq_image(self.stat, self.categories, _as_id_map(gt_id_map, f"image {image} gt_id_map"),
-                 gt_segments, _as_id_map(pred_id_map, f"image {image} pred_id_map"),
-                 pred_segments, image)
+        try:
+            pq_image(self.stat, self.categories, _as_id_map(gt_id_map, f"image {image} gt_id_map"),
+                     gt_segments, _as_id_map(pred_id_map, f"image {image} pred_id_map"),
+                     pred_segments, image)
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"image {image}: malformed segments_info ({type(exc).__name__}: {exc})") from None
         self.num_images += 1
 
     def merge(self, other: "PQAccumulator") -> None:
@@ -289,10 +294,14 @@ def _chunk_stats(args: Tuple[List[Tuple[dict, dict]], str, str, Dict[int, Dict[s
     pairs, gt_folder, pred_folder, categories = args
     stat = PQStat(list(categories))
     for gt_ann, pred_ann in pairs:
-        gt = read_id_png(os.path.join(gt_folder, gt_ann["file_name"]))
-        pred = read_id_png(os.path.join(pred_folder, pred_ann["file_name"]))
-        pq_image(stat, categories, gt, gt_ann.get("segments_info", []), pred,
-                 pred_ann.get("segments_info", []), gt_ann.get("image_id", "?"), bounded=True)
+        try:
+            gt = read_id_png(os.path.join(gt_folder, gt_ann["file_name"]))
+            pred = read_id_png(os.path.join(pred_folder, pred_ann["file_name"]))
+            pq_image(stat, categories, gt, gt_ann.get("segments_info", []), pred,
+                     pred_ann.get("segments_info", []), gt_ann.get("image_id", "?"), bounded=True)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"image {gt_ann.get('image_id', '?')}: malformed annotation "
+                            f"({type(exc).__name__}: {exc})") from None
     return stat
 
 
