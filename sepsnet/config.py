@@ -51,7 +51,7 @@ class BlenderConfig:
     mask_size: int = 56  # R
     sampling_ratio: int = 1
     fused: bool = False  # use torch.ops.sepsnet.roi_blend (cpp_plugins) when built
-    max_train_instances: int = 100  # instances sampled per image for the mask loss
+    max_train_instances: int = 100  # positives sampled per batch for the mask loss (BlendMask)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 predictions in COCO panoptic format (the same pipeline the engine runtime uses)."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional, Union

@@ -9,8 +9,6 @@ COCO panoptic PNGs encode segment ids as ``id = R + 256 G + 256^2 B``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -18,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from sepsnet.fileio import atomic_write_bytes
 from sepsnet.errors import ConfigError, DataError
 from sepsnet.postprocess.results import PanopticResult
 
@@ -57,17 +56,7 @@ def _dataset_category(seg: dict[str, Any], things: list, stuff: list) -> dict[st
 
 
 def _atomic_write(path: PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def write_json(path: PathLike, obj: Any) -> None:

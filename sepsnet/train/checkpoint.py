@@ -8,9 +8,7 @@ Layout of a checkpoint file (a ``torch.save`` dict):
 from __future__ import annotations
 
 import io
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -19,27 +17,10 @@ import torch
 
 from sepsnet.config import SEPSNetConfig, config_from_dict
 from sepsnet.errors import CheckpointError, ConfigError
+from sepsnet.fileio import atomic_write_bytes
 
 FORMAT = "sepsnet-checkpoint/1"
 LAST_POINTER = "last_checkpoint"
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder + fsync + rename,
-    so a crash at any point leaves either the old file or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def capture_rng() -> dict[str, Any]:
