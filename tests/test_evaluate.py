@@ -41,3 +41,15 @@ def test_eval_cli_refuses_other_config(tmp_path: Path) -> None:
     ckpt = save_checkpoint(tmp_path / "m.pt", model=build_model(cfg), cfg=cfg, iteration=0)
     assert main(["--checkpoint", str(ckpt), "--config", str(ROOT / "configs" / "coco_r101.yaml")]) == 2
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_eval_cityscapes_sample_writes_both_formats(tmp_path: Path) -> None:
+    city = ROOT.parent / "shared" / "data" / "cityscapes_sample"
+    cfg = load_config(ROOT / "configs" / "edge_r18.yaml", overrides=parse_overrides(
+        [f"data.val_root={city}", "data.min_size_test=128", "data.max_size_test=256", "model.fpn_channels=32"]))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    metrics = evaluate_model(model, build_dataset(cfg, train=False), cfg, out_dir=tmp_path / "pred", with_ap=False)
+    assert metrics["images"] == 1 and 0.0 <= metrics["PQ"] <= 1.0
+    assert (tmp_path / "pred" / "panoptic_predictions.json").is_file()
+    assert list((tmp_path / "pred").glob("cityscapes*.json"))

@@ -15,7 +15,7 @@ from sepsnet.data.transforms import collate
 from sepsnet.eval.instance_ap import InstanceAPAccumulator
 from sepsnet.eval.pq import PQAccumulator
 from sepsnet.postprocess.pipeline import panoptic_inference
-from sepsnet.postprocess.writers import CocoPanopticWriter, _remap, write_json
+from sepsnet.postprocess.writers import CityscapesPanopticWriter, CocoPanopticWriter, _remap, write_json
 
 
 @torch.no_grad()
@@ -34,7 +34,11 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
     categories = meta.categories()
     pq = PQAccumulator(categories)
     ap = InstanceAPAccumulator(categories) if with_ap else None
-    writer = CocoPanopticWriter(out_dir, meta.to_dict()) if out_dir else None
+    writers = []
+    if out_dir:
+        writers.append(CocoPanopticWriter(out_dir, meta.to_dict()))
+        if cfg.data.format == "cityscapes":  # also the Cityscapes panoptic format
+            writers.append(CityscapesPanopticWriter(out_dir, meta.to_dict()))
     thing_ids = [t["id"] for t in meta.things]
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     start = time.perf_counter()
@@ -51,7 +55,7 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
                 gt_ids, gt_segments = dataset.load_gt(index)
                 pred_ids, pred_segs = _remap(res, meta.to_dict(), False)
                 pq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
-                if writer is not None:
+                for writer in writers:
                     writer.add(res, info["image_id"], info["file_name"])
                 if ap is not None:
                     _add_ap(ap, index, gt_ids, gt_segments, res, thing_ids)
@@ -69,8 +73,9 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
         ap_summary = ap.summary()
         metrics["mask_AP"] = ap_summary.get("segm", {}).get("AP", float("nan"))
         metrics["box_AP"] = ap_summary.get("bbox", {}).get("AP", float("nan"))
-    if writer is not None:
+    for writer in writers:
         writer.close()
+    if out_dir:
         write_json(Path(out_dir) / "metrics.json", {**metrics, "per_class": summary.get("per_class")})
     return metrics
 
