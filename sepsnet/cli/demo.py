@@ -1,13 +1,53 @@
-"""CLI placeholder: replaced when its issue lands."""
+"""``sepsnet-demo (--bundle DIR | --checkpoint C [--config X]) IMAGES... --out DIR``:
+panoptic predictions (COCO panoptic PNG+JSON) and overlay PNGs for a few images."""
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+from typing import Optional, Sequence
 
-from sepsnet.cli._common import not_implemented
+from sepsnet.cli._common import run_cli
 
 
-def main() -> int:
-    return not_implemented("sepsnet-demo", "see the open issues")
+def _main(argv: Optional[Sequence[str]]) -> int:
+    p = argparse.ArgumentParser(prog="sepsnet-demo", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", help="export bundle folder (ONNX Runtime / TensorRT)")
+    src.add_argument("--checkpoint", help="training checkpoint (eager PyTorch)")
+    p.add_argument("--config", help="config for --checkpoint (default: the stored one)")
+    p.add_argument("--backend", default="auto", help="auto | ort | trt (with --bundle)")
+    p.add_argument("--out", required=True)
+    p.add_argument("images", nargs="+")
+    a = p.parse_args(argv)
+
+    from sepsnet.config import load_config
+    from sepsnet.data.coco_panoptic import read_rgb
+    from sepsnet.engines.predictor import PanopticPredictor
+    from sepsnet.postprocess.writers import CocoPanopticWriter, write_overlay
+
+    if a.bundle:
+        predictor = PanopticPredictor.from_bundle(a.bundle, backend=a.backend)
+    else:
+        predictor = PanopticPredictor.from_checkpoint(a.checkpoint, load_config(a.config) if a.config else None)
+    out = Path(a.out)
+    writer = CocoPanopticWriter(out, predictor.classes)
+    for i, path in enumerate(a.images):
+        rgb = read_rgb(path)
+        result = predictor(rgb).to("cpu")
+        writer.add(result, i, Path(path).name)
+        overlay = out / f"{Path(path).stem}_overlay.png"
+        write_overlay(overlay, rgb, result, predictor.classes)
+        names = [(predictor.classes["things"] if s["isthing"] else predictor.classes["stuff"])[s["category_id"]]["name"]
+                 for s in result.segments_info]
+        print(f"{path}: {len(result.segments_info)} segments ({', '.join(names[:8])}{'...' if len(names) > 8 else ''}), "
+              f"{result.timings['total'] * 1000:.0f} ms -> {overlay}")
+    print(f"predictions: {writer.close()}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""sepsnet engines."""

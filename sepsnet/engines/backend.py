@@ -1,0 +1,34 @@
+"""The backend protocol: one engine graph (dense or instance) that takes and returns named
+torch tensors. Backends only move tensors in and out; all logic lives in ``postprocess``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+import torch
+
+Dim = Union[int, str]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape (ints, or names for dynamic dims) and dtype of a graph input/output."""
+
+    name: str
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+
+
+class Backend(Protocol):
+    """One loaded graph. ``run`` takes and returns torch tensors on ``device``."""
+
+    name: str
+    device: torch.device
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
