@@ -1,27 +1,36 @@
-"""``sepsnet-synth --out DIR --n N``: write a synthetic COCO-panoptic dataset."""
+"""``sepsnet-synth --out DIR --n N [--val-n M] [--seed S] [--size 256]``: write a synthetic
+COCO-panoptic dataset (``DIR/annotations/panoptic_{train,val}.json``, ``DIR/annotations/
+panoptic_{train,val}/``, ``DIR/{train,val}/``); train with ``sepsnet-train --data DIR``."""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Optional, Sequence
 
 from sepsnet.cli._common import run_cli
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    p = argparse.ArgumentParser(prog="sepsnet-synth", description=__doc__)
+    p = argparse.ArgumentParser(prog="sepsnet-synth", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO panoptic layout)")
     p.add_argument("--n", type=int, required=True, help="number of training images")
-    p.add_argument("--val-n", type=int, default=None, help="number of val images (default n/6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=256, help="image height in pixels")
+    p.add_argument("--val-n", type=int, default=None, help="number of val images (default n/6, at least 1)")
+    p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical dataset")
+    p.add_argument("--size", type=int, default=256, help="image height in pixels (width 1x or 1.25x)")
     a = p.parse_args(argv)
     from sepsnet.data.synthetic import generate
+    from sepsnet.errors import DataError
 
+    if a.n < 1 or (a.val_n is not None and a.val_n < 0):
+        raise DataError(f"--n must be >= 1 and --val-n >= 0 (got {a.n}, {a.val_n})")
     val_n = a.val_n if a.val_n is not None else max(1, a.n // 6)
+    start = time.perf_counter()
     generate(a.out, a.n, val_n, a.seed, a.size)
-    print(f"wrote {a.n} train + {val_n} val images to {a.out} "
-          f"(annotations/panoptic_train.json, annotations/panoptic_val.json)")
+    splits = "annotations/panoptic_train.json" + (", annotations/panoptic_val.json" if val_n else "")
+    print(f"wrote {a.n} train + {val_n} val images to {a.out} ({splits}) "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -22,6 +22,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -36,6 +37,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     overrides = parse_overrides(list(a.set))
     if a.data:
         overrides.setdefault("data", {}).update({"train_root": a.data, "val_root": a.data})
+    if a.skip_bad:
+        overrides.setdefault("data", {})["skip_bad"] = True
     if a.max_iter:
         overrides.setdefault("solver", {})["max_iter"] = a.max_iter
     cfg = load_config(a.config, overrides=overrides)

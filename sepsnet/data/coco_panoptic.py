@@ -1,8 +1,9 @@
-"""COCO panoptic dataset: JSON + PNG folder (id = R + 256 G + 256^2 B) + image folder.
+"""COCO panoptic dataset: JSON + PNG folder (id = R + 256 G + 256^2 B, 0 = void) + image folder.
 
-Standard layout (``from_root``): ``root/annotations/panoptic_{split}.json``,
-``root/annotations/panoptic_{split}/*.png`` and ``root/{split}/*.jpg`` — the layout of COCO
-and of ``sepsnet-synth``. Other layouts are given as explicit paths.
+Standard layout (:meth:`CocoPanopticDataset.from_root`): ``root/annotations/panoptic_{split}.json``,
+``root/annotations/panoptic_{split}/*.png`` and ``root/{split}/*`` — the layout of COCO and of
+``sepsnet-synth``. Other layouts are given as explicit paths (categories optionally from a
+separate JSON, as in the panopticapi sample). Items follow docs/INTERFACES.md.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 from sepsnet.config import DataConfig
 from sepsnet.data.metadata import ClassMetadata
 from sepsnet.data.targets import build_targets
-from sepsnet.data.transforms import normalize, pick_short_edge, resize_sample, resize_shape
+from sepsnet.data.transforms import hflip_sample, normalize, pick_short_edge, resize_sample, resize_shape
 from sepsnet.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ PathLike = Union[str, Path]
 
 
 def read_rgb(path: PathLike) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB; DataError naming the file when unreadable."""
+    """Read an image as HxWx3 uint8 RGB (grey, RGBA and 16-bit files are converted);
+    DataError naming the file when missing or undecodable."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
@@ -38,32 +40,55 @@ def read_rgb(path: PathLike) -> np.ndarray:
 
 
 def read_panoptic_png(path: PathLike) -> np.ndarray:
-    """COCO panoptic PNG -> int64 id map (R + 256 G + 256^2 B)."""
-    rgb = read_rgb(path).astype(np.int64)
+    """COCO panoptic PNG (8-bit RGB) -> int64 id map (R + 256 G + 256^2 B)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"panoptic PNG not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if raw is not None and raw.ndim == 3 and raw.shape[2] == 4:
+        raw = raw[..., :3]  # RGBA written by some tools: alpha carries no id
+    if raw is None or raw.ndim != 3 or raw.shape[2] != 3 or raw.dtype != np.uint8:
+        desc = "undecodable" if raw is None else f"{raw.dtype} {raw.shape}"
+        raise DataError(f"panoptic PNG must be 8-bit RGB, {path} is {desc}")
+    rgb = raw[..., ::-1].astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
-def load_panoptic_json(path: PathLike, categories_path: Optional[PathLike] = None) -> dict[str, Any]:
-    path = Path(path)
+def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
+        raise DataError(f"{what} not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"malformed JSON in {path}: {exc}") from None
+
+
+def load_panoptic_json(path: PathLike, categories_path: Optional[PathLike] = None) -> dict[str, Any]:
+    """Read and validate a COCO panoptic JSON (``categories`` optionally from another file)."""
+    path = Path(path)
+    data = _read_json(path, "annotation file")
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be an object (not a COCO panoptic file?)")
     if categories_path is not None:
-        try:
-            data["categories"] = json.loads(Path(categories_path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read categories {categories_path}: {exc}") from None
+        cats = _read_json(Path(categories_path), "categories file")
+        data["categories"] = cats.get("categories") if isinstance(cats, dict) else cats
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DataError(f"{path}: missing or invalid '{key}' list (not a COCO panoptic file?)")
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or not {"image_id", "file_name"} <= ann.keys() \
+                or not isinstance(ann.get("segments_info"), list):
+            raise DataError(f"{path}: annotation without image_id/file_name/segments_info list: {str(ann)[:120]}")
+        for seg in ann["segments_info"]:
+            if not isinstance(seg, dict) or "id" not in seg or "category_id" not in seg:
+                raise DataError(f"{path}: segment without id/category_id in {ann['file_name']}: {seg!r}")
     return data
 
 
 class CocoPanopticDataset(Dataset):
-    """Items: ``image`` (3,h,w) normalised, ``targets`` (INTERFACES.md), ``info``."""
+    """Items: ``image`` (3,h,w) normalised, ``targets`` (INTERFACES.md), ``info`` (``image_id``,
+    ``file_name``, ``original_size``, ``resized_size``, ``flipped``, ``png_name``, ``gt_png``)."""
 
     def __init__(self, json_path: PathLike, png_dir: PathLike, image_dir: PathLike, cfg: DataConfig,
                  train: bool, categories_path: Optional[PathLike] = None, skip_bad: Optional[bool] = None) -> None:
@@ -72,60 +97,83 @@ class CocoPanopticDataset(Dataset):
             if not folder.is_dir():
                 raise DataError(f"dataset folder not found: {folder}")
         data = load_panoptic_json(json_path, categories_path)
-        self.meta = ClassMetadata.from_coco_categories(data["categories"])
-        images = {img["id"]: img for img in data["images"]}
-        self.records = []
+        self.meta = ClassMetadata.from_coco_categories(data["categories"], str(categories_path or json_path))
+        known = self.meta.lookup()
+        images = {img.get("id"): img for img in data["images"] if isinstance(img, dict)}
+        self.records: list[dict[str, Any]] = []
         for ann in data["annotations"]:
             img = images.get(ann["image_id"])
-            if img is None:
-                raise DataError(f"{json_path}: annotation for unknown image id {ann['image_id']}")
-            self.records.append({"image": img, "ann": ann})
+            if img is None or "file_name" not in img:
+                raise DataError(f"{json_path}: annotation {ann['file_name']} refers to unknown image id "
+                                f"{ann['image_id']}")
+            bad = [s["category_id"] for s in ann["segments_info"] if int(s["category_id"]) not in known]
+            if bad:
+                raise DataError(f"{json_path}: {ann['file_name']} uses unknown category ids {bad}")
+            self.records.append({"image": img, "ann": ann, "image_path": self.image_dir / img["file_name"],
+                                 "png_path": self.png_dir / ann["file_name"]})
         self.cfg = cfg
         self.train = train
         self.skip_bad = cfg.skip_bad if skip_bad is None else skip_bad
 
     @classmethod
-    def from_root(cls, root: PathLike, split: str, cfg: DataConfig, train: bool) -> "CocoPanopticDataset":
+    def from_root(cls, root: PathLike, split: str, cfg: DataConfig, train: bool,
+                  skip_bad: Optional[bool] = None) -> "CocoPanopticDataset":
+        """``root/annotations/panoptic_{split}.json``, ``root/annotations/panoptic_{split}/``,
+        ``root/{split}/``."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset folder not found: {root}")
         ann = root / "annotations"
-        return cls(ann / f"panoptic_{split}.json", ann / f"panoptic_{split}", root / split, cfg, train)
+        return cls(ann / f"panoptic_{split}.json", ann / f"panoptic_{split}", root / split, cfg, train,
+                   skip_bad=skip_bad)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        rec = self.records[index]
-        image = read_rgb(self.image_dir / rec["image"]["file_name"])
-        id_map = read_panoptic_png(self.png_dir / rec["ann"]["file_name"])
-        if image.shape[:2] != id_map.shape:
-            raise DataError(f"image {rec['image']['file_name']} is {image.shape[:2]} but its panoptic PNG "
-                            f"{rec['ann']['file_name']} is {id_map.shape}")
-        return image, id_map, rec
-
     def load_gt(self, index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Ground truth at the original resolution: id map + COCO ``segments_info``."""
         rec = self.records[index]
-        return read_panoptic_png(self.png_dir / rec["ann"]["file_name"]), rec["ann"]["segments_info"]
+        return read_panoptic_png(rec["png_path"]), rec["ann"]["segments_info"]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            image, id_map, rec = self.load_raw(index)
-        except DataError as exc:
-            if not self.skip_bad:
-                raise
-            log.warning("skipping bad sample: %s", exc)
-            return self[(index + 1) % len(self)]
+    def load_raw(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """(RGB image, id map, record with ``segments_info``) at the original size."""
+        rec = self.records[index]
+        image = read_rgb(rec["image_path"])
+        id_map, segments = self.load_gt(index)
+        if image.shape[:2] != id_map.shape:
+            raise DataError(f"image {rec['image_path']} is {image.shape[:2]} but its panoptic PNG "
+                            f"{rec['png_path']} is {id_map.shape}")
+        return image, id_map, {**rec, "ann": {**rec["ann"], "segments_info": segments}}
+
+    def prepare(self, image: np.ndarray, id_map: np.ndarray, rec: dict[str, Any], short: int,
+                flip: bool) -> dict[str, Any]:
+        """Deterministic part of an item: resize (shorter edge ``short``), optional flip,
+        targets, normalisation."""
         h, w = image.shape[:2]
-        short = pick_short_edge(self.cfg, self.train)
         max_size = self.cfg.max_size_train if self.train else self.cfg.max_size_test
         rh, rw = resize_shape(h, w, short, max_size)
         image, id_map = resize_sample(image, id_map, (rh, rw))
-        if self.train and self.cfg.random_flip and np.random.rand() < 0.5:
-            image, id_map = image[:, ::-1], id_map[:, ::-1]
-        targets = build_targets(np.ascontiguousarray(id_map), rec["ann"]["segments_info"], self.meta)
-        info = {"image_id": rec["image"]["id"], "file_name": rec["image"]["file_name"],
-                "original_size": (h, w), "resized_size": (rh, rw),
-                "png_name": rec["ann"]["file_name"]}
+        if flip:
+            image, id_map = hflip_sample(image, id_map)
+        image_id = rec["image"]["id"]
+        targets = build_targets(id_map, rec["ann"]["segments_info"], self.meta, image_id=image_id)
+        info = {"image_id": image_id, "file_name": rec["image"]["file_name"], "original_size": (h, w),
+                "resized_size": (rh, rw), "flipped": bool(flip), "png_name": rec["ann"]["file_name"],
+                "gt_png": str(rec["png_path"])}
         return {"image": normalize(image, self.cfg), "targets": targets, "info": info}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for k in range(len(self)):
+            i = (index + k) % len(self)
+            try:
+                image, id_map, rec = self.load_raw(i)
+                break
+            except DataError as exc:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipping bad sample %d: %s", i, exc)
+        else:
+            raise DataError(f"no readable sample in {self.json_path} (all {len(self)} skipped)")
+        short = pick_short_edge(self.cfg, self.train)
+        flip = bool(self.train and self.cfg.random_flip and np.random.rand() < 0.5)
+        return self.prepare(image, id_map, rec, short, flip)

@@ -7,13 +7,16 @@ Training and evaluation then use the real COCO loader and the real evaluator.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Union
 
 import cv2
 import numpy as np
 
+from sepsnet.errors import DataError
+from sepsnet.fileio import atomic_write_bytes
+
+MIN_SIZE = 32
 CATEGORIES = [
     {"id": 1, "name": "disc", "isthing": 1, "color": [220, 20, 60]},
     {"id": 2, "name": "box", "isthing": 1, "color": [0, 0, 142]},
@@ -98,15 +101,18 @@ def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 def _write_atomic_image(path: Path, rgb: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    if not ok:
+        raise DataError(f"PNG encoding failed for {path}")
+    atomic_write_bytes(path, buf.tobytes(), fsync=False)
 
 
 def write_split(out: Union[str, Path], split: str, n: int, seed: int, size: int = 256) -> Path:
     """Write ``n`` scenes as ``out/{split}/``, ``out/annotations/panoptic_{split}{.json,/}``."""
+    if n < 0 or size < MIN_SIZE:
+        raise DataError(f"synthetic split {split!r}: need n >= 0 and size >= {MIN_SIZE}, got n={n}, size={size}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output path exists and is not a folder: {out}")
     img_dir, png_dir = out / split, out / "annotations" / f"panoptic_{split}"
     img_dir.mkdir(parents=True, exist_ok=True)
     png_dir.mkdir(parents=True, exist_ok=True)
@@ -123,13 +129,13 @@ def write_split(out: Union[str, Path], split: str, n: int, seed: int, size: int 
         annotations.append({"image_id": i, "file_name": f"{name}.png", "segments_info": segments})
     doc = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     json_path = out / "annotations" / f"panoptic_{split}.json"
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, json_path)
+    atomic_write_bytes(json_path, json.dumps(doc).encode())
     return json_path
 
 
 def generate(out: Union[str, Path], n_train: int, n_val: int, seed: int = 0, size: int = 256) -> None:
+    """Train split (``seed``) and, when ``n_val > 0``, val split (``seed + 1e6``) under ``out``;
+    ``CocoPanopticDataset.from_root(out, "train" | "val", ...)`` reads them."""
     write_split(out, "train", n_train, seed, size)
     if n_val:
         write_split(out, "val", n_val, seed + 1_000_000, size)

@@ -1,16 +1,22 @@
-"""Paper transforms (IV-A): random flip, shorter edge resized into a range, normalisation,
-padding to a multiple of 32 in the batch collate. The runtime predictor reuses
-:func:`resize_shape` and :func:`normalize` so inference preprocessing equals training."""
+"""Paper transforms (Sec. IV-A): random horizontal flip, shorter edge resized into a range
+(capped by a maximum longer edge), normalisation, and zero padding to a multiple of 32 in the
+batch collate (docs/INTERFACES.md "Images into the network").
+
+The runtime predictor reuses :func:`resize_shape`, :func:`normalize`, :func:`pad_to` and
+:func:`preprocess_image`, so inference preprocessing equals training/evaluation; the inverse
+mapping back to the original image is :func:`boxes_to_original` / :func:`map_to_original`.
+"""
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 
 from sepsnet.config import DataConfig
+from sepsnet.errors import DataError
 
 
 def resize_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
@@ -19,24 +25,48 @@ def resize_shape(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     if short <= 0:
         return h, w
     scale = short / min(h, w)
-    if max(h, w) * scale > max_size:
+    if max_size > 0 and max(h, w) * scale > max_size:
         scale = max_size / max(h, w)
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
+def short_edge_range(cfg: DataConfig) -> tuple[int, int]:
+    """``cfg.min_size_train`` as an inclusive [lo, hi] range (one value = fixed size)."""
+    sizes = [int(s) for s in cfg.min_size_train]
+    if not sizes or len(sizes) > 2 or sizes[0] > sizes[-1]:
+        raise DataError(f"data.min_size_train must be [lo, hi] with lo <= hi, got {cfg.min_size_train}")
+    return sizes[0], sizes[-1]
+
+
 def pick_short_edge(cfg: DataConfig, train: bool) -> int:
+    """Training: uniform integer in ``min_size_train`` (python ``random``, seeded per item by
+    the trainer); evaluation: ``min_size_test``."""
     if not train:
         return cfg.min_size_test
-    lo, hi = (cfg.min_size_train * 2)[:2] if len(cfg.min_size_train) == 1 else cfg.min_size_train
-    return random.randint(int(lo), int(hi))
+    lo, hi = short_edge_range(cfg)
+    return random.randint(lo, hi)
+
+
+def target_size(h: int, w: int, cfg: DataConfig, train: bool, short: Optional[int] = None) -> tuple[int, int]:
+    """Resized (h, w) for an image of size (h, w) under ``cfg`` (``short`` overrides the draw)."""
+    short = pick_short_edge(cfg, train) if short is None else short
+    return resize_shape(h, w, short, cfg.max_size_train if train else cfg.max_size_test)
 
 
 def normalize(image_rgb: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     """HxWx3 uint8 RGB -> (3,H,W) float32 normalised with ``pixel_mean/std`` (0..255 scale)."""
     t = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1).float()
-    mean = torch.tensor(cfg.pixel_mean).view(3, 1, 1)
-    std = torch.tensor(cfg.pixel_std).view(3, 1, 1)
+    mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.pixel_std, dtype=torch.float32).view(3, 1, 1)
     return (t - mean) / std
+
+
+def resize_image(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an HxWx3 image (no-op at the same size)."""
+    h, w = out_hw
+    if image.shape[:2] == (h, w):
+        return image
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_sample(image: np.ndarray, id_map: np.ndarray, out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -44,18 +74,76 @@ def resize_sample(image: np.ndarray, id_map: np.ndarray, out_hw: tuple[int, int]
     h, w = out_hw
     if image.shape[:2] == (h, w):
         return image, id_map
-    img = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     ids = cv2.resize(id_map.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST)
-    return img, ids
+    return resize_image(image, out_hw), ids.astype(np.int64)
+
+
+def hflip_sample(image: np.ndarray, id_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Horizontal flip of image and id map together; targets built afterwards (masks, boxes and
+    the stuff target) are therefore flipped consistently."""
+    return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(id_map[:, ::-1])
+
+
+def check_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """Validate an HxWx3 uint8 array (DataError otherwise)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise DataError(f"{what}: expected an HxWx3 uint8 RGB array, got {desc}")
+    if min(image.shape[:2]) < 1:
+        raise DataError(f"{what}: empty image {image.shape}")
+    return image
+
+
+def preprocess_image(image_rgb: np.ndarray, cfg: DataConfig, train: bool = False,
+                     short: Optional[int] = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HxWx3 uint8 RGB -> (normalised (3,h,w) float32 tensor, resized (h, w)); unpadded, the
+    collate / predictor pads. Evaluation size by default (``min_size_test``/``max_size_test``)."""
+    check_rgb(image_rgb)
+    rh, rw = target_size(image_rgb.shape[0], image_rgb.shape[1], cfg, train, short)
+    return normalize(resize_image(image_rgb, (rh, rw)), cfg), (rh, rw)
+
+
+def boxes_to_original(boxes: torch.Tensor, resized_hw: Sequence[int], original_hw: Sequence[int],
+                      flipped: bool = False) -> torch.Tensor:
+    """Inverse mapping of xyxy boxes in network-input pixels (resized, padding irrelevant) to
+    the original image; undoes a horizontal flip first when ``flipped``."""
+    rh, rw = int(resized_hw[0]), int(resized_hw[1])
+    oh, ow = int(original_hw[0]), int(original_hw[1])
+    b = boxes.clone().float()
+    if flipped:
+        b[..., [0, 2]] = rw - boxes[..., [2, 0]].float()
+    b[..., 0::2] *= ow / rw
+    b[..., 1::2] *= oh / rh
+    b[..., 0::2] = b[..., 0::2].clamp(0, ow)
+    b[..., 1::2] = b[..., 1::2].clamp(0, oh)
+    return b
+
+
+def map_to_original(label_map: np.ndarray, resized_hw: Sequence[int], original_hw: Sequence[int]) -> np.ndarray:
+    """Inverse mapping of a per-pixel label map at the (possibly padded) input size: crop the
+    padding to ``resized_hw`` then nearest-resize to ``original_hw``."""
+    rh, rw = int(resized_hw[0]), int(resized_hw[1])
+    crop = np.ascontiguousarray(label_map[:rh, :rw])
+    oh, ow = int(original_hw[0]), int(original_hw[1])
+    if (rh, rw) == (oh, ow):
+        return crop
+    dtype = crop.dtype
+    work = np.uint8 if dtype in (np.uint8, np.bool_) else np.int32
+    out = cv2.resize(crop.astype(work), (ow, oh), interpolation=cv2.INTER_NEAREST)
+    return out.astype(dtype)
 
 
 def pad_to(size: int, divisor: int) -> int:
-    return int(np.ceil(size / divisor) * divisor) if divisor > 1 else size
+    """Smallest multiple of ``divisor`` >= ``size``."""
+    return int(-(-int(size) // divisor) * divisor) if divisor > 1 else int(size)
 
 
 def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32) -> tuple[torch.Tensor, list[dict], list[dict]]:
     """Stack images zero-padded bottom/right to a multiple of ``size_divisibility``;
-    masks padded with 0 and the stuff target with 255 (ignore)."""
+    masks padded with 0 and the stuff target with 255 (ignore). Returns (images, targets, infos);
+    each info gets ``padded_size`` (H, W)."""
+    if not batch:
+        raise DataError("collate: empty batch")
     hmax = pad_to(max(b["image"].shape[1] for b in batch), size_divisibility)
     wmax = pad_to(max(b["image"].shape[2] for b in batch), size_divisibility)
     images = batch[0]["image"].new_zeros((len(batch), 3, hmax, wmax))
@@ -70,7 +158,7 @@ def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32) -> tup
         stuff[:h, :w] = t["stuff"]
         t["masks"], t["stuff"] = masks, stuff
         targets.append(t)
-        infos.append(b["info"])
+        infos.append({**b["info"], "padded_size": (hmax, wmax)})
     return images, targets, infos
 
 

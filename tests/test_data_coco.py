@@ -1,0 +1,172 @@
+"""COCO panoptic loader on the real panopticapi sample: targets equal the JSON and the PNGs
+(expected values computed here from the raw files with PIL), crowd/void handling, layouts,
+class metadata, and clear errors for broken datasets."""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sepsnet.config import DataConfig
+from sepsnet.data.coco_panoptic import CocoPanopticDataset
+from sepsnet.data.metadata import ClassMetadata
+from sepsnet.errors import DataError
+
+SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "coco_panoptic_sample"
+CATS = json.loads((SAMPLE / "panoptic_coco_categories.json").read_text())
+DOC = json.loads((SAMPLE / "panoptic_examples.json").read_text())
+
+
+def sample(cfg: DataConfig = DataConfig(min_size_test=0), **kw) -> CocoPanopticDataset:
+    return CocoPanopticDataset(SAMPLE / "panoptic_examples.json", SAMPLE / "panoptic", SAMPLE / "images", cfg,
+                               train=False, categories_path=SAMPLE / "panoptic_coco_categories.json", **kw)
+
+
+def pil_ids(path: Path) -> np.ndarray:
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def test_metadata_from_categories() -> None:
+    meta = sample().meta
+    things = sorted(c["id"] for c in CATS if c["isthing"])
+    stuff = sorted(c["id"] for c in CATS if not c["isthing"])
+    assert [t["id"] for t in meta.things] == things and len(things) == 80
+    assert [s["id"] for s in meta.stuff] == stuff and len(stuff) == 53
+    by_id = {c["id"]: c for c in CATS}
+    assert meta.things[0]["name"] == by_id[things[0]]["name"] and meta.stuff[-1]["color"] == by_id[stuff[-1]]["color"]
+    for cid in things + stuff:
+        isthing, k = meta.to_contiguous(cid)
+        assert isthing == bool(by_id[cid]["isthing"]) and meta.to_dataset_id(isthing, k) == cid
+    again = ClassMetadata.from_dict(json.loads(json.dumps(meta.to_dict())))
+    assert again == meta
+    with pytest.raises(DataError, match="unknown dataset category id 999"):
+        meta.to_contiguous(999)
+    with pytest.raises(DataError, match="out of range"):
+        meta.to_dataset_id(True, 80)
+    with pytest.raises(DataError):
+        ClassMetadata.from_dict({"things": []})
+
+
+def test_targets_equal_json_and_png() -> None:
+    ds = sample()
+    by_id = {c["id"]: c for c in CATS}
+    things = sorted(c["id"] for c in CATS if c["isthing"])
+    stuff = sorted(c["id"] for c in CATS if not c["isthing"])
+    images = {im["id"]: im for im in DOC["images"]}
+    assert len(ds) == len(DOC["annotations"]) == 2
+    crowd_seen = 0
+    for i, ann in enumerate(DOC["annotations"]):
+        ids = pil_ids(SAMPLE / "panoptic" / ann["file_name"])
+        item = ds[i]
+        t, info = item["targets"], item["info"]
+        im = images[ann["image_id"]]
+        assert item["image"].shape == (3, im["height"], im["width"]) and item["image"].dtype == torch.float32
+        assert info["image_id"] == ann["image_id"] and info["file_name"] == im["file_name"]
+        assert info["original_size"] == info["resized_size"] == (im["height"], im["width"])
+        assert Path(info["gt_png"]) == SAMPLE / "panoptic" / ann["file_name"]
+        # the JSON agrees with the PNG (sanity of the reference itself)
+        assert set(np.unique(ids)) - {0} == {s["id"] for s in ann["segments_info"]}
+        expected_stuff = np.full(ids.shape, 255, np.int64)
+        instances = []
+        for s in ann["segments_info"]:
+            m = ids == s["id"]
+            assert int(m.sum()) == s["area"]
+            if not by_id[s["category_id"]]["isthing"]:
+                expected_stuff[m] = stuff.index(s["category_id"])
+            elif s["iscrowd"]:
+                crowd_seen += 1
+            else:
+                expected_stuff[m] = len(stuff)
+                x, y, w, h = s["bbox"]
+                instances.append((s["area"], [x, y, x + w, y + h], things.index(s["category_id"]), m))
+        assert t["boxes"].shape == (len(instances), 4) and t["masks"].shape == (len(instances), *ids.shape)
+        for k, (area, box, cls, m) in enumerate(instances):
+            assert int(t["masks"][k].sum()) == area
+            assert np.array_equal(t["masks"][k].numpy().astype(bool), m)
+            assert t["boxes"][k].tolist() == box
+            assert int(t["classes"][k]) == cls
+        assert np.array_equal(t["stuff"].numpy(), expected_stuff)
+        assert (t["stuff"].numpy()[ids == 0] == 255).all()
+    assert crowd_seen == 3  # crowd thing segments: neither instances nor "thing" pixels
+
+
+def test_resized_targets_stay_consistent() -> None:
+    ds = sample(DataConfig(min_size_test=200, max_size_test=1000))
+    full = sample()
+    for i in range(len(ds)):
+        item, ref = ds[i], full[i]
+        h, w = item["info"]["resized_size"]
+        assert min(h, w) == 200 and item["image"].shape[1:] == (h, w)
+        t = item["targets"]
+        assert t["stuff"].shape == (h, w) and t["masks"].shape[1:] == (h, w)
+        assert 0 < t["boxes"].shape[0] <= ref["targets"]["boxes"].shape[0]
+        for box, m in zip(t["boxes"], t["masks"]):
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert set(t["classes"].tolist()) <= set(ref["targets"]["classes"].tolist())
+
+
+def standard_layout(tmp: Path, split: str = "val") -> Path:
+    """The sample rearranged into root/annotations/panoptic_{split}{.json,/} + root/{split}/."""
+    root = tmp / "coco"
+    shutil.copytree(SAMPLE / "panoptic", root / "annotations" / f"panoptic_{split}")
+    shutil.copytree(SAMPLE / "images", root / split)
+    doc = dict(DOC, categories=CATS)
+    (root / "annotations" / f"panoptic_{split}.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_from_root_standard_layout(tmp_path: Path) -> None:
+    root = standard_layout(tmp_path)
+    ds = CocoPanopticDataset.from_root(root, "val", DataConfig(min_size_test=0), train=False)
+    ref = sample()
+    assert ds.meta == ref.meta and len(ds) == len(ref)
+    for i in range(len(ds)):
+        a, b = ds[i], ref[i]
+        assert torch.equal(a["image"], b["image"])
+        for key in ("boxes", "classes", "masks", "stuff"):
+            assert torch.equal(a["targets"][key], b["targets"][key])
+
+
+def test_clear_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = DataConfig(min_size_test=0)
+    with pytest.raises(DataError, match="not found: .*nowhere"):
+        CocoPanopticDataset.from_root(tmp_path / "nowhere", "val", cfg, train=False)
+    root = standard_layout(tmp_path)
+    with pytest.raises(DataError, match="panoptic_train"):
+        CocoPanopticDataset.from_root(root, "train", cfg, train=False)  # no such split
+    js = root / "annotations" / "panoptic_val.json"
+    good = js.read_text()
+    js.write_text(good[: len(good) // 2])
+    with pytest.raises(DataError, match="malformed JSON in .*panoptic_val.json"):
+        CocoPanopticDataset.from_root(root, "val", cfg, train=False)
+    js.write_text(json.dumps({"images": [], "categories": CATS}))
+    with pytest.raises(DataError, match="'annotations'"):
+        CocoPanopticDataset.from_root(root, "val", cfg, train=False)
+    bad = json.loads(good)
+    bad["annotations"][0]["segments_info"][0]["category_id"] = 4242
+    js.write_text(json.dumps(bad))
+    with pytest.raises(DataError, match="unknown category ids \\[4242\\]"):
+        CocoPanopticDataset.from_root(root, "val", cfg, train=False)
+    js.write_text(good)
+    first = root / "val" / DOC["images"][0]["file_name"]
+    first.write_bytes(b"\x00garbage, not a JPEG" * 10)
+    ds = CocoPanopticDataset.from_root(root, "val", cfg, train=False)
+    with pytest.raises(DataError, match=f"corrupt.*{first.name}"):
+        ds[0]
+    ds = CocoPanopticDataset.from_root(root, "val", cfg, train=False, skip_bad=True)
+    with caplog.at_level(logging.WARNING, logger="sepsnet.data.coco_panoptic"):
+        item = ds[0]
+    assert item["info"]["file_name"] == DOC["images"][1]["file_name"]
+    assert any(first.name in r.getMessage() for r in caplog.records)
+    (root / "val" / DOC["images"][1]["file_name"]).unlink()
+    with pytest.raises(DataError, match="no readable sample"):
+        ds[0]
+    shutil.rmtree(root / "annotations" / "panoptic_val")
+    with pytest.raises(DataError, match="dataset folder not found: .*panoptic_val"):
+        CocoPanopticDataset.from_root(root, "val", cfg, train=False)
