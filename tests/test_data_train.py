@@ -97,6 +97,19 @@ def test_resume_reproduces_loss_curve(tmp_path: Path) -> None:
     assert all(np.isfinite(r["loss_total"]) for r in straight)
 
 
+def test_tensorboard_scalars_match_metrics_log(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    generate(tmp_path / "syn", 4, 0, seed=2, size=64)
+    logged = _train(tmp_path / "run", tmp_path / "syn", 2, False)
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "loss_total" in tags and "lr" in tags
+    steps = {e.step: e.value for e in events.Scalars("loss_total")}
+    assert steps == {r["iteration"]: pytest.approx(r["loss_total"], rel=1e-6) for r in logged}
+
+
 def test_train_refuses_checkpoint_of_other_config(tmp_path: Path) -> None:
     from sepsnet.cli.train import main
 

@@ -94,6 +94,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--size", help="frame size HxW (default: the bundle's input size)")
     p.add_argument("--backend", default="auto", help="auto | ort | trt (bundles)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="TensorRT: replay the static dense engine from a captured CUDA graph")
     a = p.parse_args(argv)
     from sepsnet.engines.predictor import PanopticPredictor
 
@@ -109,7 +111,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             kind, default = "checkpoint", (predictor.data.min_size_test, predictor.data.max_size_test)
         else:  # bundle folder, manifest.json or a .plan inside a bundle
             predictor = PanopticPredictor.from_bundle(path if path.is_dir() else path.parent, backend=a.backend,
-                                                      threads=a.threads)
+                                                      threads=a.threads, cuda_graph=a.cuda_graph)
             kind = "bundle"
             default = predictor.input_hw or (predictor.data.min_size_test, predictor.data.max_size_test)
         frame = _random_frame(a.size, default)

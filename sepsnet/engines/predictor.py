@@ -59,9 +59,11 @@ class PanopticPredictor:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: PathLike, backend: str = "auto", threads: Optional[int] = None) -> "PanopticPredictor":
+    def from_bundle(cls, path: PathLike, backend: str = "auto", threads: Optional[int] = None,
+                    cuda_graph: bool = False) -> "PanopticPredictor":
         """``backend``: ``auto`` (TensorRT when the bundle has plans and TensorRT + GPU exist, else
-        ONNX Runtime), ``ort`` or ``trt``. ``path``: bundle folder, manifest or a file inside it."""
+        ONNX Runtime), ``ort`` or ``trt``. ``path``: bundle folder, manifest or a file inside it.
+        ``cuda_graph``: TensorRT only, capture the static-shape dense engine in a CUDA graph."""
         from sepsnet.export.bundle import has_plans, verify_bundle
 
         root = Path(path)
@@ -79,7 +81,7 @@ class PanopticPredictor:
             check_trt_compatible(manifest, _trt_version(), torch.cuda.get_device_name(0)
                                  if torch.cuda.is_available() else None, str(root))
             plugin = root / manifest["plugin"] if manifest.get("plugin") else None
-            dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin)
+            dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin, cuda_graph=cuda_graph)
             instance: Backend = TrtBackend(root / graphs["instance"]["plan"], plugin)
         elif backend == "ort":
             from sepsnet.engines.ort_backend import OrtBackend
@@ -149,6 +151,8 @@ class PanopticPredictor:
             image, sizes = self.preprocess(frame, bgr)
             t1 = time.perf_counter()
             dense = self.dense.run({"image": image})
+            if self.dense.device.type == "cuda":  # stage timings, not queue times
+                torch.cuda.synchronize(self.dense.device)
             t2 = time.perf_counter()
             result = panoptic_inference(dense, self._run_instances, [sizes], self.postprocess,
                                         num_stuff_classes=self.num_stuff)[0]

@@ -7,6 +7,7 @@ Cannot run on machines without TensorRT and an NVIDIA GPU; every entry point rai
 from __future__ import annotations
 
 import ctypes
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -55,11 +56,17 @@ def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
 
 
 class TrtBackend:
-    """One engine. Inputs are converted to the engine's dtypes on the GPU; outputs are new
-    torch CUDA tensors shaped from the context after ``set_input_shape``."""
+    """One engine. Inputs are converted to the engine's dtypes on the GPU.
+
+    Static-shape engines (the default dense export) get their I/O tensors allocated once and the
+    context bound to them, so a camera loop allocates nothing per frame but the returned copies;
+    with ``cuda_graph=True`` their launch is also captured once into a CUDA graph and replayed
+    (less CPU launch overhead). Dynamic-shape engines (the instance engine) bind per call, with
+    output shapes read from the context after ``set_input_shape``; ``cuda_graph`` is ignored there.
+    """
 
     def __init__(self, plan_path: Union[str, Path], plugin_library: Optional[Union[str, Path]] = None,
-                 device: int = 0) -> None:
+                 device: int = 0, cuda_graph: bool = False) -> None:
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise EngineError("TensorRT engines need an NVIDIA GPU, and torch sees none")
@@ -85,6 +92,13 @@ class TrtBackend:
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.name = f"tensorrt-{trt.__version__}"
         self.path = path
+        self._buffers: Optional[dict[str, torch.Tensor]] = None
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._stream = torch.cuda.Stream(self.device)
+        static = self._all_static()
+        self.cuda_graph = bool(cuda_graph and static)
+        if static:
+            self._bind_static()
 
     def _spec(self, name: str) -> TensorSpec:
         shape = tuple(int(d) if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(name))
@@ -98,13 +112,76 @@ class TrtBackend:
     def outputs(self) -> Sequence[TensorSpec]:
         return [self._spec(n) for n in self._outputs]
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keep = []
+    def _all_static(self) -> bool:
+        return all(d >= 0 for n in self._inputs + self._outputs for d in self.engine.get_tensor_shape(n))
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+
+    def _bind_static(self) -> None:
+        """Allocate every I/O tensor once (static engines) and point the context at them."""
+        self._buffers = {}
+        for name in self._inputs + self._outputs:
+            shape = tuple(int(d) for d in self.engine.get_tensor_shape(name))
+            buf = torch.empty(shape, dtype=self._dtype(name), device=self.device)
+            self._buffers[name] = buf
+            if name in self._inputs and not self.context.set_input_shape(name, shape):
+                raise EngineError(f"{self.path.name}: cannot set input {name!r} to its static shape {shape}")
+            self.context.set_tensor_address(name, buf.data_ptr())
+
+    def _check_feeds(self, feeds: dict[str, torch.Tensor]) -> None:
         for name in self._inputs:
             if name not in feeds:
                 raise EngineError(f"{self.path.name}: missing input {name!r}")
-            dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
-            t = feeds[name].to(self.device, dtype).contiguous()
+            if self._buffers is not None and tuple(feeds[name].shape) != tuple(self._buffers[name].shape):
+                raise EngineError(f"{self.path.name}: input {name!r} has shape {tuple(feeds[name].shape)}, the "
+                                  f"engine was built for {tuple(self._buffers[name].shape)}")
+
+    def _enqueue(self, stream: torch.cuda.Stream) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineError(f"{self.path.name}: execute_async_v3 failed")
+
+    def _capture(self) -> None:
+        """Record one ``execute_async_v3`` into a CUDA graph (static shapes only). TensorRT needs
+        one plain enqueue first so deferred shape work is not captured. A failed capture (e.g. a
+        plugin that synchronises) falls back to plain enqueues with a warning."""
+        self._enqueue(self._stream)
+        self._stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self._enqueue(self._stream)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means "run without a graph"
+            warnings.warn(f"{self.path.name}: CUDA graph capture failed ({exc}); running without it",
+                          RuntimeWarning, stacklevel=3)
+            self.cuda_graph = False
+            return
+        self._graph = graph
+
+    def _run_static(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)  # inputs produced on the caller's stream are ready
+        with torch.cuda.stream(self._stream):
+            for name in self._inputs:
+                self._buffers[name].copy_(feeds[name], non_blocking=True)
+            if self.cuda_graph and self._graph is None:
+                self._capture()
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._enqueue(self._stream)
+            # copies, because the next frame overwrites the static buffers
+            outputs = {n: self._buffers[n].float() if self._buffers[n].dtype == torch.float16 else self._buffers[n].clone()
+                       for n in self._outputs}
+        caller.wait_stream(self._stream)
+        for t in outputs.values():
+            t.record_stream(caller)
+        return outputs
+
+    def _run_dynamic(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keep = []
+        for name in self._inputs:
+            t = feeds[name].to(self.device, self._dtype(name)).contiguous()
             keep.append(t)
             if not self.context.set_input_shape(name, tuple(t.shape)):
                 raise EngineError(f"{self.path.name}: input {name!r} shape {tuple(t.shape)} is outside the "
@@ -113,10 +190,15 @@ class TrtBackend:
         outputs = {}
         for name in self._outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device=self.device)
+            out = torch.empty(shape, dtype=self._dtype(name), device=self.device)
             outputs[name] = out
             self.context.set_tensor_address(name, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EngineError(f"{self.path.name}: execute_async_v3 failed")
+        self._enqueue(torch.cuda.current_stream(self.device))
         return {k: v.float() if v.dtype == torch.float16 else v for k, v in outputs.items()}
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named tensors (any device/dtype) -> named CUDA tensors (fp16 outputs as fp32)."""
+        self._check_feeds(feeds)
+        if self._buffers is not None:
+            return self._run_static(feeds)
+        return self._run_dynamic(feeds)
