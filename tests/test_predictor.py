@@ -1,5 +1,6 @@
 """Runtime: ORT bundle vs eager checkpoint on real photos, bad frames, threads, memory, bench."""
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -135,6 +136,12 @@ def test_bench_cli(artifacts: tuple[Path, Path], tmp_path: Path, capsys: pytest.
         assert "device" in data and "onnxruntime" in data
     assert "p90" in capsys.readouterr().out
     assert main([str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    plan_bundle = tmp_path / "with_plan"  # a .plan means TensorRT: no silent fall-back to ONNX Runtime
+    shutil.copytree(bundle, plan_bundle)
+    (plan_bundle / "dense.plan").write_bytes(b"not an engine")
+    assert main([str(plan_bundle / "dense.plan"), "--iters", "1", "--warmup", "0"]) == 2
+    assert "no TensorRT plans" in capsys.readouterr().err
 
 
 def test_demo_cli(artifacts: tuple[Path, Path], tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             predictor = PanopticPredictor.from_checkpoint(path)
             kind, default = "checkpoint", (predictor.data.min_size_test, predictor.data.max_size_test)
         else:  # bundle folder, manifest.json or a .plan inside a bundle
-            predictor = PanopticPredictor.from_bundle(path if path.is_dir() else path.parent, backend=a.backend,
+            backend_name = "trt" if path.suffix == ".plan" and a.backend == "auto" else a.backend  # a plan means TensorRT
+            predictor = PanopticPredictor.from_bundle(path if path.is_dir() else path.parent, backend=backend_name,
                                                       threads=a.threads, cuda_graph=a.cuda_graph)
             kind = "bundle"
             default = predictor.input_hw or (predictor.data.min_size_test, predictor.data.max_size_test)
