@@ -27,3 +27,15 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, fsync: bool = True) 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(obj: object, path: Union[str, Path], indent: int = 2) -> None:
+    """``obj`` as indented JSON (trailing newline), written atomically."""
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from sepsnet.errors import DataError
+from sepsnet.fileio import atomic_write_json
 
 VOID = 0
 
@@ -369,8 +370,5 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def write_json_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` as JSON via a temp file + ``os.replace``."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically (kept as the evaluator's public name)."""
+    atomic_write_json(obj, path)

@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from sepsnet.fileio import atomic_write_bytes
+from sepsnet.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from sepsnet.errors import BundleError
 
 FORMAT = "sepsnet-bundle/1"
@@ -47,11 +47,6 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def software_versions() -> dict[str, Optional[str]]:
