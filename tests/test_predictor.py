@@ -59,6 +59,26 @@ def test_ort_bundle_equals_eager_on_real_photos(artifacts: tuple[Path, Path]) ->
     assert instances > 0  # the comparison covered the instance engine
 
 
+@pytest.mark.parametrize("bgr", [False, True])
+def test_device_preprocess_equals_opencv(artifacts: tuple[Path, Path], bgr: bool) -> None:
+    """The GPU preprocessing path (run here on CPU tensors) matches the OpenCV path: same sizes,
+    same padding, pixels within OpenCV's uint8 rounding of the resize."""
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort")
+    for photo in PHOTOS:
+        frame = read_rgb(photo)
+        pred.preprocess_on = "opencv"
+        ref, sizes_ref = pred.preprocess(frame, bgr)
+        ref = ref.clone()
+        pred.preprocess_on = "device"
+        got, sizes = pred.preprocess(frame, bgr)
+        assert sizes == sizes_ref and got.shape == ref.shape
+        (rh, rw), _ = sizes
+        assert rh < frame.shape[0]  # the photo was resized, so the interpolation was compared
+        diff = (got - ref).abs()
+        assert float(diff.max()) < 2.5 / 57.12 and float(diff.mean()) < 0.5 / 57.12
+        assert not got[..., rh:, :].any() and not got[..., :, rw:].any()  # padding stays zero
+
+
 @pytest.mark.parametrize("bad, why", [
     (np.zeros((64, 64), np.uint8), "HxWx3"),
     (np.zeros((64, 64, 4), np.uint8), "HxWx3"),

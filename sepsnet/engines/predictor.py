@@ -55,7 +55,10 @@ class PanopticPredictor:
         self.num_stuff = len(classes["stuff"])
         self.input_hw = input_hw
         self._buffer: Optional[torch.Tensor] = None
+        self._staging: Optional[torch.Tensor] = None
         self._lock = threading.Lock()
+        device = getattr(dense, "device", torch.device("cpu"))
+        self.preprocess_on = "device" if torch.device(device).type == "cuda" else "opencv"
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -116,12 +119,8 @@ class PanopticPredictor:
                    cfg.data, cfg.postprocess, classes)
 
     # -- inference ---------------------------------------------------------------------------
-    def preprocess(self, frame: np.ndarray, bgr: bool = False) -> tuple[torch.Tensor, tuple]:
-        """Validated frame -> reused (1,3,H,W) input buffer and ((resized), (original)) sizes."""
-        rgb = validate_frame(frame)
-        if bgr:
-            rgb = rgb[..., ::-1]
-        h, w = rgb.shape[:2]
+    def _target_sizes(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(resized, padded input) sizes for an h x w frame, as evaluation computes them."""
         rh, rw = resize_shape(h, w, self.data.min_size_test, self.data.max_size_test)
         if self.input_hw is not None:
             H, W = self.input_hw
@@ -130,13 +129,54 @@ class PanopticPredictor:
                 rh, rw = max(1, min(H, int(rh * s))), max(1, min(W, int(rw * s)))
         else:
             H, W = pad_to(rh, self.data.size_divisibility), pad_to(rw, self.data.size_divisibility)
-        img = cv2.resize(np.ascontiguousarray(rgb), (rw, rh), interpolation=cv2.INTER_LINEAR) if (rh, rw) != (h, w) else rgb
-        if self._buffer is None or tuple(self._buffer.shape[2:]) != (H, W):
-            self._buffer = torch.zeros((1, 3, H, W), dtype=torch.float32)
+        return (rh, rw), (H, W)
+
+    def _input_buffer(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        """The reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean colour)."""
+        if self._buffer is None or tuple(self._buffer.shape[2:]) != (H, W) or self._buffer.device != device:
+            self._buffer = torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
         else:
             self._buffer.zero_()
-        self._buffer[0, :, :rh, :rw] = normalize(img, self.data)
-        return self._buffer, ((rh, rw), (h, w))
+        return self._buffer
+
+    def _fill_with_opencv(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
+        rgb = frame[..., ::-1] if bgr else frame
+        h, w = frame.shape[:2]
+        img = cv2.resize(np.ascontiguousarray(rgb), (rw, rh), interpolation=cv2.INTER_LINEAR) if (rh, rw) != (h, w) else rgb
+        buf[0, :, :rh, :rw] = normalize(img, self.data)
+
+    def _fill_with_torch(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
+        """Device path: upload the uint8 frame (a quarter of the float bytes; pinned staging on CUDA),
+        then channel order, bilinear resize (half-pixel, no antialias = OpenCV INTER_LINEAR) and
+        normalisation on the device."""
+        device = buf.device
+        if self._staging is None or self._staging.shape != frame.shape:
+            self._staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            self._mean = torch.tensor(self.data.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            self._std = torch.tensor(self.data.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._staging.numpy()[...] = frame
+        img = self._staging.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+        if bgr:
+            img = img.flip(1)
+        if (rh, rw) != tuple(frame.shape[:2]):
+            img = torch.nn.functional.interpolate(img, size=(rh, rw), mode="bilinear", align_corners=False)
+        buf[:, :, :rh, :rw] = (img - self._mean) / self._std
+
+    def preprocess(self, frame: np.ndarray, bgr: bool = False) -> tuple[torch.Tensor, tuple]:
+        """Validated frame -> reused (1,3,H,W) input buffer and ((resized), (original)) sizes.
+        With a CUDA dense backend the frame is resized and normalised on the GPU
+        (``preprocess_on = "device"``), else with OpenCV on the CPU."""
+        frame = validate_frame(frame)
+        h, w = frame.shape[:2]
+        (rh, rw), (H, W) = self._target_sizes(h, w)
+        on_device = self.preprocess_on == "device"
+        device = self.dense.device if on_device else torch.device("cpu")
+        buf = self._input_buffer(H, W, device)
+        if on_device:
+            self._fill_with_torch(frame, bgr, rh, rw, buf)
+        else:
+            self._fill_with_opencv(frame, bgr, rh, rw, buf)
+        return buf, ((rh, rw), (h, w))
 
     def _run_instances(self, bases: torch.Tensor, p3: torch.Tensor, rois: torch.Tensor,
                        attention: torch.Tensor) -> dict[str, torch.Tensor]:
