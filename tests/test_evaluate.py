@@ -23,7 +23,7 @@ def test_eval_streaming_matches_files(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(cfg)
     ds = build_dataset(cfg, train=False)
-    metrics = evaluate_model(model, ds, cfg, out_dir=tmp_path / "pred")
+    metrics = evaluate_model(model, ds, cfg, out_dir=tmp_path / "pred", boundary_ratio=0.02)
     ref = pq_compute_files(str(tmp_path / "syn" / "annotations" / "panoptic_val.json"),
                            str(tmp_path / "pred" / "panoptic_predictions.json"),
                            str(tmp_path / "syn" / "annotations" / "panoptic_val"),
@@ -31,6 +31,12 @@ def test_eval_streaming_matches_files(tmp_path: Path) -> None:
     assert metrics["PQ"] == pytest.approx(ref["All"]["pq"], abs=1e-12)
     assert metrics["PQ_st"] == pytest.approx(ref["Stuff"]["pq"], abs=1e-12)
     assert 0.0 <= metrics["PQ"] <= 1.0 and metrics["images"] == 3
+    boundary = pq_compute_files(str(tmp_path / "syn" / "annotations" / "panoptic_val.json"),
+                                str(tmp_path / "pred" / "panoptic_predictions.json"),
+                                str(tmp_path / "syn" / "annotations" / "panoptic_val"),
+                                str(tmp_path / "pred" / "panoptic_predictions"), workers=1, dilation_ratio=0.02)
+    assert metrics["PQ_boundary"] == pytest.approx(boundary["All"]["pq"], abs=1e-12)
+    assert metrics["PQ_boundary"] <= metrics["PQ"] + 1e-12
     assert (tmp_path / "pred" / "metrics.json").is_file()
 
 

@@ -21,6 +21,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no-ap", action="store_true", help="skip mask AP (pycocotools)")
+    p.add_argument("--boundary", nargs="?", type=float, const=0.02, default=None, metavar="RATIO",
+                   help="also report Boundary PQ (band = RATIO x image diagonal, default 0.02)")
     a = p.parse_args(argv)
 
     import torch
@@ -48,14 +50,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     dataset = build_dataset(cfg, train=False, root=a.data, split=a.split)
-    metrics = evaluate_model(model, dataset, cfg, out_dir=a.out, max_images=a.max_images, with_ap=not a.no_ap)
+    metrics = evaluate_model(model, dataset, cfg, out_dir=a.out, max_images=a.max_images, with_ap=not a.no_ap,
+                             boundary_ratio=a.boundary)
     table = {"All": {}, "Things": {}, "Stuff": {}}
     for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         table[name] = {"pq": metrics["PQ" + suffix], "sq": metrics["SQ" + suffix], "rq": metrics["RQ" + suffix],
                        "n": len(dataset.meta.things if suffix == "_th" else dataset.meta.stuff if suffix == "_st"
                                 else dataset.meta.categories())}
     print(format_table(table))
-    extra = {k: round(v, 4) for k, v in metrics.items() if k in ("mask_AP", "box_AP", "seconds_per_image")}
+    extra = {k: round(v, 4) for k, v in metrics.items() if k in ("mask_AP", "box_AP", "seconds_per_image") or k.startswith("PQ_boundary")}
     print(json.dumps({"images": metrics["images"], **extra}))
     return 0
 

@@ -21,11 +21,14 @@ from sepsnet.postprocess.writers import CityscapesPanopticWriter, CocoPanopticWr
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SEPSNetConfig,
                    out_dir: Optional[Union[str, Path]] = None, max_images: Optional[int] = None,
-                   batch_size: int = 1, with_ap: bool = True) -> dict[str, Any]:
+                   batch_size: int = 1, with_ap: bool = True,
+                   boundary_ratio: Optional[float] = None) -> dict[str, Any]:
     """PQ (COCO panoptic API semantics) over ``dataset`` (its GT PNGs at original size).
 
     Returns ``{"PQ", "SQ", "RQ", "PQ_th", "PQ_st", ..., "mask_AP", "seconds_per_image"}``;
     writes ``out_dir/panoptic_predictions{.json,/}`` and ``out_dir/metrics.json`` when given.
+    ``boundary_ratio`` (e.g. 0.02) adds Boundary PQ (``PQ_boundary``, ``_th``, ``_st``), the
+    contour-sensitive variant of ``sepsnet.eval.boundary``.
     """
     was_training = model.training
     model.eval()
@@ -33,6 +36,7 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
     meta = dataset.meta
     categories = meta.categories()
     pq = PQAccumulator(categories)
+    bpq = PQAccumulator(categories, dilation_ratio=boundary_ratio) if boundary_ratio else None
     ap = InstanceAPAccumulator(categories) if with_ap else None
     writers = []
     if out_dir:
@@ -55,6 +59,8 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
                 gt_ids, gt_segments = dataset.load_gt(index)
                 pred_ids, pred_segs = _remap(res, meta.to_dict(), False)
                 pq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
+                if bpq is not None:
+                    bpq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
                 for writer in writers:
                     writer.add(res, info["image_id"], info["file_name"])
                 if ap is not None:
@@ -69,6 +75,10 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
         "PQ_st": summary["Stuff"]["pq"], "SQ_st": summary["Stuff"]["sq"], "RQ_st": summary["Stuff"]["rq"],
         "images": n, "seconds_per_image": (time.perf_counter() - start) / max(n, 1),
     }
+    if bpq is not None:
+        bsum = bpq.summary()
+        metrics.update({"PQ_boundary": bsum["All"]["pq"], "PQ_boundary_th": bsum["Things"]["pq"],
+                        "PQ_boundary_st": bsum["Stuff"]["pq"]})
     if ap is not None:
         ap_summary = ap.summary()
         metrics["mask_AP"] = ap_summary.get("segm", {}).get("AP", float("nan"))

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from sepsnet.errors import DataError
+from sepsnet.eval.boundary import boundary_overlap
 from sepsnet.fileio import atomic_write_json
 
 VOID = 0
@@ -137,10 +138,12 @@ class PQStat:
 
 def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.ndarray,
              gt_segments: Sequence[Mapping[str, Any]], pred: np.ndarray,
-             pred_segments: Sequence[Mapping[str, Any]], image: Any = "?", bounded: bool = False) -> None:
+             pred_segments: Sequence[Mapping[str, Any]], image: Any = "?", bounded: bool = False,
+             dilation_ratio: Optional[float] = None) -> None:
     """Add one image's matches to ``stat`` (reference: ``pq_compute_single_core`` loop body).
 
-    ``bounded``: the caller guarantees ids in [0, 2^24) (read from PNG)."""
+    ``bounded``: the caller guarantees ids in [0, 2^24) (read from PNG). ``dilation_ratio``: score
+    Boundary PQ instead (pair IoU = min(mask IoU, boundary IoU), see ``sepsnet.eval.boundary``)."""
     if gt.shape != pred.shape:
         raise DataError(f"image {image}: gt id map {gt.shape} and prediction {pred.shape} differ in size")
     gt_segms = _segment_dict(gt_segments, f"image {image} ground truth")
@@ -191,6 +194,9 @@ def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.n
     gm, pm = np.nonzero(cand)
     with np.errstate(divide="ignore", invalid="ignore"):
         ious = inter[gm, pm] / (pa[pm] + garea[gm] - inter[gm, pm] - pvoid[pm])
+    if dilation_ratio is not None and len(gm):
+        band = boundary_overlap(gt, pred, gi, pi, key, kg, kp, g_void + 1, dilation_ratio)
+        ious = np.minimum(ious, band.iou(np.asarray(gseg)[gm], np.asarray(pseg)[pm]))
     ok = ious > 0.5
     gm, pm, ious = gm[ok], pm[ok], ious[ok]
     ci = stat.cat_index
@@ -262,10 +268,12 @@ def summarize(stat: PQStat, categories: Mapping[int, Mapping[str, Any]]) -> Dict
 
 
 class PQAccumulator:
-    """Streaming PQ: ``add`` one image's gt and prediction at a time, then ``summary()``."""
+    """Streaming PQ: ``add`` one image's gt and prediction at a time, then ``summary()``.
+    With ``dilation_ratio`` (e.g. 0.02) it accumulates Boundary PQ instead."""
 
-    def __init__(self, categories: Categories) -> None:
+    def __init__(self, categories: Categories, dilation_ratio: Optional[float] = None) -> None:
         self.categories = _category_dict(categories)
+        self.dilation_ratio = dilation_ratio
         self.stat = PQStat(list(self.categories))
         self.num_images = 0
 
@@ -277,7 +285,7 @@ class PQAccumulator:
         try:
             pq_image(self.stat, self.categories, _as_id_map(gt_id_map, f"image {image} gt_id_map"),
                      gt_segments, _as_id_map(pred_id_map, f"image {image} pred_id_map"),
-                     pred_segments, image)
+                     pred_segments, image, dilation_ratio=self.dilation_ratio)
         except (KeyError, TypeError) as exc:
             raise DataError(f"image {image}: malformed segments_info ({type(exc).__name__}: {exc})") from None
         self.num_images += 1
@@ -291,15 +299,16 @@ class PQAccumulator:
         return summarize(self.stat, self.categories)
 
 
-def _chunk_stats(args: Tuple[List[Tuple[dict, dict]], str, str, Dict[int, Dict[str, Any]]]) -> PQStat:
-    pairs, gt_folder, pred_folder, categories = args
+def _chunk_stats(args: Tuple[List[Tuple[dict, dict]], str, str, Dict[int, Dict[str, Any]], Optional[float]]) -> PQStat:
+    pairs, gt_folder, pred_folder, categories, dilation_ratio = args
     stat = PQStat(list(categories))
     for gt_ann, pred_ann in pairs:
         try:
             gt = read_id_png(os.path.join(gt_folder, gt_ann["file_name"]))
             pred = read_id_png(os.path.join(pred_folder, pred_ann["file_name"]))
             pq_image(stat, categories, gt, gt_ann.get("segments_info", []), pred,
-                     pred_ann.get("segments_info", []), gt_ann.get("image_id", "?"), bounded=True)
+                     pred_ann.get("segments_info", []), gt_ann.get("image_id", "?"), bounded=True,
+                     dilation_ratio=dilation_ratio)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"image {gt_ann.get('image_id', '?')}: malformed annotation "
                             f"({type(exc).__name__}: {exc})") from None
@@ -324,8 +333,10 @@ def default_workers() -> int:
 
 
 def pq_compute_files(gt_json: str, pred_json: str, gt_folder: Optional[str] = None,
-                     pred_folder: Optional[str] = None, workers: Optional[int] = None) -> Dict[str, Any]:
-    """PQ from COCO panoptic files (reference ``pq_compute``); ``workers=1`` runs in-process."""
+                     pred_folder: Optional[str] = None, workers: Optional[int] = None,
+                     dilation_ratio: Optional[float] = None) -> Dict[str, Any]:
+    """PQ from COCO panoptic files (reference ``pq_compute``); ``workers=1`` runs in-process.
+    ``dilation_ratio``: Boundary PQ instead (``sepsnet.eval.boundary``)."""
     gt_data = _load_json(gt_json, "ground-truth")
     pred_data = _load_json(pred_json, "prediction")
     gt_folder = gt_folder or os.path.splitext(gt_json)[0]
@@ -348,13 +359,13 @@ def pq_compute_files(gt_json: str, pred_json: str, gt_folder: Optional[str] = No
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, len(pairs)))
     if workers == 1:
-        stat = _chunk_stats((pairs, gt_folder, pred_folder, categories))
+        stat = _chunk_stats((pairs, gt_folder, pred_folder, categories, dilation_ratio))
     else:
         n_chunks = min(len(pairs), workers * 4)
         chunks = [pairs[i::n_chunks] for i in range(n_chunks)]
         stat = PQStat(list(categories))
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for part in pool.map(_chunk_stats, [(c, gt_folder, pred_folder, categories) for c in chunks]):
+            for part in pool.map(_chunk_stats, [(c, gt_folder, pred_folder, categories, dilation_ratio) for c in chunks]):
                 stat += part
     return summarize(stat, categories)
 
