@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sepsnet.config import DataConfig, load_config, parse_overrides
+from sepsnet.config import DataConfig
 from sepsnet.data.coco_panoptic import CocoPanopticDataset, read_panoptic_png
 from sepsnet.data.synthetic import generate
 from sepsnet.data.transforms import collate

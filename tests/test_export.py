@@ -18,7 +18,8 @@ from sepsnet.cli.export import main as export_main
 from sepsnet.config import load_config
 from sepsnet.errors import DataError, EngineError
 from sepsnet.export import bundle, onnx_export, precision, strip, surgery, trt_build
-from sepsnet.train.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
+from sepsnet.model.weights import checkpoint_config, load_checkpoint
+from sepsnet.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 64, 96

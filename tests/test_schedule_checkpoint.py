@@ -1,5 +1,4 @@
 """LR schedule values and atomic, validated checkpoints."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +8,8 @@ import torch
 
 from sepsnet.config import SEPSNetConfig, SolverConfig
 from sepsnet.errors import CheckpointError
-from sepsnet.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
-                                      save_checkpoint)
+from sepsnet.model.weights import check_compatible, load_checkpoint
+from sepsnet.train.checkpoint import latest_checkpoint, save_checkpoint
 from sepsnet.train.schedule import build_optimizer, build_scheduler, lr_factor
 
 

@@ -32,8 +32,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from sepsnet.eval.evaluator import evaluate_model
     from sepsnet.eval.pq import format_table
     from sepsnet.model import build_model
-    from sepsnet.train.checkpoint import (check_compatible, checkpoint_config, load_checkpoint,
-                                          load_model_weights)
+    from sepsnet.model.weights import check_compatible, checkpoint_config, load_checkpoint, load_model_weights
 
     ckpt = load_checkpoint(a.checkpoint)
     overrides = parse_overrides(list(a.set))

@@ -98,7 +98,7 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
     from sepsnet.config import load_config
     from sepsnet.export import onnx_export, precision, strip
-    from sepsnet.train.checkpoint import check_compatible, checkpoint_config, load_checkpoint
+    from sepsnet.model.weights import check_compatible, checkpoint_config, load_checkpoint
 
     if not args.checkpoint:
         raise ConfigError("sepsnet-export needs a checkpoint (or --from-onnx DIR)")

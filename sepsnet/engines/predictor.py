@@ -106,7 +106,7 @@ class PanopticPredictor:
         from sepsnet.engines.torch_backend import TorchBackend
         from sepsnet.export.bundle import default_classes
         from sepsnet.export.strip import build_deploy_model
-        from sepsnet.train.checkpoint import check_compatible, checkpoint_config, load_checkpoint
+        from sepsnet.model.weights import check_compatible, checkpoint_config, load_checkpoint
 
         ckpt = load_checkpoint(path)
         if config is not None:

@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from sepsnet.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
+from sepsnet.fileio import atomic_write_text
 from sepsnet.errors import BundleError
 
 FORMAT = "sepsnet-bundle/1"

@@ -13,6 +13,7 @@ confidence head's base crops) are kept; dead nodes are removed.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np

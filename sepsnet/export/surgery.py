@@ -122,7 +122,7 @@ def assert_roi_align(model: onnx.ModelProto, sampling_ratio: int, where: str) ->
 
 def save(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
     """Save atomically (tmp + replace); graphs here are far below the 2 GB protobuf limit."""
-    from sepsnet.export.bundle import atomic_write_bytes
+    from sepsnet.fileio import atomic_write_bytes
 
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())

@@ -124,7 +124,7 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], *, pr
     every dynamic input to (min, opt, max) shapes (one optimisation profile). The timing cache file is
     read when present and written back after the build so later builds reuse the tactics.
     """
-    from sepsnet.export.bundle import atomic_write_bytes
+    from sepsnet.fileio import atomic_write_bytes
 
     trt, gpu = check_environment()
     major = trt_major(trt)

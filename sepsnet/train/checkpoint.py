@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``, checked against the config.
+"""Checkpoints: written atomically (reading and checking: ``sepsnet.model.weights``).
 
 Layout of a checkpoint file (a ``torch.save`` dict):
 ``format``, ``model`` (state dict), ``config`` (``SEPSNetConfig.to_dict()``), ``meta``
@@ -15,11 +15,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from sepsnet.config import SEPSNetConfig, config_from_dict
-from sepsnet.errors import CheckpointError, ConfigError
+from sepsnet.config import SEPSNetConfig
 from sepsnet.fileio import atomic_write_bytes
+from sepsnet.model.weights import FORMAT
 
-FORMAT = "sepsnet-checkpoint/1"
 LAST_POINTER = "last_checkpoint"
 
 
@@ -79,63 +78,6 @@ def save_checkpoint(path: Union[str, Path], *, model: torch.nn.Module, cfg: SEPS
     return path
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``) with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a sepsnet checkpoint (no 'model' entry)")
-    if ckpt.get("format", FORMAT) != FORMAT:
-        raise CheckpointError(f"{path}: unsupported checkpoint format {ckpt.get('format')!r}, expected {FORMAT}")
-    for name, tensor in ckpt["model"].items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{path}: weight {name!r} contains NaN or Inf")
-    return ckpt
-
-
-def checkpoint_config(ckpt: dict[str, Any], path: Union[str, Path] = "checkpoint") -> SEPSNetConfig:
-    """The config stored in a checkpoint."""
-    if "config" not in ckpt:
-        raise CheckpointError(f"{path}: checkpoint has no stored config; pass --config")
-    try:
-        return config_from_dict(ckpt["config"], where=f"{path} (stored config)")
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-
-
-def check_compatible(ckpt: dict[str, Any], cfg: SEPSNetConfig, path: Union[str, Path] = "checkpoint") -> None:
-    """Refuse a checkpoint whose model section differs from ``cfg.model``, naming the keys."""
-    stored = ckpt.get("config", {}).get("model")
-    if stored is None:
-        return
-    current = cfg.to_dict()["model"]
-    diffs = _diff(stored, current)
-    # a different pretrained path or fused flag does not change the weights
-    diffs = [d for d in diffs if not d.startswith(("backbone.pretrained", "blender.fused", "loss_weights", "components.mask_loss"))]
-    if diffs:
-        raise CheckpointError(
-            f"{path} was trained with another model config; differing keys: " + ", ".join(diffs[:8])
-        )
-
-
-def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Union[str, Path] = "checkpoint",
-                       strict: bool = True) -> None:
-    """``load_state_dict`` with a readable error instead of a wall of key names."""
-    module = model.module if hasattr(model, "module") else model
-    result = module.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-        )
-
-
 def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
     """The checkpoint named by ``folder/last_checkpoint`` if it exists."""
     pointer = Path(folder) / LAST_POINTER
@@ -143,12 +85,3 @@ def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
         return None
     candidate = Path(folder) / pointer.read_text().strip()
     return candidate if candidate.is_file() else None
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}." if isinstance(a.get(k), dict) else f"{prefix}{k}")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')} ({a!r} != {b!r})"]

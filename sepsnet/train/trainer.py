@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import SEPSNetError
-from sepsnet.train.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint,
-                                      load_model_weights, restore_rng, save_checkpoint)
+from sepsnet.model.weights import check_compatible, load_checkpoint, load_model_weights
+from sepsnet.train.checkpoint import latest_checkpoint, restore_rng, save_checkpoint
 from sepsnet.train.sampler import ResumableBatchSampler, SeededDataset
 from sepsnet.train.schedule import build_optimizer, build_scheduler
 
