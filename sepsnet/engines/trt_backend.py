@@ -81,11 +81,12 @@ class TrtBackend:
         if hasattr(trt, "init_libnvinfer_plugins"):
             trt.init_libnvinfer_plugins(self.logger, "")  # ROIAlign_TRT and friends
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"{path}: TensorRT could not deserialize the plan (built with another TensorRT "
-                              "version or GPU, or a plugin library is missing)")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):  # TensorRT works on the current CUDA device
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if self.engine is None:
+                raise EngineError(f"{path}: TensorRT could not deserialize the plan (built with another TensorRT "
+                                  "version or GPU, or a plugin library is missing)")
+            self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
