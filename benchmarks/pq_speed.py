@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 from panopticapi import evaluation as ref
 
-from sepsnet.eval.pq import pq_compute_files, write_json_atomic
+from sepsnet.eval.pq import pq_compute_files
+from sepsnet.fileio import atomic_write_json
 
 CATS = [{"id": i, "name": f"thing{i}", "isthing": 1} for i in range(1, 9)] + \
        [{"id": i, "name": f"stuff{i}", "isthing": 0} for i in range(20, 31)]
@@ -197,7 +198,7 @@ def main() -> None:
     result = {"n": args.n, "height": args.height, "width": args.width, "repeats": args.repeats,
               "cpu_count": os.cpu_count(), "machine": platform.platform(),
               "processor": platform.processor(), "results": rows}
-    write_json_atomic(result, args.out)
+    atomic_write_json(result, args.out)
     print(f"wrote {args.out}")
 
 

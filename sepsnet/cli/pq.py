@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 from sepsnet.cli._common import run_cli
 from sepsnet.errors import SEPSNetError
 from sepsnet.eval.boundary import DEFAULT_DILATION_RATIO
-from sepsnet.eval.pq import default_workers, format_table, pq_compute_files, write_json_atomic
+from sepsnet.eval.pq import default_workers, format_table, pq_compute_files
+from sepsnet.fileio import atomic_write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         out["boundary"] = {"dilation_ratio": args.dilation_ratio, **_jsonable(boundary)}
     print(f"Time elapsed: {time.perf_counter() - t0:.2f} seconds")
     if args.json_out:
-        write_json_atomic(out, args.json_out)
+        atomic_write_json(out, args.json_out)
         print(f"wrote {args.json_out}")
     return 0
 

@@ -19,7 +19,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from sepsnet.config import DataConfig
-from sepsnet.data.coco_panoptic import CocoPanopticDataset
+from sepsnet.data.coco_panoptic import CocoPanopticDataset, decode_image_file
 from sepsnet.data.metadata import ClassMetadata
 from sepsnet.errors import DataError
 from sepsnet.fileio import atomic_write_bytes
@@ -30,11 +30,7 @@ IMG_SUFFIX, GT_SUFFIX = "_leftImg8bit.png", "_gtFine_instanceIds.png"
 
 def read_instance_ids(path: PathLike) -> np.ndarray:
     """16-bit ``*_gtFine_instanceIds.png`` -> int64 (H,W); DataError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Cityscapes annotation not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    ids = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    ids = decode_image_file(path, cv2.IMREAD_UNCHANGED, "Cityscapes annotation")
     if ids is None or ids.ndim != 2:
         raise DataError(f"cannot read single-channel instanceIds PNG: {path}")
     return ids.astype(np.int64)

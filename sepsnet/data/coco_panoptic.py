@@ -26,14 +26,28 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 
+def decode_image_file(path: PathLike, flags: int, what: str) -> Optional[np.ndarray]:
+    """``cv2.imdecode`` of a file (paths with any characters), None when undecodable;
+    DataError naming ``what`` and the file when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    return cv2.imdecode(data, flags) if data.size else None
+
+
+def rgb_to_id(img: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """COCO panoptic id map ``R + 256 G + 256^2 B`` (int64) from an (H, W, 3|4) uint8 image."""
+    img = np.asarray(img)
+    r, b = (2, 0) if bgr else (0, 2)
+    return (img[..., r].astype(np.int64) | (img[..., 1].astype(np.int64) << 8)
+            | (img[..., b].astype(np.int64) << 16))
+
+
 def read_rgb(path: PathLike) -> np.ndarray:
     """Read an image as HxWx3 uint8 RGB (grey, RGBA and 16-bit files are converted);
     DataError naming the file when missing or undecodable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    img = decode_image_file(path, cv2.IMREAD_COLOR, "image")
     if img is None:
         raise DataError(f"cannot decode image (corrupt or unsupported format): {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -41,18 +55,13 @@ def read_rgb(path: PathLike) -> np.ndarray:
 
 def read_panoptic_png(path: PathLike) -> np.ndarray:
     """COCO panoptic PNG (8-bit RGB) -> int64 id map (R + 256 G + 256^2 B)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"panoptic PNG not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    raw = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    raw = decode_image_file(path, cv2.IMREAD_UNCHANGED, "panoptic PNG")
     if raw is not None and raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[..., :3]  # RGBA written by some tools: alpha carries no id
     if raw is None or raw.ndim != 3 or raw.shape[2] != 3 or raw.dtype != np.uint8:
         desc = "undecodable" if raw is None else f"{raw.dtype} {raw.shape}"
         raise DataError(f"panoptic PNG must be 8-bit RGB, {path} is {desc}")
-    rgb = raw[..., ::-1].astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    return rgb_to_id(raw, bgr=True)
 
 
 def _read_json(path: Path, what: str) -> Any:

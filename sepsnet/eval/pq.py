@@ -23,9 +23,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
+from sepsnet.data.coco_panoptic import rgb_to_id
 from sepsnet.errors import DataError
 from sepsnet.eval.boundary import boundary_overlap
-from sepsnet.fileio import atomic_write_json
 
 VOID = 0
 
@@ -41,14 +41,6 @@ def _category_dict(categories: Categories) -> Dict[int, Dict[str, Any]]:
             raise DataError(f"category {c!r} needs the keys 'id' and 'isthing'")
         out[int(c["id"])] = dict(c)
     return out
-
-
-def rgb_to_id(img: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """COCO panoptic id map ``R + 256 G + 256^2 B`` (int64) from an (H, W, 3|4) uint8 image."""
-    img = np.asarray(img)
-    r, b = (2, 0) if bgr else (0, 2)
-    return (img[..., r].astype(np.int64) | (img[..., 1].astype(np.int64) << 8)
-            | (img[..., b].astype(np.int64) << 16))
 
 
 def read_id_png(path: str) -> np.ndarray:
@@ -380,6 +372,3 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write ``obj`` as JSON atomically (kept as the evaluator's public name)."""
-    atomic_write_json(obj, path)
