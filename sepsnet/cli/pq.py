@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from sepsnet.cli._common import run_cli
 from sepsnet.errors import SEPSNetError
 from sepsnet.eval.boundary import DEFAULT_DILATION_RATIO
-from sepsnet.eval.pq import default_workers, format_table, pq_compute_files
+from sepsnet.eval.pq import default_workers, format_table, pq_compute_files_multi
 from sepsnet.fileio import atomic_write_json
 
 
@@ -40,15 +40,16 @@ def _jsonable(results: dict) -> dict:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
-    results = pq_compute_files(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
-                               workers=args.workers)
+    if args.boundary and not 0 < args.dilation_ratio < 1:
+        raise SEPSNetError(f"--dilation-ratio must be in (0, 1), got {args.dilation_ratio}")
+    ratios = (None, args.dilation_ratio) if args.boundary else (None,)
+    summaries = pq_compute_files_multi(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
+                                       workers=args.workers, ratios=ratios)  # one pass over the PNGs
+    results = summaries[0]
     print(format_table(results))
     out = _jsonable(results)
     if args.boundary:
-        if not 0 < args.dilation_ratio < 1:
-            raise SEPSNetError(f"--dilation-ratio must be in (0, 1), got {args.dilation_ratio}")
-        boundary = pq_compute_files(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
-                                    workers=args.workers, dilation_ratio=args.dilation_ratio)
+        boundary = summaries[1]
         print(f"\nBoundary PQ (dilation ratio {args.dilation_ratio:g})")
         print(format_table(boundary))
         out["boundary"] = {"dilation_ratio": args.dilation_ratio, **_jsonable(boundary)}

@@ -291,20 +291,23 @@ class PQAccumulator:
         return summarize(self.stat, self.categories)
 
 
-def _chunk_stats(args: Tuple[List[Tuple[dict, dict]], str, str, Dict[int, Dict[str, Any]], Optional[float]]) -> PQStat:
-    pairs, gt_folder, pred_folder, categories, dilation_ratio = args
-    stat = PQStat(list(categories))
+def _chunk_stats(args: Tuple[List[Tuple[dict, dict]], str, str, Dict[int, Dict[str, Any]],
+                                Tuple[Optional[float], ...]]) -> List[PQStat]:
+    """One PQStat per entry of ``ratios`` (None = mask PQ), every PNG pair decoded once."""
+    pairs, gt_folder, pred_folder, categories, ratios = args
+    stats = [PQStat(list(categories)) for _ in ratios]
     for gt_ann, pred_ann in pairs:
         try:
             gt = read_id_png(os.path.join(gt_folder, gt_ann["file_name"]))
             pred = read_id_png(os.path.join(pred_folder, pred_ann["file_name"]))
-            pq_image(stat, categories, gt, gt_ann.get("segments_info", []), pred,
-                     pred_ann.get("segments_info", []), gt_ann.get("image_id", "?"), bounded=True,
-                     dilation_ratio=dilation_ratio)
+            for stat, ratio in zip(stats, ratios):
+                pq_image(stat, categories, gt, gt_ann.get("segments_info", []), pred,
+                         pred_ann.get("segments_info", []), gt_ann.get("image_id", "?"), bounded=True,
+                         dilation_ratio=ratio)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"image {gt_ann.get('image_id', '?')}: malformed annotation "
                             f"({type(exc).__name__}: {exc})") from None
-    return stat
+    return stats
 
 
 def _load_json(path: str, what: str) -> dict:
@@ -329,6 +332,15 @@ def pq_compute_files(gt_json: str, pred_json: str, gt_folder: Optional[str] = No
                      dilation_ratio: Optional[float] = None) -> Dict[str, Any]:
     """PQ from COCO panoptic files (reference ``pq_compute``); ``workers=1`` runs in-process.
     ``dilation_ratio``: Boundary PQ instead (``sepsnet.eval.boundary``)."""
+    return pq_compute_files_multi(gt_json, pred_json, gt_folder, pred_folder, workers, (dilation_ratio,))[0]
+
+
+def pq_compute_files_multi(gt_json: str, pred_json: str, gt_folder: Optional[str] = None,
+                           pred_folder: Optional[str] = None, workers: Optional[int] = None,
+                           ratios: Sequence[Optional[float]] = (None,)) -> List[Dict[str, Any]]:
+    """One summary per entry of ``ratios`` (None = mask PQ, else Boundary PQ at that dilation
+    ratio) from a single pass over the files."""
+    ratios = tuple(ratios)
     gt_data = _load_json(gt_json, "ground-truth")
     pred_data = _load_json(pred_json, "prediction")
     gt_folder = gt_folder or os.path.splitext(gt_json)[0]
@@ -351,15 +363,16 @@ def pq_compute_files(gt_json: str, pred_json: str, gt_folder: Optional[str] = No
     workers = default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, max(1, len(pairs)))
     if workers == 1:
-        stat = _chunk_stats((pairs, gt_folder, pred_folder, categories, dilation_ratio))
+        stats = _chunk_stats((pairs, gt_folder, pred_folder, categories, ratios))
     else:
         n_chunks = min(len(pairs), workers * 4)
         chunks = [pairs[i::n_chunks] for i in range(n_chunks)]
-        stat = PQStat(list(categories))
+        stats = [PQStat(list(categories)) for _ in ratios]
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for part in pool.map(_chunk_stats, [(c, gt_folder, pred_folder, categories, dilation_ratio) for c in chunks]):
-                stat += part
-    return summarize(stat, categories)
+            for parts in pool.map(_chunk_stats, [(c, gt_folder, pred_folder, categories, ratios) for c in chunks]):
+                for stat, part in zip(stats, parts):
+                    stat += part
+    return [summarize(stat, categories) for stat in stats]
 
 
 def format_table(results: Mapping[str, Any]) -> str:
