@@ -180,7 +180,7 @@ class TrtBackend:
         return outputs
 
     def _run_dynamic(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        keep = []
+        keep = []  # converted inputs must outlive the enqueue (TensorRT holds raw addresses)
         for name in self._inputs:
             t = feeds[name].to(self.device, self._dtype(name)).contiguous()
             keep.append(t)
