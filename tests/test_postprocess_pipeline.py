@@ -85,6 +85,22 @@ def test_same_class_duplicate_removed_by_silhouette():
     assert res.num_instances == 2 and torch.allclose(res.instance_scores, torch.tensor([0.9, 0.8]))
 
 
+def test_low_score_twin_cannot_remove_a_confident_mask():
+    # the better silhouette belongs to a twin whose mask score is below instance_score_thresh:
+    # it must not remove the confident mask (the fusion would then drop it and lose the object)
+    dense = _dense()
+    dense["boxes"][0, 0] = torch.tensor([8.0, 8.0, 24.0, 24.0])
+    dense["boxes"][0, 1] = torch.tensor([8.0, 8.0, 24.0, 26.0])
+    dense["scores"][0, 0, 0], dense["scores"][0, 1, 0] = 0.81, 0.09  # FCOS 0.9 and 0.3
+    run, _ = _ones_instances()  # silhouette 0 (confident) and 1 (weak twin), IoU 0.5 each
+    cfg = SEPSNetConfig()
+    cfg.postprocess.nms_thresh = 0.95
+    (res,) = panoptic_inference(dense, run, [((64, 96), (64, 96))], cfg)
+    assert res.num_instances == 2  # nothing removed: the twin (score 0.34) is not eligible
+    things = [s for s in res.segments_info if s["isthing"]]
+    assert len(things) == 1 and abs(things[0]["score"] - (0.8 * 0.9 + 0.2 * 0.5)) < 1e-6
+
+
 def test_no_detections_all_stuff_batch_of_two():
     dense = _dense(n=2)
     run, calls = _ones_instances()

@@ -30,6 +30,15 @@ def test_dedup_keeps_higher_silhouette_score():
     assert silhouette_dedup(m[:0], cls[:0], torch.zeros(0), 0.7).numel() == 0
 
 
+def test_dedup_only_among_eligible_instances():
+    m, cls = _masks(), torch.tensor([1, 1, 2, 1])
+    sil = torch.tensor([0.2, 0.9, 0.1, 0.1])
+    # instance 1 (better silhouette) is not eligible: it neither removes 0 nor is removed
+    eligible = torch.tensor([True, False, True, True])
+    assert silhouette_dedup(m, cls, sil, 0.7, eligible=eligible).tolist() == [0, 1, 2, 3]
+    assert silhouette_dedup(m, cls, sil, 0.7, eligible=torch.ones(4, dtype=torch.bool)).tolist() == [1, 2, 3]
+
+
 def test_dedup_with_regions_matches_without():
     g = torch.Generator().manual_seed(0)
     m = torch.zeros(12, 30, 30, dtype=torch.bool)

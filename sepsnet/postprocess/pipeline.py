@@ -157,7 +157,8 @@ def panoptic_inference(
         tb["paste"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        keep = silhouette_dedup(masks, c.classes, part("silhouette_score"), pp.dedup_iou, regions)
+        keep = silhouette_dedup(masks, c.classes, part("silhouette_score"), pp.dedup_iou, regions,
+                                eligible=scores >= pp.instance_score_thresh)
         if keep.numel() != masks.shape[0]:
             masks, regions, scores, boxes = masks[keep], regions[keep], scores[keep], boxes[keep]
         classes = c.classes[keep]

@@ -16,6 +16,12 @@ same-class instance whose mask IoU with it exceeds the threshold. Only pairs who
 intersect are examined, and only inside the intersection of their boxes, so the cost is
 proportional to the overlapping area, not to the image size. With no silhouette scores
 (mask-score component off) nothing is removed.
+
+Only instances that can enter the panoptic result take part (``eligible``: the pipeline
+passes mask score >= ``postprocess.instance_score_thresh``). Otherwise a low-scoring twin
+with a better silhouette score could remove a confident mask and then be dropped by the
+fusion's score cut itself, losing the object altogether. Ineligible instances are kept
+untouched (they still count for mask AP) and never remove anything.
 """
 from __future__ import annotations
 
@@ -59,12 +65,14 @@ def silhouette_dedup(
     silhouette_scores: Optional[torch.Tensor],
     iou_thresh: float,
     regions: Optional[torch.Tensor] = None,
+    eligible: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Indices (ascending) of the instances kept by the rule in the module docstring.
 
     ``masks``: bool (n, h, w) pasted masks; ``classes``: (n,); ``silhouette_scores``: (n,) or
     None (keep all). ``regions``: optional int (n, 4) [x0, y0, x1, y1) boxes that contain each
     mask (e.g. from :func:`sepsnet.postprocess.paste.paste_regions`); computed when None.
+    ``eligible``: optional bool (n,); only eligible instances are compared (default: all).
     """
     n = masks.shape[0]
     device = masks.device
@@ -75,7 +83,7 @@ def silhouette_dedup(
                           f"{tuple(masks.shape)}, {tuple(classes.shape)}, {tuple(silhouette_scores.shape)}")
     reg = (_mask_boxes(masks) if regions is None else regions.to(device=device, dtype=torch.long))
     areas = masks.flatten(1).sum(1) if regions is None else torch.stack(
-        [masks[i, reg[i, 1]:reg[i, 3], reg[i, 0]:reg[i, 2]].sum() for i in range(n)]) 
+        [masks[i, reg[i, 1]:reg[i, 3], reg[i, 0]:reg[i, 2]].sum() for i in range(n)])
     # candidate pairs: same class and intersecting regions (vectorised), upper triangle
     ix0 = torch.maximum(reg[:, None, 0], reg[None, :, 0])
     iy0 = torch.maximum(reg[:, None, 1], reg[None, :, 1])
@@ -83,6 +91,11 @@ def silhouette_dedup(
     iy1 = torch.minimum(reg[:, None, 3], reg[None, :, 3])
     pair = (ix1 > ix0) & (iy1 > iy0) & (classes[:, None] == classes[None, :])
     pair &= torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    if eligible is not None:
+        if eligible.shape != (n,):
+            raise ConfigError(f"silhouette_dedup: eligible must be ({n},), got {tuple(eligible.shape)}")
+        ok = eligible.to(device=device, dtype=torch.bool)
+        pair &= ok[:, None] & ok[None, :]
     ii, jj = pair.nonzero(as_tuple=True)
     dup = torch.zeros(n, n, dtype=torch.bool)
     boxes_cpu = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
