@@ -196,3 +196,18 @@ def test_cmake_builds_selftest_and_handles_missing_tensorrt(tmp_path: Path):
     assert made.returncode == 0, made.stdout + made.stderr
     run = subprocess.run([str(build / "roi_blend_selftest")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "ok" in run.stdout, run.stdout
+
+
+def test_fused_blender_trains_through_the_pytorch_path():
+    """The fused op has no backward: with gradients needed the Blender must not use it."""
+    from sepsnet.config import ModelConfig
+    from sepsnet.model.blender import Blender, blend
+    cfg = ModelConfig()
+    cfg.blender.fused = True
+    bases, rois, attention = make(n=3, seed=11)
+    bases.requires_grad_(True)
+    attn = attention.flatten(1).clone().requires_grad_(True)
+    out = Blender(cfg)(bases, rois, attn)
+    out.sum().backward()
+    assert bases.grad is not None and attn.grad is not None and torch.isfinite(attn.grad).all()
+    torch.testing.assert_close(out.detach(), blend(bases.detach(), rois, attention, 56, 0.25, 1), atol=TOL, rtol=0)

@@ -35,7 +35,11 @@ def blend(bases: Tensor, rois: Tensor, attention: Tensor, out_size: int,
 
 
 class Blender(nn.Module):
-    """Parameter-free blender; uses the fused op when ``blender.fused`` and it is built."""
+    """Parameter-free blender; uses the fused op when ``blender.fused`` and it is built.
+
+    The fused op is inference only (no backward): whenever autograd would need gradients
+    through the blend (training, or any input requiring grad) the PyTorch path runs instead.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -67,7 +71,8 @@ class Blender(nn.Module):
         k, m = self.num_bases, self.attn_size
         attn = attention.reshape(-1, k, m, m)
         blend_bases = bases[:, :k]
-        op = self._fused_op()
+        needs_grad = torch.is_grad_enabled() and (bases.requires_grad or attention.requires_grad)
+        op = None if needs_grad else self._fused_op()
         if op is not None:
             return op.roi_blend(blend_bases.contiguous(), rois, attn.contiguous(), self.mask_size,
                                 BASES_SCALE, self.sampling_ratio)
