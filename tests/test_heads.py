@@ -150,3 +150,60 @@ def test_confidence_targets():
     half[0, 4:12, 4:8] = 0.9
     t = ConfidenceHead.targets(half, gt)
     assert abs(t[0, 0].item() - 0.5) < 1e-6 and 0 < t[0, 1].item() < 1
+
+
+def test_mask_loss_values_by_hand():
+    """Each mask loss against a direct numpy evaluation of its formula, with unequal weights."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.zeros(2, 6, 6)
+    t[0, 1:5, 1:4] = 1
+    t[1, 2:6, 0:6] = 1
+    logits = torch.randn(2, 6, 6, generator=g) * 2
+    w = torch.tensor([0.25, 1.0])
+    cfg = _cfg()
+    cfg.loss_weights.mask_bce, cfg.loss_weights.mask_iou, cfg.loss_weights.mask_aux = 1.5, 2.0, 0.3
+    aux = torch.randn(2, 6, 6, generator=g)
+    got = mask_losses(logits, t, w, cfg, aux)
+
+    x, y, wn = logits.double().numpy(), t.double().numpy(), w.double().numpy()
+    p = 1 / (1 + np.exp(-x))
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean(axis=(1, 2))
+    want_bce = 1.5 * (bce * wn).sum() / wn.sum()
+    inter = (p * y).sum(axis=(1, 2))
+    jac = 1 - inter / ((p ** 2).sum(axis=(1, 2)) + (y ** 2).sum(axis=(1, 2)) - inter + 1e-5)
+    want_iou = 2.0 * jac.mean()
+
+    def lap(a):  # 8-neighbour Laplacian, replicate padding, written out
+        pad = np.pad(a, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        out = 9 * a
+        for dy in range(3):
+            for dx in range(3):
+                out = out - pad[:, dy:dy + 6, dx:dx + 6]
+        return out
+
+    def dice(a, b):  # Eq. 1 with smoothing 1, squared sums, mean of 1 - score
+        s = (2 * (a * b).sum(axis=(1, 2)) + 1) / ((a ** 2).sum(axis=(1, 2)) + (b ** 2).sum(axis=(1, 2)) + 1)
+        return (1 - s).mean()
+
+    sil_gt = (lap(y) > 0).astype(np.float64)
+    want_sil = 0.5 * 2.0 * dice(np.clip(lap(p), 0, 1), sil_gt)
+    want_aux = 0.3 * dice(1 / (1 + np.exp(-aux.double().numpy())), sil_gt)
+    for key, want in [("loss_mask_bce", want_bce), ("loss_mask_iou", want_iou),
+                      ("loss_mask_silhouette", want_sil), ("loss_mask_aux", want_aux)]:
+        assert abs(got[key].item() - want) < 1e-5, (key, got[key].item(), want)
+
+
+def test_confidence_head_architecture():
+    cfg = _cfg()
+    head = ConfidenceHead(cfg)
+    convs = [m for m in head.convs if isinstance(m, torch.nn.Conv2d)]
+    # input: FPN channels + K bases + silhouette basis + mask probabilities
+    assert convs[0].in_channels == cfg.fpn_channels + cfg.blender.num_bases + 1 + 1
+    assert [c.out_channels for c in convs] == [256, 128, 32, 8]
+    assert [c.stride for c in convs] == [(1, 1)] * 3 + [(2, 2)]
+    fcs = [m for m in head.fc if isinstance(m, torch.nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(8 * 7 * 7, 56), (56, 2)]
+    # without the silhouette basis there is one channel less
+    assert ConfidenceHead(_cfg(silhouette_feature=False)).convs[0].in_channels == cfg.fpn_channels + 4 + 1

@@ -205,3 +205,14 @@ def test_forward_instances_exports_with_dynamic_count(tmp_path):
         for g, r in zip(got, ref.values()):
             assert g.shape == tuple(r.shape)
             assert torch.allclose(torch.from_numpy(g), r, atol=1e-5)
+
+
+def test_confidence_loss_reaches_only_the_confidence_head():
+    """Its inputs are detached (DESIGN facts): loss_confidence trains the head and nothing else."""
+    torch.manual_seed(0)
+    model = build_model(_cfg()).train()
+    images, targets = _batch()
+    losses = model(images, targets)
+    losses["loss_confidence"].backward()
+    got = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got == {"confidence_head"}, got
