@@ -72,6 +72,10 @@ def test_coco_round_trip_pq_is_one(tmp_path):
     gt_json.write_text(json.dumps({**gt, "categories": json.loads((COCO / "panoptic_coco_categories.json").read_text())}))
     out = pq_compute(str(gt_json), str(pred_json), str(COCO / "panoptic"), str(writer.png_dir))
     assert out["All"]["pq"] == pytest.approx(1.0) and out["Things"]["n"] >= 3 and out["Stuff"]["n"] >= 3
+    from sepsnet.eval.pq import pq_compute_files  # our evaluator agrees
+
+    ours = pq_compute_files(str(gt_json), str(pred_json), str(COCO / "panoptic"), str(writer.png_dir), workers=1)
+    assert ours["All"]["pq"] == pytest.approx(1.0) and ours["Things"]["n"] == out["Things"]["n"]
 
 
 @pytest.mark.skipif(not CITY.is_dir(), reason="cityscapes sample missing")

@@ -171,3 +171,15 @@ def test_demo_cli(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     assert (tmp_path / "o" / f"{PHOTOS[0].stem}_overlay.png").is_file()
     doc = json.loads((tmp_path / "o" / "panoptic_predictions.json").read_text())
     assert len(doc["annotations"]) == 1
+
+
+def test_demo_cli_from_checkpoint(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    from sepsnet.cli.demo import main
+
+    cfg = ROOT / "configs" / "tiny_synthetic.yaml"
+    assert main(["--config", str(cfg), "--checkpoint", str(artifacts[0]), "--out", str(tmp_path / "o"),
+                 str(PHOTOS[-1])]) == 0
+    assert (tmp_path / "o" / f"{PHOTOS[-1].stem}_overlay.png").is_file()
+    doc = json.loads((tmp_path / "o" / "panoptic_predictions.json").read_text())
+    assert [a["file_name"] for a in doc["annotations"]] and (tmp_path / "o").rglob("*.png")
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x"), str(PHOTOS[0])]) == 2
