@@ -1,7 +1,8 @@
 """Time sepsnet's PQ evaluator against the COCO panoptic API (panopticapi-lite) on the same files.
 
 Generates ``--n`` COCO-panoptic ground-truth images (``--height`` x ``--width``: stuff bands,
-overlapping things, crowd regions, void) and perturbed predictions (dropped, relabelled, shifted,
+overlapping things, crowd regions (some split into several of one class), void; segments_info
+in shuffled order) and perturbed predictions (dropped, relabelled, shifted,
 split, merged segments; extra segments in void / crowd), writes them as PNG + JSON, then times
 (a) both with ``--workers`` processes (the reference: its own ``pq_compute`` multi-core split with
 that many processes) and (b) both in one process, interleaved, best of ``--repeats`` (the machine
@@ -67,10 +68,21 @@ def make_pair(rng: np.random.Generator, h: int, w: int) -> tuple:
         cat_of[nxt] = int(rng.choice(THINGS))
         if rng.random() < 0.1:
             crowd.add(nxt)
+    if rng.random() < 0.4:  # several adjacent crowd regions of one class (the reference keeps the last listed)
+        c = int(rng.choice(THINGS))
+        y, x = int(rng.integers(0, h - h // 4)), int(rng.integers(0, w - w // 4))
+        hh, ww = int(rng.integers(8, h // 4)), int(rng.integers(16, w // 4))
+        edges = np.linspace(x, x + ww, int(rng.integers(2, 5)) + 1).astype(int)
+        for a, b in zip(edges[:-1], edges[1:]):
+            nxt += int(rng.integers(1, 5000))
+            gt[y:y + hh, a:b] = nxt
+            cat_of[nxt] = c
+            crowd.add(nxt)
     for _ in range(int(rng.integers(1, 6))):
         y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
         gt[y:y + int(rng.integers(4, h // 5)), x:x + int(rng.integers(4, w // 5))] = 0
     gt_segs = _segments(gt, cat_of, crowd)
+    rng.shuffle(gt_segs)  # segments_info order is not id order
 
     pred = np.zeros_like(gt)
     pcat, pid = {}, int(rng.integers(1, 10 ** 6))
@@ -100,6 +112,7 @@ def make_pair(rng: np.random.Generator, h: int, w: int) -> tuple:
         pred[y:y + int(rng.integers(4, h // 8)), x:x + int(rng.integers(4, w // 8))] = pid
         pcat[pid] = int(rng.choice(THINGS + STUFF))
     pred_segs = [{"id": s["id"], "category_id": s["category_id"]} for s in _segments(pred, pcat, set())]
+    rng.shuffle(pred_segs)
     return (gt, gt_segs), (pred, pred_segs)
 
 
@@ -116,8 +129,7 @@ def write_data(root: str, n: int, h: int, w: int, seed: int) -> dict:
             anns[name].append({"image_id": i, "file_name": fn, "segments_info": segs})
     for name in ("gt", "pred"):
         paths[name] = os.path.join(root, f"{name}.json")
-        with open(paths[name], "w") as f:
-            json.dump({"annotations": anns[name], "categories": CATS}, f)
+        atomic_write_json({"annotations": anns[name], "categories": CATS}, paths[name], indent=None)
     return paths
 
 

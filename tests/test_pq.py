@@ -61,12 +61,24 @@ def make_gt(rng: np.random.Generator, h: int = 48, w: int = 64):
         cat_of[nxt] = c
         if rng.random() < 0.2:
             crowd.add(nxt)
+    if rng.random() < 0.4:  # several adjacent crowd regions of one thing class (a split crowd box)
+        c = int(rng.choice([1, 2, 3]))
+        y, x = int(rng.integers(0, h - 12)), int(rng.integers(0, w - 16))
+        hh, ww = int(rng.integers(8, h // 2)), int(rng.integers(12, w // 2))
+        edges = np.linspace(x, x + ww, int(rng.integers(2, 4)) + 1).astype(int)
+        for a, b in zip(edges[:-1], edges[1:]):
+            nxt += int(rng.integers(1, 5000))
+            ids[y:y + hh, a:b] = nxt
+            cat_of[nxt] = c
+            crowd.add(nxt)
     for _ in range(int(rng.integers(0, 4))):  # void
         y, x = int(rng.integers(0, h - 2)), int(rng.integers(0, w - 2))
         ids[y:y + int(rng.integers(2, 12)), x:x + int(rng.integers(2, 16))] = 0
     if rng.random() < 0.3:
         ids[rng.random((h, w)) < 0.05] = 0  # scattered void pixels
-    return ids, segments_from(ids, cat_of, crowd)
+    segs = segments_from(ids, cat_of, crowd)
+    rng.shuffle(segs)  # segments_info order is not id order (the reference's crowd choice depends on it)
+    return ids, segs
 
 
 def perturb(rng: np.random.Generator, gt: np.ndarray, gt_segs: list, cat_ids: list, thing_ids: list):
@@ -129,7 +141,9 @@ def perturb(rng: np.random.Generator, gt: np.ndarray, gt_segs: list, cat_ids: li
         nxt += 1
         pred[pred == 0] = nxt
         cat_of[nxt] = int(rng.choice([c for c in cat_ids if c not in thing_ids]))
-    return pred, [{"id": s["id"], "category_id": s["category_id"]} for s in segments_from(pred, cat_of)]
+    psegs = [{"id": s["id"], "category_id": s["category_id"]} for s in segments_from(pred, cat_of)]
+    rng.shuffle(psegs)
+    return pred, psegs
 
 
 def write_dataset(root: str, name: str, items: list, cats: list) -> tuple:
@@ -209,6 +223,10 @@ def test_many_random_perturbations_match_reference(tmp_path):
     gts = [make_gt(rng) for _ in range(240)]
     preds = [perturb(rng, g, s, cat_ids, thing_ids) for g, s in gts]
     assert sum(s["iscrowd"] for _, segs in gts for s in segs) > 20
+    multi_crowd = [any(sum(t["iscrowd"] and t["category_id"] == s["category_id"] for t in segs) > 1
+                       for s in segs if s["iscrowd"]) for _, segs in gts]
+    assert sum(multi_crowd) > 40  # images with several crowd regions of one class
+    assert any([s["id"] for s in segs] != sorted(s["id"] for s in segs) for _, segs in gts)  # shuffled
     assert sum(int((g == 0).sum()) for g, _ in gts) > 1000
     gj, gf = write_dataset(str(tmp_path), "gt", gts, CATS)
     pj, pf = write_dataset(str(tmp_path), "pred", preds, CATS)
@@ -276,6 +294,40 @@ def test_crowd_and_void_by_hand():
     acc2 = PQAccumulator(CATS)
     acc2.add(gt, gsegs, pred2, [psegs[0], psegs[2], psegs[3]])
     assert acc2.stat.fp[acc2.stat.cat_index[2]] == 1
+
+
+def test_several_same_class_crowds_follow_segments_info_order(tmp_path):
+    """Two cat-1 crowd regions: the reference keeps the one listed last in segments_info (not the
+    largest id) for the FP test; prediction segments_info order never matters."""
+    gt = np.zeros((20, 20), np.int64)
+    gt[:10, :10] = 5             # crowd of cat 1
+    gt[:10, 10:] = 3             # crowd of cat 1
+    gt[10:] = 9                  # stuff cat 10 (so that the reference has a category to average)
+    crowd5 = {"id": 5, "category_id": 1, "iscrowd": 1, "area": 100}
+    crowd3 = {"id": 3, "category_id": 1, "iscrowd": 1, "area": 100}
+    stuff = {"id": 9, "category_id": 10, "iscrowd": 0, "area": 200}
+    pred = np.zeros_like(gt)
+    pred[:10, 7:] = 7            # cat 1: 30 px on crowd 5, 100 px on crowd 3
+    pred[10:] = 8
+    psegs = [{"id": 7, "category_id": 1}, {"id": 8, "category_id": 10}]
+    cats = {c["id"]: c for c in CATS}
+    for k, (gsegs, fp) in enumerate((([crowd5, crowd3, stuff], 0), ([crowd3, crowd5, stuff], 1),
+                                     ([stuff, crowd3, crowd5], 1), ([crowd3, stuff, crowd5], 1))):
+        for ps in (psegs, psegs[::-1]):
+            acc = PQAccumulator(CATS)
+            acc.add(gt, gsegs, pred, ps)
+            gj, gf = write_dataset(str(tmp_path), f"gt{k}", [(gt, gsegs)], CATS)
+            pj, pf = write_dataset(str(tmp_path), f"pred{k}", [(pred, ps)], CATS)
+            gt_ann, pred_ann = json.load(open(gj))["annotations"][0], json.load(open(pj))["annotations"][0]
+            with contextlib.redirect_stdout(io.StringIO()):
+                st = ref.pq_compute_single_core(0, [(gt_ann, pred_ann)], gf, pf, cats)
+            assert st[1].fp == fp and acc.stat.fp[acc.stat.cat_index[1]] == fp, (k, [s["id"] for s in gsegs])
+            for c in cats:
+                i = acc.stat.cat_index[c]
+                assert (acc.stat.tp[i], acc.stat.fp[i], acc.stat.fn[i]) == (st[c].tp, st[c].fp, st[c].fn)
+            theirs = reference(gj, gf, pj, pf)
+            assert_same(acc.summary(), theirs)
+            assert_same(pq_compute_files(gj, pj, gf, pf, workers=1), theirs)
 
 
 def test_bad_predictions_raise_clear_errors(tmp_path):

@@ -3,7 +3,8 @@
 Exactly the semantics of the COCO panoptic API (``panopticapi.evaluation.pq_compute``):
 void label 0, IoU > 0.5 same-category matching where the prediction's pixels on gt void are
 left out of the union, crowd gt segments never matched, and an unmatched prediction is not a
-false positive when more than half of it lies on void plus the last same-class crowd segment.
+false positive when more than half of it lies on void plus the same-class crowd segment listed
+last in the ground truth's ``segments_info`` (list order, not id order, as in the reference).
 Ground-truth areas come from the JSON (as in the reference), prediction areas from the PNG.
 
 Per image one bincount over a combined key ``gt_index * K_pred + pred_index`` gives the whole
@@ -135,7 +136,10 @@ def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.n
     """Add one image's matches to ``stat`` (reference: ``pq_compute_single_core`` loop body).
 
     ``bounded``: the caller guarantees ids in [0, 2^24) (read from PNG). ``dilation_ratio``: score
-    Boundary PQ instead (pair IoU = min(mask IoU, boundary IoU), see ``sepsnet.eval.boundary``)."""
+    Boundary PQ instead (pair IoU = min(mask IoU, boundary IoU), see ``sepsnet.eval.boundary``).
+    The result depends on ``segments_info`` order only where the reference's does (the crowd
+    region kept per class); a segment id listed twice is a DataError (the reference silently
+    keeps the last entry)."""
     if gt.shape != pred.shape:
         raise DataError(f"image {image}: gt id map {gt.shape} and prediction {pred.shape} differ in size")
     gt_segms = _segment_dict(gt_segments, f"image {image} ground truth")
@@ -201,17 +205,17 @@ def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.n
     p_matched = np.zeros(len(pseg), bool)
     p_matched[pm] = True
 
-    # false negatives; crowd regions remembered per category (last one wins, as in the reference)
-    crowd_of_cat: Dict[int, int] = {}
-    for g in range(len(gseg)):
-        if g_matched[g]:
-            continue
-        if gcrowd[g]:
-            crowd_of_cat[int(gcat[g])] = gseg[g]
-            continue
+    # false negatives (crowd gt never counts)
+    for g in np.nonzero(~g_matched & ~gcrowd)[0].tolist():
         k = ci.get(int(gcat[g]))
         if k is not None:  # gt of a category outside the list: ignored, as in the reference
             stat.fn[k] += 1
+    # one crowd region per category: the last in segments_info order wins, as in the reference
+    # (which fills its dict iterating segments_info), so walk the list, not the sorted ids
+    crowd_of_cat: Dict[int, int] = {}
+    for s in gt_segments:
+        if int(s.get("iscrowd", 0)) == 1:
+            crowd_of_cat[int(s["category_id"])] = int(np.searchsorted(gvals, int(s["id"])))
 
     # false positives: unmatched predictions not mostly on void + same-class crowd
     for p in np.nonzero(~p_matched)[0].tolist():
