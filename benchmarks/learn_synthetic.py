@@ -42,13 +42,16 @@ def main() -> int:
     run([str(bin_dir / "sepsnet-eval"), "--checkpoint", str(out / "train" / "model_final.pt"),
          "--data", str(data), "--out", str(out / "eval"), "--boundary"])
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    last = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()][-1]
-    result = {"benchmark": "learn_synthetic", "train_seconds": round(train_s, 1), "iterations": last["iteration"],
+    from sepsnet.fileio import atomic_write_json
+    from sepsnet.model.weights import load_checkpoint
+
+    iterations = int(load_checkpoint(out / "train" / "model_final.pt")["iteration"])
+    result = {"benchmark": "learn_synthetic", "train_seconds": round(train_s, 1), "iterations": iterations,
               "threads": os.cpu_count(), "PQ": metrics["PQ"], "PQ_things": metrics["PQ_th"],
               "PQ_stuff": metrics["PQ_st"], "SQ": metrics["SQ"], "RQ": metrics["RQ"],
               "boundary_PQ": metrics.get("PQ_boundary"), "mask_AP": metrics.get("mask_AP"), "target_PQ": 0.6, "met": metrics["PQ"] >= 0.6}
     print(json.dumps(result, indent=2))
-    (out / "learn_synthetic.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(result, out / "learn_synthetic.json")
     return 0
 
 
