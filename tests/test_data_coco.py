@@ -6,13 +6,14 @@ import logging
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sepsnet.config import DataConfig
-from sepsnet.data.coco_panoptic import CocoPanopticDataset
+from sepsnet.data.coco_panoptic import CocoPanopticDataset, read_rgb
 from sepsnet.data.metadata import ClassMetadata
 from sepsnet.errors import DataError
 
@@ -163,10 +164,50 @@ def test_clear_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="sepsnet.data.coco_panoptic"):
         item = ds[0]
     assert item["info"]["file_name"] == DOC["images"][1]["file_name"]
+    assert item["info"]["index"] == 1  # a substitute says which sample it is
     assert any(first.name in r.getMessage() for r in caplog.records)
+    assert ds.load_item(1)["info"]["index"] == 1
+    with pytest.raises(DataError, match=f"corrupt.*{first.name}"):
+        ds.load_item(0)  # never a substitute, even with skip_bad
     (root / "val" / DOC["images"][1]["file_name"]).unlink()
     with pytest.raises(DataError, match="no readable sample"):
         ds[0]
     shutil.rmtree(root / "annotations" / "panoptic_val")
     with pytest.raises(DataError, match="dataset folder not found: .*panoptic_val"):
         CocoPanopticDataset.from_root(root, "val", cfg, train=False)
+
+
+def test_read_rgb_modes(tmp_path: Path) -> None:
+    """Grey and RGBA photos are converted to RGB; other bit depths, empty files are DataErrors
+    naming the file (files written by cv2)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "rgb.png"), rgb[..., ::-1])
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    cv2.imwrite(str(tmp_path / "grey.jpg"), grey)
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([rgb[..., ::-1], np.full((6, 7), 128, np.uint8)]))
+    for name, expected in (("rgb.png", rgb), ("grey.png", np.repeat(grey[..., None], 3, 2)),
+                           ("rgba.png", rgb)):
+        out = read_rgb(tmp_path / name)
+        assert out.dtype == np.uint8 and np.array_equal(out, expected), name
+    jpg = read_rgb(tmp_path / "grey.jpg")
+    assert jpg.shape == (6, 7, 3) and (jpg[..., 0] == jpg[..., 2]).all()
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb.astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "grey16.png"), grey.astype(np.uint16) * 257)
+    cv2.imwrite(str(tmp_path / "float.tiff"), rgb.astype(np.float32) / 255)
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name, why in (("rgb16.png", "8 bits.*uint16"), ("grey16.png", "8 bits.*uint16"),
+                      ("float.tiff", "8 bits.*float32"), ("empty.png", "empty")):
+        with pytest.raises(DataError, match=f"{why}.*{name}"):
+            read_rgb(tmp_path / name)
+    # in a dataset: a 16-bit photo is an error naming it, not a silently rescaled image
+    root = standard_layout(tmp_path)
+    first = root / "val" / DOC["images"][0]["file_name"]
+    h, w = DOC["images"][0]["height"], DOC["images"][0]["width"]
+    cv2.imwrite(str(first.with_suffix(".png")), np.zeros((h, w, 3), np.uint16))
+    first.unlink()
+    first.with_suffix(".png").rename(first)  # a PNG behind a .jpg name, as cv2 decodes by content
+    ds = CocoPanopticDataset.from_root(root, "val", DataConfig(min_size_test=0), train=False)
+    with pytest.raises(DataError, match=f"8 bits.*{first.name}"):
+        ds.load_item(0)

@@ -1,5 +1,6 @@
-"""``sepsnet-eval --checkpoint C [--config X] [--data DIR] [--split val] [--out DIR]``:
-PQ (and mask AP) of a checkpoint on a COCO-panoptic-layout dataset."""
+"""``sepsnet-eval --checkpoint C [--config X] [--data DIR] [--split val] [--out DIR] [--skip-bad]``:
+PQ (and mask AP) of a checkpoint on a COCO-panoptic-layout dataset. A bad image is an error
+naming the file; with ``--skip-bad`` it is left out with a warning and counted (``skipped``)."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--no-ap", action="store_true", help="skip mask AP (pycocotools)")
     p.add_argument("--boundary", nargs="?", type=float, const=0.02, default=None, metavar="RATIO",
                    help="also report Boundary PQ (band = RATIO x image diagonal, default 0.02)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out unreadable / wrong-mode images with a warning (counted as 'skipped') "
+                        "instead of stopping with an error")
     a = p.parse_args(argv)
 
     import torch
@@ -50,7 +54,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     model.to(device)
     dataset = build_dataset(cfg, train=False, root=a.data, split=a.split)
     metrics = evaluate_model(model, dataset, cfg, out_dir=a.out, max_images=a.max_images, with_ap=not a.no_ap,
-                             boundary_ratio=a.boundary)
+                             boundary_ratio=a.boundary, skip_bad=a.skip_bad)
     table = {"All": {}, "Things": {}, "Stuff": {}}
     for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         table[name] = {"pq": metrics["PQ" + suffix], "sq": metrics["SQ" + suffix], "rq": metrics["RQ" + suffix],
@@ -58,7 +62,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                                 else dataset.meta.categories())}
     print(format_table(table))
     extra = {k: round(v, 4) for k, v in metrics.items() if k in ("mask_AP", "box_AP", "seconds_per_image") or k.startswith("PQ_boundary")}
-    print(json.dumps({"images": metrics["images"], **extra}))
+    print(json.dumps({"images": metrics["images"], "skipped": metrics["skipped"], **extra}))
     return 0
 
 

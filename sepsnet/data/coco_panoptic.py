@@ -45,12 +45,25 @@ def rgb_to_id(img: np.ndarray, bgr: bool = False) -> np.ndarray:
 
 
 def read_rgb(path: PathLike) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB (grey, RGBA and 16-bit files are converted);
-    DataError naming the file when missing or undecodable."""
-    img = decode_image_file(path, cv2.IMREAD_COLOR, "image")
+    """Read a photo as HxWx3 uint8 RGB; DataError naming the file otherwise.
+
+    Accepted: 8-bit colour, and 8-bit grey or RGBA (legitimate photos: COCO has grey images),
+    converted to RGB (grey replicated, alpha dropped; EXIF orientation applied, as
+    ``cv2.IMREAD_COLOR`` does). Rejected: missing, empty or undecodable files, zero-size images,
+    and any bit depth other than 8 (16-bit, float: scaling them down would silently change
+    the pixels the model sees)."""
+    img = decode_image_file(path, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR, "image")
     if img is None:
-        raise DataError(f"cannot decode image (corrupt or unsupported format): {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        raise DataError(f"cannot decode image (corrupt, empty or unsupported format): {path}")
+    if img.size == 0:
+        raise DataError(f"image has zero size {img.shape}: {path}")
+    if img.dtype != np.uint8:
+        raise DataError(f"image must have 8 bits per channel, got {img.dtype} {img.shape}: {path}")
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise DataError(f"image must be grey, RGB or RGBA, got shape {img.shape}: {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB if img.shape[2] == 3 else cv2.COLOR_BGRA2RGB)
 
 
 def read_panoptic_png(path: PathLike) -> np.ndarray:
@@ -97,7 +110,11 @@ def load_panoptic_json(path: PathLike, categories_path: Optional[PathLike] = Non
 
 class CocoPanopticDataset(Dataset):
     """Items: ``image`` (3,h,w) normalised, ``targets`` (INTERFACES.md), ``info`` (``image_id``,
-    ``file_name``, ``original_size``, ``resized_size``, ``flipped``, ``png_name``, ``gt_png``)."""
+    ``file_name``, ``original_size``, ``resized_size``, ``flipped``, ``png_name``, ``gt_png``, and
+    ``index``: the index of the sample actually returned).
+
+    ``skip_bad``: ``dataset[i]`` of a bad sample returns the next readable one instead (a training
+    convenience; ``info["index"]`` tells). :meth:`load_item` never substitutes: evaluation uses it."""
 
     def __init__(self, json_path: PathLike, png_dir: PathLike, image_dir: PathLike, cfg: DataConfig,
                  train: bool, categories_path: Optional[PathLike] = None, skip_bad: Optional[bool] = None) -> None:
@@ -152,7 +169,7 @@ class CocoPanopticDataset(Dataset):
         if image.shape[:2] != id_map.shape:
             raise DataError(f"image {rec['image_path']} is {image.shape[:2]} but its panoptic PNG "
                             f"{rec['png_path']} is {id_map.shape}")
-        return image, id_map, {**rec, "ann": {**rec["ann"], "segments_info": segments}}
+        return image, id_map, {**rec, "index": index, "ann": {**rec["ann"], "segments_info": segments}}
 
     def prepare(self, image: np.ndarray, id_map: np.ndarray, rec: dict[str, Any], short: int,
                 flip: bool) -> dict[str, Any]:
@@ -168,8 +185,12 @@ class CocoPanopticDataset(Dataset):
         targets = build_targets(id_map, rec["ann"]["segments_info"], self.meta, image_id=image_id)
         info = {"image_id": image_id, "file_name": rec["image"]["file_name"], "original_size": (h, w),
                 "resized_size": (rh, rw), "flipped": bool(flip), "png_name": rec["ann"]["file_name"],
-                "gt_png": str(rec["png_path"])}
+                "gt_png": str(rec["png_path"]), "index": rec.get("index")}
         return {"image": normalize(image, self.cfg), "targets": targets, "info": info}
+
+    def load_item(self, index: int) -> dict[str, Any]:
+        """The item of exactly sample ``index``, never a substitute (DataError naming the file)."""
+        return self._item(*self.load_raw(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         for k in range(len(self)):
@@ -183,6 +204,9 @@ class CocoPanopticDataset(Dataset):
                 log.warning("skipping bad sample %d: %s", i, exc)
         else:
             raise DataError(f"no readable sample in {self.json_path} (all {len(self)} skipped)")
+        return self._item(image, id_map, rec)
+
+    def _item(self, image: np.ndarray, id_map: np.ndarray, rec: dict[str, Any]) -> dict[str, Any]:
         short = pick_short_edge(self.cfg, self.train)
         flip = bool(self.train and self.cfg.random_flip and np.random.rand() < 0.5)
         return self.prepare(image, id_map, rec, short, flip)

@@ -2,6 +2,7 @@
 predictions in COCO panoptic format (the same pipeline the engine runtime uses)."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -12,23 +13,30 @@ import torch
 from sepsnet.config import SEPSNetConfig
 from sepsnet.data.coco_panoptic import CocoPanopticDataset
 from sepsnet.data.transforms import collate
+from sepsnet.errors import DataError
 from sepsnet.eval.instance_ap import InstanceAPAccumulator
 from sepsnet.eval.pq import PQAccumulator
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.writers import CityscapesPanopticWriter, CocoPanopticWriter, _remap, write_json
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SEPSNetConfig,
                    out_dir: Optional[Union[str, Path]] = None, max_images: Optional[int] = None,
                    batch_size: int = 1, with_ap: bool = True,
-                   boundary_ratio: Optional[float] = None) -> dict[str, Any]:
+                   boundary_ratio: Optional[float] = None, skip_bad: Optional[bool] = None) -> dict[str, Any]:
     """PQ (COCO panoptic API semantics) over ``dataset`` (its GT PNGs at original size).
 
-    Returns ``{"PQ", "SQ", "RQ", "PQ_th", "PQ_st", ..., "mask_AP", "seconds_per_image"}``;
-    writes ``out_dir/panoptic_predictions{.json,/}`` and ``out_dir/metrics.json`` when given.
-    ``boundary_ratio`` (e.g. 0.02) adds Boundary PQ (``PQ_boundary``, ``_th``, ``_st``), the
-    contour-sensitive variant of ``sepsnet.eval.boundary``.
+    Returns ``{"PQ", "SQ", "RQ", "PQ_th", "PQ_st", ..., "mask_AP", "images", "skipped",
+    "seconds_per_image"}``; writes ``out_dir/panoptic_predictions{.json,/}`` and
+    ``out_dir/metrics.json`` (with ``skipped_files``) when given. ``boundary_ratio`` (e.g. 0.02)
+    adds Boundary PQ (``PQ_boundary``, ``_th``, ``_st``), the contour-sensitive variant of
+    ``sepsnet.eval.boundary``. Every image is evaluated against its own ground truth, never a
+    substitute: a bad image (unreadable, wrong bit depth, size differing from its PNG) raises
+    DataError naming the file, or with ``skip_bad`` (default ``dataset.skip_bad``) is left out
+    with a warning naming the file and counted in ``skipped``.
     """
     was_training = model.training
     model.eval()
@@ -44,18 +52,31 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
         if cfg.data.format == "cityscapes":  # also the Cityscapes panoptic format
             writers.append(CityscapesPanopticWriter(out_dir, meta.to_dict()))
     thing_ids = [t["id"] for t in meta.things]
+    skip_bad = dataset.skip_bad if skip_bad is None else skip_bad
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    skipped: list[str] = []
     start = time.perf_counter()
     try:
         for first in range(0, n, batch_size):
-            items = [dataset[i] for i in range(first, min(n, first + batch_size))]
+            items = []
+            for i in range(first, min(n, first + batch_size)):
+                try:
+                    items.append(dataset.load_item(i))
+                except DataError as exc:
+                    if not skip_bad:
+                        raise
+                    rec = dataset.records[i]
+                    skipped.append(str(rec["image_path"]))
+                    log.warning("evaluation: skipping bad image %s (%s)", rec["image_path"], exc)
+            if not items:
+                continue
             images, _, infos = collate(items, cfg.data.size_divisibility)
             dense = model.forward_dense(images.to(device))
             sizes = [(info["resized_size"], info["original_size"]) for info in infos]
             results = panoptic_inference(dense, model.forward_instances, sizes, cfg)
-            for k, (res, info) in enumerate(zip(results, infos)):
+            for res, info in zip(results, infos):
                 res = res.to("cpu")
-                index = first + k
+                index = info["index"]  # the sample actually loaded: its own ground truth
                 gt_ids, gt_segments = dataset.load_gt(index)
                 pred_ids, pred_segs = _remap(res, meta.to_dict(), False)
                 pq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
@@ -68,12 +89,16 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
     finally:
         if was_training:
             model.train()
+    if n and len(skipped) == n:
+        raise DataError(f"no readable image to evaluate: all {n} skipped (first: {skipped[0]})")
+    evaluated = n - len(skipped)
     summary = pq.summary()
     metrics: dict[str, Any] = {
         "PQ": summary["All"]["pq"], "SQ": summary["All"]["sq"], "RQ": summary["All"]["rq"],
         "PQ_th": summary["Things"]["pq"], "SQ_th": summary["Things"]["sq"], "RQ_th": summary["Things"]["rq"],
         "PQ_st": summary["Stuff"]["pq"], "SQ_st": summary["Stuff"]["sq"], "RQ_st": summary["Stuff"]["rq"],
-        "images": n, "seconds_per_image": (time.perf_counter() - start) / max(n, 1),
+        "images": evaluated, "skipped": len(skipped),
+        "seconds_per_image": (time.perf_counter() - start) / max(evaluated, 1),
     }
     if bpq is not None:
         bsum = bpq.summary()
@@ -86,7 +111,8 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
     for writer in writers:
         writer.close()
     if out_dir:
-        write_json(Path(out_dir) / "metrics.json", {**metrics, "per_class": summary.get("per_class")})
+        write_json(Path(out_dir) / "metrics.json",
+                   {**metrics, "skipped_files": skipped, "per_class": summary.get("per_class")})
     return metrics
 
 
