@@ -4,6 +4,7 @@ Writing (atomic saves, RNG state for exact resume) is training's job: ``sepsnet.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Union
 
@@ -13,6 +14,7 @@ from sepsnet.config import SEPSNetConfig, config_from_dict
 from sepsnet.errors import CheckpointError, ConfigError
 
 FORMAT = "sepsnet-checkpoint/1"
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
@@ -61,9 +63,30 @@ def check_compatible(ckpt: dict[str, Any], cfg: SEPSNetConfig, path: Union[str, 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Union[str, Path] = "checkpoint",
                        strict: bool = True) -> None:
-    """``load_state_dict`` with a readable error instead of a wall of key names."""
+    """``load_state_dict`` with a readable error instead of a wall of key names.
+
+    Weights whose shape differs from the model's (e.g. ``--weights`` from a config with other
+    class counts): ``strict`` raises CheckpointError naming them with both shapes; otherwise they
+    are left out with a warning naming them (the model keeps its own initialisation there, as in
+    detectron2), and missing / unexpected keys are tolerated."""
     module = model.module if hasattr(model, "module") else model
-    result = module.load_state_dict(state, strict=False)
+    own = module.state_dict()
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and torch.is_tensor(v) and torch.is_tensor(own[k]) and v.shape != own[k].shape]
+    if mismatched:
+        desc = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:8])
+        more = f" (and {len(mismatched) - 8} more)" if len(mismatched) > 8 else ""
+        if strict:
+            raise CheckpointError(f"{path} does not fit this model: {len(mismatched)} weights differ in "
+                                  f"shape: {desc}{more}")
+        log.warning("%s: not loading %d weights whose shape differs from the model's: %s%s",
+                    path, len(mismatched), desc, more)
+        dropped = {k for k, _, _ in mismatched}
+        state = {k: v for k, v in state.items() if k not in dropped}
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # anything the checks above did not foresee, still named
+        raise CheckpointError(f"{path} does not fit this model: {exc}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):
         raise CheckpointError(
