@@ -134,6 +134,8 @@ class SolverConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # GroupNorm/BatchNorm/LayerNorm parameters (detectron2)
+    weight_decay_bias: Optional[float] = None  # biases; None = same as weight_decay
     warmup_iters: int = 1000
     warmup_factor: float = 1.0 / 3.0
     warmup_method: str = "constant"  # constant | linear
@@ -262,9 +264,35 @@ def validate(cfg: SEPSNetConfig, where: str = "config") -> SEPSNetConfig:
         raise ConfigError(f"{where}: data.pixel_mean/pixel_std need 3 values")
     if cfg.solver.warmup_method not in ("constant", "linear"):
         raise ConfigError(f"{where}: solver.warmup_method must be constant or linear")
-    if not 0.0 <= cfg.postprocess.alpha <= 1.0:
-        raise ConfigError(f"{where}: postprocess.alpha must be in [0, 1], got {cfg.postprocess.alpha}")
+    sizes = m.fcos.sizes_of_interest
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(f"{where}: model.fcos.sizes_of_interest must be strictly increasing, got {sizes}")
+    if m.blender.sampling_ratio < 0:
+        raise ConfigError(f"{where}: model.blender.sampling_ratio must be >= 0 (0 = adaptive), "
+                          f"got {m.blender.sampling_ratio}")
+    s = cfg.solver
+    for key in ("weight_decay", "weight_decay_norm", "weight_decay_bias"):
+        value = getattr(s, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{where}: solver.{key} must be >= 0, got {value}")
+    _validate_postprocess(cfg.postprocess, where)
     return cfg
+
+
+_UNIT_INTERVAL = ("score_thresh", "nms_thresh", "alpha", "dedup_iou", "mask_thresh", "overlap_thresh",
+                  "instance_score_thresh")
+
+
+def _validate_postprocess(p: PostprocessConfig, where: str) -> None:
+    for key in _UNIT_INTERVAL:
+        value = getattr(p, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}: postprocess.{key} must be in [0, 1], got {value}")
+    for key in ("max_instances", "pre_nms_topk"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"{where}: postprocess.{key} must be >= 1, got {getattr(p, key)}")
+    if p.stuff_area_limit < 0:
+        raise ConfigError(f"{where}: postprocess.stuff_area_limit must be >= 0, got {p.stuff_area_limit}")
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> SEPSNetConfig:

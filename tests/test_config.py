@@ -17,12 +17,21 @@ def test_shipped_configs_load(path: Path) -> None:
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
-def test_paper_numbers_in_coco_config() -> None:
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "coco_r101.yaml")
-    s = cfg.solver
-    assert (s.lr, s.momentum, s.weight_decay, s.warmup_iters, s.max_iter, s.batch_size) == (
-        0.01, 0.9, 1e-4, 1000, 600000, 6)
-    assert s.steps == [120000, 420000, 500000]
+PAPER_SOLVER = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "warmup_iters": 1000,
+                "warmup_method": "constant", "steps": [120000, 420000, 500000], "gamma": 0.1,
+                "max_iter": 600000, "batch_size": 6}
+
+
+@pytest.mark.parametrize("name", ["coco_r101.yaml", "cityscapes_r101.yaml"])
+def test_paper_numbers_in_paper_configs(name: str) -> None:
+    """Paper IV-A, written out in the file itself (not inherited from dataclass defaults)."""
+    import yaml
+
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = load_config(path)
+    assert {k: getattr(cfg.solver, k) for k in PAPER_SOLVER} == PAPER_SOLVER
+    written = yaml.safe_load(path.read_text())["solver"]
+    assert {k: written.get(k) for k in PAPER_SOLVER} == PAPER_SOLVER
     assert cfg.postprocess.alpha == 0.8
     assert cfg.model.backbone.name == "resnet101"
 
@@ -75,6 +84,34 @@ def test_semantic_validation(tmp_path: Path) -> None:
     p.write_text("model:\n  backbone: {pretrained: /nonexistent/weights.pth}\n")
     with pytest.raises(ConfigError, match="pretrained file not found"):
         load_config(p)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("postprocess:\n  dedup_iou: 1.2\n", "postprocess.dedup_iou"),
+    ("postprocess:\n  nms_thresh: -0.1\n", "postprocess.nms_thresh"),
+    ("postprocess:\n  score_thresh: 2\n", "postprocess.score_thresh"),
+    ("postprocess:\n  max_instances: 0\n", "postprocess.max_instances"),
+    ("postprocess:\n  pre_nms_topk: 0\n", "postprocess.pre_nms_topk"),
+    ("postprocess:\n  stuff_area_limit: -1\n", "postprocess.stuff_area_limit"),
+    ("model:\n  fcos: {sizes_of_interest: [64, 64, 256, 512]}\n", "model.fcos.sizes_of_interest"),
+    ("model:\n  blender: {sampling_ratio: -1}\n", "model.blender.sampling_ratio"),
+    ("solver:\n  weight_decay_norm: -1.0e-4\n", "solver.weight_decay_norm"),
+])
+def test_range_validation_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert key in str(err.value) and str(err.value).startswith(str(p))
+
+
+def test_range_validation_accepts_bounds(tmp_path: Path) -> None:
+    p = tmp_path / "ok.yaml"
+    p.write_text("postprocess: {dedup_iou: 1.0, mask_thresh: 0.0, max_instances: 1, stuff_area_limit: 0}\n"
+                 "model:\n  blender: {sampling_ratio: 0}\n")
+    cfg = load_config(p)
+    assert cfg.postprocess.dedup_iou == 1.0 and cfg.model.blender.sampling_ratio == 0
+    assert cfg.solver.weight_decay_norm == 0.0 and cfg.solver.weight_decay_bias is None
 
 
 def test_overrides(tmp_path: Path) -> None:

@@ -75,12 +75,12 @@ def test_clear_data_errors(tmp_path: Path) -> None:
     assert ds[0]["info"]["file_name"] == "train_000001.png"
 
 
-def _train(out: Path, data: Path, iters: int, resume: bool) -> list[dict]:
+def _train(out: Path, data: Path, iters: int, resume: bool, extra: tuple[str, ...] = ()) -> list[dict]:
     from sepsnet.cli.train import main
 
     rc = main(["--config", str(ROOT / "configs" / "tiny_synthetic.yaml"), "--data", str(data), "--out", str(out),
                "--max-iter", str(iters), "--no-progress", "--set", "solver.batch_size=2", "solver.log_period=1",
-               "data.num_workers=0", "data.min_size_train=[64, 96]", "solver.checkpoint_period=2"]
+               "data.num_workers=0", "data.min_size_train=[64, 96]", "solver.checkpoint_period=2", *extra]
               + (["--resume"] if resume else []))
     assert rc == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,8 +90,10 @@ def test_resume_reproduces_loss_curve(tmp_path: Path) -> None:
     generate(tmp_path / "syn", 6, 0, seed=1, size=64)
     straight = _train(tmp_path / "a", tmp_path / "syn", 4, False)
     _train(tmp_path / "b", tmp_path / "syn", 2, False)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a crash after the checkpoint left iteration 3
+        f.write(json.dumps({"iteration": 3, "loss_total": 1e6}) + "\n")
     resumed = _train(tmp_path / "b", tmp_path / "syn", 4, True)
-    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]  # the stale line is gone
     for a, b in zip(straight[2:], resumed[2:]):
         assert a["loss_total"] == pytest.approx(b["loss_total"], rel=1e-6, abs=1e-7)
     assert all(np.isfinite(r["loss_total"]) for r in straight)
@@ -108,6 +110,15 @@ def test_tensorboard_scalars_match_metrics_log(tmp_path: Path) -> None:
     assert "loss_total" in tags and "lr" in tags
     steps = {e.step: e.value for e in events.Scalars("loss_total")}
     assert steps == {r["iteration"]: pytest.approx(r["loss_total"], rel=1e-6) for r in logged}
+
+
+def test_cli_periodic_eval_writes_val_metrics(tmp_path: Path) -> None:
+    generate(tmp_path / "syn", 2, 1, seed=4, size=64)
+    rows = _train(tmp_path / "run", tmp_path / "syn", 2, False,
+                  ("solver.eval_period=2", "data.min_size_test=64", "data.max_size_test=96"))
+    val = [r for r in rows if "val/PQ" in r]
+    assert [r["iteration"] for r in val] == [2]
+    assert (tmp_path / "run" / "eval_0000002" / "metrics.json").is_file()
 
 
 def test_train_refuses_checkpoint_of_other_config(tmp_path: Path) -> None:

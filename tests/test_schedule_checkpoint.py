@@ -37,8 +37,49 @@ def test_scheduler_drives_optimizer() -> None:
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.01, 0.01])
-    # biases get no weight decay
-    assert opt.param_groups[1]["weight_decay"] == 0.0
+    # a Linear layer's bias keeps the normal weight decay (detectron2 default)
+    assert [(g["name"], g["weight_decay"]) for g in opt.param_groups] == [("decay", 1e-4), ("bias", 1e-4)]
+
+
+def _group_of(opt: torch.optim.Optimizer) -> dict[int, tuple[str, float]]:
+    return {id(p): (g["name"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+
+
+def test_weight_decay_groups_by_module_type() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    conv, gn, bn, ln, head = (torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.BatchNorm2d(8),
+                              torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(FrozenBatchNorm2d(3), conv, gn, bn, ln, head)
+    frozen = torch.nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    model.append(frozen)
+    groups = _group_of(build_optimizer(model, SolverConfig(weight_decay=1e-4)))
+    assert groups[id(conv.weight)] == groups[id(head.weight)] == ("decay", 1e-4)
+    assert groups[id(conv.bias)] == groups[id(head.bias)] == ("bias", 1e-4)  # default: same as weight_decay
+    for norm in (gn, bn, ln):
+        assert groups[id(norm.weight)] == groups[id(norm.bias)] == ("norm", 0.0)
+    assert id(frozen.weight) not in groups and len(groups) == 10
+    groups = _group_of(build_optimizer(model, SolverConfig(weight_decay=1e-4, weight_decay_norm=1e-5,
+                                                           weight_decay_bias=0.0)))
+    assert groups[id(conv.bias)] == ("bias", 0.0) and groups[id(gn.weight)] == ("norm", 1e-5)
+    assert groups[id(conv.weight)] == ("decay", 1e-4)
+
+
+def test_sepsnet_groupnorm_params_get_norm_decay() -> None:
+    from sepsnet.config import load_config
+    from sepsnet.model import build_model
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny_synthetic.yaml")
+    model = build_model(cfg)
+    groups = _group_of(build_optimizer(model, cfg.solver))
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        expected = "norm" if isinstance(owner, torch.nn.GroupNorm) else ("bias" if name.endswith(".bias") else "decay")
+        assert groups[id(p)][0] == expected, name
+    assert {g for g, _ in groups.values()} == {"decay", "norm", "bias"}
 
 
 def test_save_load_roundtrip_and_pointer(tmp_path: Path) -> None:

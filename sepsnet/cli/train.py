@@ -1,6 +1,9 @@
 """``sepsnet-train --config X [--out DIR] [--resume] [--data DIR] [--set k=v ...]``.
 
-Multi-GPU / multi-node: ``torchrun --nproc_per_node 8 -m sepsnet.cli.train --config X``.
+Multi-GPU / multi-node (DDP; nccl on CUDA, gloo on CPU): ``torchrun --nproc_per_node 2 -m
+sepsnet.cli.train --config X``. ``solver.batch_size`` is the global batch and must divide by the
+number of processes: batch 6 (the paper's) runs on 1, 2, 3 or 6 processes; for 8 GPUs pass
+``--set solver.batch_size=8`` (or 16, ...).
 """
 from __future__ import annotations
 
@@ -51,11 +54,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
         val = build_dataset(cfg, train=False)
         evaluate_fn = lambda m, it: evaluate_model(m, val, cfg, out_dir=f"{a.out}/eval_{it:07d}")  # noqa: E731
-    trainer = Trainer(cfg, model, dataset, Collate(cfg.data.size_divisibility), a.out,
-                      meta=dataset.meta.to_dict(), device=a.device, evaluate_fn=evaluate_fn,
-                      progress=not a.no_progress)
-    trainer.resume_or_load(a.resume, a.weights)
-    last = trainer.run(max_seconds=a.max_minutes * 60 if a.max_minutes else None)
+    try:
+        trainer = Trainer(cfg, model, dataset, Collate(cfg.data.size_divisibility), a.out,
+                          meta=dataset.meta.to_dict(), device=a.device, evaluate_fn=evaluate_fn,
+                          progress=not a.no_progress)
+        trainer.resume_or_load(a.resume, a.weights)
+        last = trainer.run(max_seconds=a.max_minutes * 60 if a.max_minutes else None)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if trainer.dist.is_main:
         losses = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
         print(f"done at iteration {trainer.iteration}: {losses}")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from bisect import bisect_right
+from typing import Any
 
 import torch
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sepsnet.config import SolverConfig
 
@@ -23,17 +25,36 @@ def lr_factor(iteration: int, solver: SolverConfig) -> float:
     return (solver.warmup_factor * (1.0 - alpha) + alpha) * decay
 
 
+# parameters of these layers get ``solver.weight_decay_norm`` (detectron2: WEIGHT_DECAY_NORM)
+NORM_TYPES: tuple[type, ...] = (
+    torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
+    torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm, FrozenBatchNorm2d,
+)
+
+
+def param_groups(model: torch.nn.Module, solver: SolverConfig) -> list[dict[str, Any]]:
+    """Weight-decay groups as in detectron2's ``get_default_optimizer_params``: parameters
+    of normalisation layers (GroupNorm/BatchNorm/LayerNorm/FrozenBatchNorm, ...) get
+    ``weight_decay_norm`` (default 0), biases of other layers get ``weight_decay_bias``
+    (default ``None``: the same as ``weight_decay``), everything else ``weight_decay``.
+    Groups are named ``decay``, ``norm``, ``bias``; empty ones are left out."""
+    bias_decay = solver.weight_decay if solver.weight_decay_bias is None else solver.weight_decay_bias
+    buckets: dict[str, list[torch.nn.Parameter]] = {"decay": [], "norm": [], "bias": []}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            kind = "norm" if isinstance(module, NORM_TYPES) else ("bias" if name == "bias" else "decay")
+            buckets[kind].append(param)
+    decay = {"decay": solver.weight_decay, "norm": solver.weight_decay_norm, "bias": bias_decay}
+    return [{"name": k, "params": v, "weight_decay": decay[k]} for k, v in buckets.items() if v]
+
+
 def build_optimizer(model: torch.nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
-    """SGD with momentum; no weight decay on norm layers and biases (detectron2 practice)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": solver.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=solver.lr, momentum=solver.momentum)
+    """SGD with momentum over :func:`param_groups` (paper IV-A: momentum 0.9, weight decay 1e-4)."""
+    return torch.optim.SGD(param_groups(model, solver), lr=solver.lr, momentum=solver.momentum)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, solver: SolverConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -6,22 +6,21 @@ warm-up, x0.1 at 120k/420k/500k, 600k iterations, batch 6 (all in ``cfg.solver``
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import SEPSNetError
 from sepsnet.model.weights import check_compatible, load_checkpoint, load_model_weights
 from sepsnet.train.checkpoint import latest_checkpoint, restore_rng, save_checkpoint
+from sepsnet.train.distributed import (DistInfo, any_rank, barrier, check_batch_divisible,  # noqa: F401
+                                       init_distributed, mean_over_ranks)
+from sepsnet.train.metrics_log import MetricsLog, trim_metrics
 from sepsnet.train.sampler import ResumableBatchSampler, SeededDataset
 from sepsnet.train.schedule import build_optimizer, build_scheduler
 
@@ -30,62 +29,16 @@ class TrainingError(SEPSNetError):
     """Training cannot go on (non-finite loss, empty dataset, ...)."""
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return DistInfo(dist.get_rank(), world, local)
-
-
 def move_targets(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
     return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
             for t in targets]
 
 
-class MetricsLog:
-    """JSON-lines metrics file + optional TensorBoard writer (main process only)."""
-
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tb = None
-        self.path = out_dir / "metrics.jsonl"
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except Exception:  # tensorboard missing or broken: keep the JSON log
-                self.tb = None
-
-    def write(self, iteration: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"iteration": iteration, **scalars}) + "\n")
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, iteration)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+def _postfix(metrics: dict[str, float]) -> str:
+    """Compact tqdm postfix: every named loss (without the ``loss_`` prefix) and the lr."""
+    parts = [f"total={metrics['loss_total']:.3g}"]
+    parts += [f"{k[5:]}={v:.3g}" for k, v in metrics.items() if k.startswith("loss_") and k != "loss_total"]
+    return " ".join(parts + [f"lr={metrics['lr']:.2e}"])
 
 
 class Trainer:
@@ -97,8 +50,11 @@ class Trainer:
                  progress: bool = True) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
-        self.dist = init_distributed()
-        self.device = torch.device(device or (f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"))
+        device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(device_type)  # gloo on CPU, nccl on CUDA
+        if device_type == "cuda" and device in (None, "cuda"):
+            device = f"cuda:{self.dist.local_rank}"  # one GPU per torchrun process
+        self.device = torch.device(device or "cpu")
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.solver)
         self.scheduler = build_scheduler(self.optimizer, cfg.solver)
@@ -110,29 +66,48 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self.progress = progress
         self.iteration = 0
+        self._purge_step: Optional[int] = None  # TensorBoard purge_step after a resume
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise TrainingError("training dataset is empty")
-        if cfg.solver.batch_size % self.dist.world_size:
-            raise TrainingError(f"solver.batch_size {cfg.solver.batch_size} is not divisible by "
-                                f"the number of processes {self.dist.world_size}")
+        problem = check_batch_divisible(cfg.solver.batch_size, self.dist.world_size)
+        if problem:
+            raise TrainingError(problem)
+        if self.dist.world_size > 1 and self.dist.is_main:
+            print(f"DDP: {self.dist.world_size} processes, backend {self.dist.backend}, "
+                  f"{cfg.solver.batch_size // self.dist.world_size} images per process on {self.device.type}")
 
     # -- state -------------------------------------------------------------------------
     def resume_or_load(self, resume: bool, weights: Optional[str] = None) -> None:
-        """``resume``: continue from ``out_dir/last_checkpoint``; ``weights``: init only."""
+        """``resume``: continue from ``out_dir/last_checkpoint``; ``weights``: init only.
+
+        On resume, ``metrics.jsonl`` lines past the resumed iteration (written after the last
+        checkpoint by a run that crashed) are dropped, and TensorBoard purges those steps.
+        """
         path = latest_checkpoint(self.out_dir) if resume else None
         if resume and path is None and self.dist.is_main:
             print(f"no checkpoint in {self.out_dir} to resume from; starting at iteration 0")
-        if path is None and weights:
+        if path is not None:
+            self._load_state(path)
+        elif weights:
             ckpt = load_checkpoint(weights)
             load_model_weights(self.model, ckpt["model"], weights, strict=False)
-            return
-        if path is None:
-            return
+        if resume:
+            self._purge_step = self.iteration + 1
+            if self.dist.is_main:
+                dropped = trim_metrics(self.out_dir / "metrics.jsonl", self.iteration)
+                if dropped:
+                    print(f"dropped {dropped} metrics.jsonl line(s) past iteration {self.iteration}")
+
+    def _load_state(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
         check_compatible(ckpt, self.cfg, path)
         load_model_weights(self.model, ckpt["model"], path)
         if "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as exc:  # e.g. other parameter groups (older weight-decay split)
+                raise TrainingError(f"{path}: optimizer state does not fit this optimizer ({exc}); "
+                                    f"start from it with --weights {path} instead of --resume") from None
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt and self.use_amp:
@@ -177,9 +152,15 @@ class Trainer:
         with torch.autocast(self.device.type, enabled=self.use_amp):
             losses = net(images, targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
-            bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v)}
-            raise TrainingError(f"loss is not finite at iteration {self.iteration}: {bad}; "
+        # one all-reduce, before backward: the mean over ranks is what gets logged (the
+        # global batch), and a loss that is non-finite on any rank is non-finite in the
+        # mean, so every rank raises here instead of the others waiting in backward
+        mean = mean_over_ranks({**losses, "loss_total": total}, self.device)
+        if not math.isfinite(mean["loss_total"]):
+            bad = {k: v for k, v in mean.items() if not math.isfinite(v)}
+            local = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v)}
+            where = f" (rank {self.dist.rank}: {local})" if local and self.dist.world_size > 1 else ""
+            raise TrainingError(f"loss is not finite at iteration {self.iteration}: {bad}{where}; "
                                 f"lower solver.lr or enable solver.clip_grad_norm")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -190,8 +171,8 @@ class Trainer:
         self.scaler.update()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        out = {k: float(v.detach()) for k, v in losses.items()}
-        out["loss_total"] = float(total.detach())
+        out = {k: mean[k] for k in losses}
+        out["loss_total"] = mean["loss_total"]
         out["lr"] = lr
         return out
 
@@ -200,12 +181,12 @@ class Trainer:
         ``max_seconds`` of wall time have passed; returns the last metrics."""
         solver = self.cfg.solver
         max_iter = max_iter or solver.max_iter
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.out_dir, self.dist.is_main)
-        net = self._wrap_ddp()
         last: dict[str, float] = {}
         if self.iteration >= max_iter:
             return last
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.out_dir, self.dist.is_main, purge_step=self._purge_step)
+        net = self._wrap_ddp()
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -213,9 +194,13 @@ class Trainer:
             bar = tqdm(total=max_iter, initial=self.iteration, desc="train", dynamic_ncols=True)
         data = iter(self._loader())
         start = t_begin = time.perf_counter()
+        logged_at = self.iteration
         try:
             while self.iteration < max_iter:
-                if max_seconds is not None and time.perf_counter() - t_begin > max_seconds:
+                # every rank must stop at the same iteration (clocks differ): stop when any
+                # rank is past the budget
+                if max_seconds is not None and any_rank(time.perf_counter() - t_begin > max_seconds,
+                                                        self.device):
                     if self.dist.is_main:
                         print(f"time budget of {max_seconds:.0f} s reached at iteration {self.iteration}")
                     break
@@ -223,12 +208,12 @@ class Trainer:
                 last = self.step(net, images, targets)
                 self.iteration += 1
                 if self.iteration % solver.log_period == 0 or self.iteration == max_iter:
-                    last["time_per_iter"] = (time.perf_counter() - start) / solver.log_period
-                    start = time.perf_counter()
+                    last["time_per_iter"] = (time.perf_counter() - start) / (self.iteration - logged_at)
+                    start, logged_at = time.perf_counter(), self.iteration
                     log.write(self.iteration, last)
                 if bar is not None:
+                    bar.set_postfix_str(_postfix(last), refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss_total']:.3f}", lr=f"{last['lr']:.2e}")
                 if solver.checkpoint_period and self.iteration % solver.checkpoint_period == 0:
                     self.save()
                 if self.evaluate_fn and solver.eval_period and self.iteration % solver.eval_period == 0:
@@ -236,7 +221,13 @@ class Trainer:
                         metrics = self.evaluate_fn(self.model, self.iteration)
                         log.write(self.iteration, {f"val/{k}": v for k, v in metrics.items()
                                                    if isinstance(v, (int, float)) and math.isfinite(v)})
+                    # the other ranks wait here for rank 0's evaluation (pass evaluate_fn on
+                    # every rank). Caveat: the wait is bounded by the process-group timeout
+                    # (NCCL: 10 min by default); an evaluation that takes longer kills the job,
+                    # so keep the val set small or raise the timeout of init_process_group.
+                    barrier()
             self.save("model_final.pt")
+            barrier()  # every rank returns with model_final.pt on disk
         finally:
             if bar is not None:
                 bar.close()
