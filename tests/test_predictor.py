@@ -1,5 +1,6 @@
 """Runtime: ORT bundle vs eager checkpoint on real photos, bad frames, threads, memory, bench."""
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -183,3 +184,146 @@ def test_demo_cli_from_checkpoint(artifacts: tuple[Path, Path], tmp_path: Path) 
     doc = json.loads((tmp_path / "o" / "panoptic_predictions.json").read_text())
     assert [a["file_name"] for a in doc["annotations"]] and (tmp_path / "o").rglob("*.png")
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x"), str(PHOTOS[0])]) == 2
+
+
+def _tiny_onnx(path: Path, inputs: dict, outputs: dict, nodes: list) -> Path:
+    """A hand-made ONNX graph (fast to load and run) with named, possibly dynamic, dims."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    types = {"float": TensorProto.FLOAT, "int32": TensorProto.INT32, "int64": TensorProto.INT64}
+    graph = helper.make_graph(
+        [helper.make_node(*n[:3], **(n[3] if len(n) > 3 else {})) for n in nodes], "tiny",
+        [helper.make_tensor_value_info(k, types[t], shape) for k, (t, shape) in inputs.items()],
+        [helper.make_tensor_value_info(k, types[t], shape) for k, (t, shape) in outputs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _add_cast_graph(path: Path) -> Path:
+    from onnx import TensorProto
+
+    return _tiny_onnx(path, {"a": ("float", ["n", 3]), "b": ("float", ["n", 3]), "i": ("int32", ["n"])},
+                      {"c": ("float", ["n", 3]), "j": ("float", ["n"])},
+                      [("Add", ["a", "b"], ["c"]), ("Cast", ["i"], ["j"], {"to": TensorProto.FLOAT})])
+
+
+def test_ort_missing_feed_names_it_and_the_expected_inputs(tmp_path: Path) -> None:
+    from sepsnet.engines.ort_backend import OrtBackend
+
+    backend = OrtBackend(_add_cast_graph(tmp_path / "t.onnx"))
+    feeds = {"a": torch.ones(2, 3), "b": torch.arange(6.0).reshape(2, 3), "i": torch.tensor([3, 4], dtype=torch.int32)}
+    for run in (backend.run, lambda f: backend._run_bound(f, ["c", "j"])):  # plain and IO-binding paths
+        with pytest.raises(EngineError, match=r"missing input\(s\) 'b', 'i'.*expects \['a', 'b', 'i'\]"):
+            run({"a": feeds["a"]})
+    plain = backend.run(feeds)
+    bound = backend._run_bound(feeds, ["c", "j"])  # the CUDA code path, bound to CPU memory here
+    assert set(bound) == {"c", "j"}
+    for name in plain:
+        assert torch.equal(plain[name], bound[name])
+    assert torch.equal(bound["c"], feeds["a"] + feeds["b"])
+
+
+def test_ortvalue_to_torch_uses_dlpack_without_a_host_copy() -> None:
+    import onnxruntime as ort
+
+    from sepsnet.engines.ort_backend import ortvalue_to_torch
+
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    value = ort.OrtValue.ortvalue_from_numpy(arr)
+    assert hasattr(value, "__dlpack__")
+    t = ortvalue_to_torch(value)
+    assert t.data_ptr() == value.data_ptr() and torch.equal(t, torch.from_numpy(arr))  # shared, not copied
+
+    class OldStyle:  # wrappers of older onnxruntime: to_dlpack() only
+        def to_dlpack(self):
+            return value._ortvalue.to_dlpack()
+
+    class HostOnly:
+        def numpy(self):
+            return arr
+
+    assert ortvalue_to_torch(OldStyle()).data_ptr() == value.data_ptr()
+    assert torch.equal(ortvalue_to_torch(HostOnly()), torch.from_numpy(arr))
+
+
+def test_trt_plugin_library_must_register_its_creator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TensorRT here: a fake registry stands in for ``trt.get_plugin_registry()``."""
+    import types
+
+    from sepsnet.engines import trt_backend
+
+    class Registry:
+        def __init__(self, creators):
+            self.creators, self.loaded = creators, []
+
+        def get_creator(self, name, version, namespace):
+            return self.creators.get((name, version, namespace))
+
+        def load_library(self, path):
+            self.loaded.append(path)
+
+    lib = tmp_path / "libsepsnet_plugins.so"
+    lib.write_bytes(b"\x7fELF")
+    opened: list[str] = []
+    monkeypatch.setattr(trt_backend.ctypes, "CDLL", lambda path, mode=0: opened.append(path))
+    monkeypatch.setattr(trt_backend, "_PLUGINS_LOADED", set())
+    empty = Registry({})
+    monkeypatch.setattr(trt_backend, "import_tensorrt",
+                        lambda: types.SimpleNamespace(__version__="10.9", get_plugin_registry=lambda: empty))
+    with pytest.raises(EngineError, match=r"libsepsnet_plugins\.so.*'SEPSNetRoiBlend'.*TensorRT 10\.9"):
+        trt_backend.load_plugin_library(lib)
+    assert opened == [str(lib.resolve())] and empty.loaded == [str(lib.resolve())]  # getCreators() tried too
+    assert not trt_backend._PLUGINS_LOADED
+    good = Registry({("SEPSNetRoiBlend", "1", ""): object()})
+    monkeypatch.setattr(trt_backend, "import_tensorrt",
+                        lambda: types.SimpleNamespace(__version__="11.0", get_plugin_registry=lambda: good))
+    trt_backend.load_plugin_library(lib)
+    assert str(lib.resolve()) in trt_backend._PLUGINS_LOADED and not good.loaded
+    with pytest.raises(EngineError, match="not found"):
+        trt_backend.load_plugin_library(tmp_path / "missing.so")
+
+
+def _bench_json(main, args: list, out: Path) -> dict:
+    assert main([*map(str, args), "--iters", "2", "--warmup", "0", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_onnx_sizes_and_argument_errors(artifacts: tuple[Path, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    from sepsnet.cli.bench import main
+
+    ckpt, bundle = artifacts
+    dyn = tmp_path / "alone" / "dense.onnx"  # a dynamic dense-like graph: image (N,3,H,W)
+    dyn.parent.mkdir()
+    _tiny_onnx(dyn, {"image": ("float", ["batch", 3, "height", "width"])}, {"shape": ("int64", [4])},
+               [("Shape", ["image"], ["shape"])])
+    out = tmp_path / "b.json"
+    assert _bench_json(main, [dyn, "--size", "64x96"], out)["input_shapes"] == {"image": [1, 3, 64, 96]}
+    assert _bench_json(main, [dyn], out)["input_shapes"] == {"image": [1, 3, 512, 1024]}  # no manifest beside
+    shutil.copy(bundle / "manifest.json", dyn.parent / "manifest.json")
+    assert _bench_json(main, [dyn], out)["input_shapes"] == {"image": [1, 3, 128, 224]}  # the manifest's size
+    # the static bundle graphs keep their size; a dynamic instance count gets a few instances
+    assert _bench_json(main, [bundle / "dense.onnx"], out)["input_shapes"]["image"] == [1, 3, 128, 224]
+    shapes = _bench_json(main, [bundle / "instance.onnx"], out)["input_shapes"]
+    assert shapes["rois"][0] == shapes["attention"][0] > 0 and shapes["bases"][2:] == [32, 56]
+    capsys.readouterr()
+    unknown = tmp_path / "weights.txt"
+    unknown.write_text("x")
+    for args, why in [([dyn, "--size", "12x"], r"--size '12x': expected HEIGHTxWIDTH"),
+                      ([bundle, "--size", "axb"], r"--size 'axb'"),
+                      ([dyn, "--size", "0x64"], r"positive"),
+                      ([bundle / "dense.onnx", "--size", "64x64"], r"static input size 128x224"),
+                      ([dyn, "--iters", "0"], r"--iters"),
+                      ([unknown], r"cannot benchmark .*weights\.txt.*\.pt, \.pth, \.ckpt")]:
+        assert main([str(a) for a in args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert re.search(why, err), err
+    renamed = tmp_path / "tiny.ckpt"  # every checkpoint suffix is a checkpoint
+    shutil.copy(ckpt, renamed)
+    data = _bench_json(main, [renamed], out)
+    assert data["kind"] == "checkpoint" and data["fps"] > 0

@@ -126,16 +126,50 @@ def test_bad_inputs_raise_clear_errors():
         rb.roi_blend(bases, bad, attention)
 
 
-def test_blender_module_uses_fused_op():
+def test_non_finite_rois_raise_on_cpu():
+    bases, rois, attention = make(n=3, seed=12)
+    for j, value in [(1, float("nan")), (4, float("inf")), (2, float("-inf")), (0, float("nan"))]:
+        bad = rois.clone()
+        bad[1, j] = value
+        what = "batch index" if j == 0 else "coordinate"
+        for call in (rb.roi_blend, torch.ops.sepsnet.roi_blend):  # the wrapper and the raw op
+            args = (56, 0.25, 1) if call is torch.ops.sepsnet.roi_blend else ()
+            with pytest.raises(RuntimeError, match=rf"roi 1 has a non-finite {what} \((nan|inf|-inf)\)"):
+                call(bases, bad, attention, *args)
+    check(bases, rois, attention)  # finite rois still work after the errors
+
+
+def _spy(monkeypatch, owner, name):
+    """Wrap ``owner.name`` so the test sees every call (the result is the real one)."""
+    calls = []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def test_blender_module_uses_fused_op(monkeypatch):
     from sepsnet.config import ModelConfig
     from sepsnet.model.blender import Blender, blend
     cfg = ModelConfig()
     cfg.blender.fused = True
     bases, rois, attention = make(n=4, seed=8)
     extra = torch.cat([bases, torch.randn(2, 1, 20, 36)], dim=1)  # + silhouette basis
+    wrapper = _spy(monkeypatch, rb, "roi_blend")
+    native = _spy(monkeypatch, torch.ops.sepsnet, "roi_blend")
     with torch.no_grad():
         got = Blender(cfg)(extra, rois, attention.flatten(1))
+    assert len(wrapper) == 1 and len(native) == 1, "blender.fused=True must run the native op"
+    assert native[0][0].shape == bases.shape  # only the K blend bases, not the silhouette basis
     torch.testing.assert_close(got, blend(bases, rois, attention, 56, 0.25, 1), atol=TOL, rtol=0)
+    cfg.blender.fused = False
+    with torch.no_grad():
+        Blender(cfg)(extra, rois, attention.flatten(1))
+    assert len(wrapper) == 1 and len(native) == 1, "blender.fused=False must not use the native op"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not rb.is_available("cuda"), reason="no GPU / CUDA op")
@@ -198,7 +232,7 @@ def test_cmake_builds_selftest_and_handles_missing_tensorrt(tmp_path: Path):
     assert run.returncode == 0 and "ok" in run.stdout, run.stdout
 
 
-def test_fused_blender_trains_through_the_pytorch_path():
+def test_fused_blender_trains_through_the_pytorch_path(monkeypatch):
     """The fused op has no backward: with gradients needed the Blender must not use it."""
     from sepsnet.config import ModelConfig
     from sepsnet.model.blender import Blender, blend
@@ -207,7 +241,13 @@ def test_fused_blender_trains_through_the_pytorch_path():
     bases, rois, attention = make(n=3, seed=11)
     bases.requires_grad_(True)
     attn = attention.flatten(1).clone().requires_grad_(True)
+    wrapper = _spy(monkeypatch, rb, "roi_blend")
+    native = _spy(monkeypatch, torch.ops.sepsnet, "roi_blend")
     out = Blender(cfg)(bases, rois, attn)
     out.sum().backward()
+    assert not wrapper and not native, "the inference-only fused op ran although gradients were needed"
     assert bases.grad is not None and attn.grad is not None and torch.isfinite(attn.grad).all()
+    with torch.no_grad():  # the same module, no gradients needed: now it is fused
+        Blender(cfg)(bases, rois, attn)
+    assert len(native) == 1
     torch.testing.assert_close(out.detach(), blend(bases.detach(), rois, attention, 56, 0.25, 1), atol=TOL, rtol=0)

@@ -162,6 +162,16 @@ void check_inputs(const at::Tensor& bases, const at::Tensor& rois, const at::Ten
   TORCH_CHECK(rois.scalar_type() == at::kFloat, "roi_blend: rois must be float32, got ", rois.scalar_type());
   TORCH_CHECK(bases.device() == rois.device() && bases.device() == attention.device(),
               "roi_blend: bases, rois and attention must be on one device");
+  if (rois.device().is_cpu()) {  // CUDA rois are not read back (a sync); the kernel writes 0 for them
+    const at::Tensor r = rois.contiguous();
+    const float* p = r.data_ptr<float>();
+    for (int64_t i = 0; i < r.size(0); ++i)
+      for (int64_t j = 0; j < 5; ++j)
+        TORCH_CHECK(std::isfinite(p[i * 5 + j]), "roi_blend: roi ", i, " has a non-finite ",
+                    j == 0 ? "batch index" : "coordinate", " (", p[i * 5 + j], "): rois must be finite "
+                    "[batch, x1, y1, x2, y2], got [", p[i * 5], ", ", p[i * 5 + 1], ", ", p[i * 5 + 2], ", ",
+                    p[i * 5 + 3], ", ", p[i * 5 + 4], "]");
+  }
 }
 
 at::Tensor roi_blend_cpu(const at::Tensor& bases_in, const at::Tensor& rois_in, const at::Tensor& attention_in,
@@ -178,7 +188,7 @@ at::Tensor roi_blend_cpu(const at::Tensor& bases_in, const at::Tensor& rois_in, 
   const float* roi_ptr = rois.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {  // fail loudly on a bad batch index (the CUDA path writes 0)
     const float b = roi_ptr[i * 5];
-    TORCH_CHECK(b >= 0 && static_cast<int64_t>(b) < batch, "roi_blend: roi ", i, " has batch index ", b,
+    TORCH_CHECK(b >= 0 && b < static_cast<float>(batch), "roi_blend: roi ", i, " has batch index ", b,
                 " but bases has batch ", batch);
   }
   const float scale = static_cast<float>(spatial_scale);

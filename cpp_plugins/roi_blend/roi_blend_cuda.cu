@@ -31,7 +31,8 @@ __global__ void roi_blend_kernel(const T* __restrict__ bases, const void* __rest
   float x1, y1, x2, y2;
   if (a.index_kind == IndexKind::kInRoi) {
     const int64_t o = static_cast<int64_t>(i) * 5;
-    b = static_cast<int>(load_box(boxes, o, a.box));
+    const float bf = load_box(boxes, o, a.box);  // range check before the int conversion (NaN: -1)
+    b = bf >= 0.f && bf < static_cast<float>(a.batch) ? static_cast<int>(bf) : -1;
     x1 = load_box(boxes, o + 1, a.box);
     y1 = load_box(boxes, o + 2, a.box);
     x2 = load_box(boxes, o + 3, a.box);
@@ -46,7 +47,8 @@ __global__ void roi_blend_kernel(const T* __restrict__ bases, const void* __rest
     y2 = load_box(boxes, o + 3, a.box);
   }
   T* dst = out + static_cast<int64_t>(i) * r * r + pix;
-  if (b < 0 || b >= a.batch) {  // a bad batch index cannot raise here: write 0
+  if (b < 0 || b >= a.batch) {  // a bad batch index cannot raise here: write 0 (NaN/Inf boxes: 0 too,
+                                // through roi_geometry's empty grid)
     *dst = from_float<T>(0.f);
     return;
   }

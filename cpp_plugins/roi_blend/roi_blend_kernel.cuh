@@ -15,6 +15,11 @@
 //   below 0 clamp to 0 and the high neighbour clamps to size - 1.
 // * Upsampling (torch.nn.functional.interpolate bilinear, align_corners=False, size given):
 //   src = (dst + 0.5) * (in / out) - 0.5, clamped at 0; the high neighbour stays inside.
+// * Non-finite input (NaN/Inf box coordinates, or geometry that overflows float) never reaches a
+//   float -> int conversion (undefined behaviour): such a roi gets an empty sample grid, so its
+//   crops and its output are 0; a NaN/Inf sample position is an invalid (zero) sample. The CPU op
+//   rejects non-finite rois before this; the CUDA kernel and the TensorRT plugin cannot raise.
+//   sampling_ratio = 0 caps the adaptive grid at kMaxGrid samples per bin and axis.
 #pragma once
 
 #include <cmath>
@@ -57,6 +62,19 @@ template <>
 SEPSNET_HD __half from_float<__half>(float v) { return __float2half(v); }
 #endif
 
+constexpr int kMaxGrid = 1024;  // adaptive samples per bin and axis (torchvision: unbounded)
+
+// True for a finite float (false for NaN and +-Inf); no <cmath> classification needed on device.
+SEPSNET_HD bool is_finite(float v) { return fabsf(v) <= 3.402823466e+38f; }
+
+// Adaptive sample count of one axis, ceil(extent / out_size), as an int without UB: 0 for an
+// empty/negative/NaN extent (no samples, as torchvision's non-positive count), at most kMaxGrid.
+SEPSNET_HD int adaptive_grid(float extent, int out_size) {
+  const float n = ceilf(extent / static_cast<float>(out_size));
+  if (!(n > 0.f)) return 0;
+  return n < static_cast<float>(kMaxGrid) ? static_cast<int>(n) : kMaxGrid;
+}
+
 SEPSNET_HD RoiGeom roi_geometry(int batch, float x1, float y1, float x2, float y2,
                                 float spatial_scale, int out_size, int sampling_ratio) {
   RoiGeom g;
@@ -67,18 +85,26 @@ SEPSNET_HD RoiGeom roi_geometry(int batch, float x1, float y1, float x2, float y
   const float roi_h = (y2 * spatial_scale - 0.5f) - g.y0;
   g.bin_h = roi_h / static_cast<float>(out_size);
   g.bin_w = roi_w / static_cast<float>(out_size);
-  g.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceilf(roi_h / out_size));
-  g.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceilf(roi_w / out_size));
+  if (!(is_finite(g.x0) && is_finite(g.y0) && is_finite(roi_w) && is_finite(roi_h))) {
+    // NaN/Inf coordinates: an empty grid, so every crop (and the blend) is 0
+    g.x0 = g.y0 = g.bin_h = g.bin_w = 0.f;
+    g.grid_h = g.grid_w = 0;
+    g.inv_count = 1.f;
+    return g;
+  }
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_h, out_size);
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_w, out_size);
   const int count = g.grid_h * g.grid_w;
   g.inv_count = 1.0f / static_cast<float>(count > 1 ? count : 1);
   return g;
 }
 
 // torchvision's bilinear_interpolate rules for one axis at coordinate c on an axis of `size`.
+// An invalid sample (outside [-1, size], or NaN) gets safe in-range taps; callers weigh it 0.
 SEPSNET_HD AxisTap roi_tap(float c, int size) {
   AxisTap t;
-  t.valid = !(c < -1.0f || c > static_cast<float>(size));
-  if (c <= 0.f) c = 0.f;
+  t.valid = c >= -1.0f && c <= static_cast<float>(size);  // false for NaN
+  if (!t.valid || c <= 0.f) c = 0.f;  // c is in [0, size] before the int conversion
   t.lo = static_cast<int>(c);
   if (t.lo >= size - 1) {
     t.lo = t.hi = size - 1;

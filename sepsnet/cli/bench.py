@@ -1,9 +1,10 @@
 """``sepsnet-bench PATH [--iters N] [--warmup N] [--json OUT] [--size HxW] [--backend B]``.
 
 PATH: a bundle folder, its manifest.json, a ``.plan`` (manifest found beside it), a single
-``.onnx`` graph (timed alone with ONNX Runtime on random inputs of its declared shapes) or a
-training checkpoint (eager PyTorch). Prints p50/p90/p99/mean latency, FPS and the per-stage
-breakdown; ``--json`` saves the same figures.
+``.onnx`` graph (timed alone with ONNX Runtime on random inputs: batch 1, its static dims as
+declared, dynamic height/width from ``--size``, else from the manifest beside it, else 512x1024)
+or a training checkpoint (``.pt``/``.pth``/``.ckpt``, eager PyTorch). Prints p50/p90/p99/mean
+latency, FPS and the per-stage breakdown; ``--json`` saves the same figures.
 """
 from __future__ import annotations
 
@@ -22,6 +23,21 @@ from sepsnet.cli._common import run_cli
 from sepsnet.errors import SEPSNetError
 
 STAGES = ("preprocess", "dense", "nms", "instance", "postprocess")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+DEFAULT_ONNX_HW = (512, 1024)
+ONNX_INSTANCES = 8  # instance count fed to a dynamic instance graph
+
+
+class BenchUsageError(SEPSNetError, ValueError):
+    """A sepsnet-bench argument is malformed or does not fit the thing benchmarked."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HxW"`` -> (H, W), both positive; BenchUsageError with the expected form otherwise."""
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 1:
+        raise BenchUsageError(f"--size {text!r}: expected HEIGHTxWIDTH with two positive integers, e.g. 512x1024")
+    return int(parts[0]), int(parts[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -63,26 +79,94 @@ def bench_loop(fn: Callable[[], dict[str, float]], iters: int, warmup: int) -> t
 
 
 def _random_frame(size: Optional[str], default: tuple[int, int]) -> np.ndarray:
-    h, w = (int(v) for v in size.lower().split("x")) if size else default
+    h, w = parse_size(size) if size else default
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _bench_onnx(path: Path, iters: int, warmup: int) -> tuple[list[float], dict[str, list[float]], str]:
+def _manifest_hw(path: Path) -> Optional[tuple[int, int]]:
+    """Input size recorded in the manifest beside an ONNX graph, or None."""
+    from sepsnet.export.bundle import MANIFEST, load_manifest
+
+    if not (path.parent / MANIFEST).is_file():
+        return None
+    try:
+        inp = load_manifest(path.parent)["input"]
+        return int(inp["height"]), int(inp["width"])
+    except (SEPSNetError, KeyError, TypeError, ValueError):
+        return None
+
+
+# input pixels per element of each spatial input of our graphs (dense: image; instance: bases, P3)
+_STRIDES = {"image": 1, "bases": 4, "p3": 8}
+
+
+def _static_hw(specs: Sequence[Any]) -> Optional[tuple[int, int]]:
+    """Input size implied by a static spatial input of the graph, or None when all are dynamic."""
+    for spec in specs:
+        stride = _STRIDES.get(spec.name)
+        if stride and len(spec.shape) == 4 and all(isinstance(d, int) and d > 0 for d in spec.shape[2:]):
+            return int(spec.shape[2]) * stride, int(spec.shape[3]) * stride
+    return None
+
+
+def onnx_feed_shapes(specs: Sequence[Any], size: Optional[str], manifest_hw: Optional[tuple[int, int]]
+                     ) -> tuple[dict[str, list[int]], tuple[int, int]]:
+    """Shapes to feed each graph input, and the image size (H, W) they stand for.
+
+    Batch 1; static dims as declared; dynamic H/W of ``image`` (and of ``bases``/``p3`` at 1/4 and
+    1/8) from ``--size``, else the graph's static size, else the manifest's, else 512x1024;
+    ``ONNX_INSTANCES`` rois/attention vectors on a dynamic instance dim."""
+    static = _static_hw(specs)
+    if size:
+        hw = parse_size(size)
+        if static is not None and static != hw:
+            raise BenchUsageError(f"--size {size}: the graph has a static input size {static[0]}x{static[1]}; "
+                                  "omit --size or export with --dynamic")
+    else:
+        hw = static or manifest_hw or DEFAULT_ONNX_HW
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        stride = _STRIDES.get(spec.name, 1)
+        shape = []
+        for axis, d in enumerate(spec.shape):
+            if isinstance(d, int) and d > 0:
+                shape.append(int(d))
+            elif spec.name in ("rois", "attention") and axis == 0:
+                shape.append(ONNX_INSTANCES)
+            elif axis == 0:
+                shape.append(1)  # batch
+            elif len(spec.shape) == 4 and axis in (2, 3):
+                shape.append(max(1, -(-hw[axis - 2] // stride)))
+            else:
+                raise BenchUsageError(f"input {spec.name!r} has a dynamic dim {d!r} (axis {axis}) that "
+                                      "sepsnet-bench cannot size; benchmark the bundle instead")
+        shapes[spec.name] = shape
+    return shapes, hw
+
+
+def _bench_onnx(path: Path, iters: int, warmup: int, size: Optional[str] = None,
+                threads: Optional[int] = None) -> tuple[list[float], dict[str, list[float]], str, dict[str, list[int]]]:
     from sepsnet.engines.ort_backend import OrtBackend
     import torch
 
-    backend = OrtBackend(path)
+    backend = OrtBackend(path, threads=threads)
+    shapes, (h, w) = onnx_feed_shapes(backend.inputs, size, None if size else _manifest_hw(path))
+    gen = torch.Generator().manual_seed(0)
     feeds = {}
     for spec in backend.inputs:
-        shape = [d if isinstance(d, int) and d > 0 else 8 for d in spec.shape]
-        if spec.name == "rois":
-            shape = [8, 5]
-        feeds[spec.name] = torch.rand(*shape) * (0 if spec.name == "rois" else 1)
-        if spec.name == "rois":
-            feeds[spec.name][:, 1:] = torch.tensor([4.0, 4.0, 60.0, 60.0])
+        shape = shapes[spec.name]
+        if spec.name == "rois":  # [batch 0, x1, y1, x2, y2] boxes inside the image, in input pixels
+            n = shape[0]
+            xy = torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.6, h * 0.6])
+            wh = (torch.rand(n, 2, generator=gen) * 0.3 + 0.05) * torch.tensor([float(w), float(h)])
+            feeds[spec.name] = torch.cat([torch.zeros(n, 1), xy, xy + wh], dim=1)
+        elif "int" in spec.dtype:
+            feeds[spec.name] = torch.zeros(shape, dtype=torch.int64)
+        else:
+            feeds[spec.name] = torch.rand(*shape, generator=gen)
     totals, stages = bench_loop(lambda: (backend.run(feeds), {})[1], iters, warmup)
-    return totals, stages, backend.name
+    return totals, stages, backend.name, shapes
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -91,7 +175,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", dest="json_out", help="save the figures as JSON here")
-    p.add_argument("--size", help="frame size HxW (default: the bundle's input size)")
+    p.add_argument("--size", help="frame size HxW (default: the bundle's input size; for an .onnx graph its "
+                                  "static size, else the manifest beside it, else 512x1024)")
     p.add_argument("--backend", default="auto", help="auto | ort | trt (bundles)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--cuda-graph", action="store_true",
@@ -102,11 +187,19 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     path = Path(a.path)
     if not path.exists():
         raise SEPSNetError(f"nothing to benchmark at {path}")
-    if path.suffix == ".onnx":
-        totals, stages, backend = _bench_onnx(path, a.iters, a.warmup)
-        kind = "onnx graph"
+    if a.size:
+        parse_size(a.size)  # a malformed --size fails before anything is loaded
+    if a.iters < 1 or a.warmup < 0:
+        raise BenchUsageError(f"--iters must be >= 1 and --warmup >= 0, got {a.iters} and {a.warmup}")
+    extra: dict[str, Any] = {}
+    if path.is_file() and path.suffix == ".onnx":
+        totals, stages, backend, shapes = _bench_onnx(path, a.iters, a.warmup, a.size, a.threads)
+        kind, extra = "onnx graph", {"input_shapes": shapes}
     else:
-        if path.suffix in (".pt", ".pth"):
+        if path.is_file() and path.suffix not in CHECKPOINT_SUFFIXES + (".plan",) and path.name != "manifest.json":
+            raise BenchUsageError(f"cannot benchmark {path}: expected a bundle folder, its manifest.json, a .plan, "
+                                  f"an .onnx graph or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+        if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
             predictor = PanopticPredictor.from_checkpoint(path)
             kind, default = "checkpoint", (predictor.data.min_size_test, predictor.data.max_size_test)
         else:  # bundle folder, manifest.json or a .plan inside a bundle
@@ -118,8 +211,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         frame = _random_frame(a.size, default)
         totals, stages = bench_loop(lambda: predictor(frame).timings, a.iters, a.warmup)
         backend = predictor.dense.name
-    result = {"path": str(path), "kind": kind, **summarize(totals, stages), **environment(backend)}
+    result = {"path": str(path), "kind": kind, **summarize(totals, stages), **environment(backend), **extra}
     print(f"sepsnet-bench {path} ({kind}, {backend}, {result['device']})")
+    for name, shape in extra.get("input_shapes", {}).items():
+        print(f"  input {name:10s} {'x'.join(map(str, shape))}")
     print(f"  latency ms  p50 {result['p50_ms']:.2f}  p90 {result['p90_ms']:.2f}  p99 {result['p99_ms']:.2f}  "
           f"mean {result['mean_ms']:.2f}   FPS {result['fps']:.1f}   ({a.iters} iters, {a.warmup} warm-up)")
     for stage, ms in result["stages_ms"].items():

@@ -13,6 +13,22 @@ from sepsnet.errors import EngineError
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
        "tensor(int32)": np.int32}
+_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+          "tensor(int32)": torch.int32}
+
+
+def ortvalue_to_torch(value: object) -> torch.Tensor:
+    """An OrtValue (IOBinding output) as a torch tensor on the same device, without a copy.
+
+    onnxruntime >= 1.2x's ``OrtValue`` implements the DLPack protocol (``__dlpack__``); older
+    wrappers only had ``to_dlpack()``. The DLPack capsule keeps ORT's buffer alive. Falls back
+    to a host copy (``.numpy()``) only when neither is available.
+    """
+    if hasattr(value, "__dlpack__"):
+        return torch.from_dlpack(value)
+    if hasattr(value, "to_dlpack"):
+        return torch.from_dlpack(value.to_dlpack())
+    return torch.from_numpy(np.ascontiguousarray(value.numpy()))
 
 
 class OrtBackend:
@@ -52,30 +68,38 @@ class OrtBackend:
         return [TensorSpec(o.name, tuple(o.shape), o.type.replace("tensor(", "").rstrip(")"))
                 for o in self.session.get_outputs()]
 
+    def _feeds_in_order(self, feeds: dict[str, torch.Tensor]) -> list[tuple[object, torch.Tensor]]:
+        """(input spec, tensor) for every graph input; EngineError naming what is missing."""
+        specs = self.session.get_inputs()
+        missing = [s.name for s in specs if s.name not in feeds]
+        if missing:
+            raise EngineError(f"{self.path.name}: missing input(s) {', '.join(map(repr, missing))}; the graph "
+                              f"expects {[s.name for s in specs]}, got {sorted(feeds)}")
+        return [(s, feeds[s.name]) for s in specs]
+
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         names = [o.name for o in self.session.get_outputs()]
         if self.device.type == "cuda":
             return self._run_bound(feeds, names)
-        inputs = {}
-        for spec in self.session.get_inputs():
-            if spec.name not in feeds:
-                raise EngineError(f"{self.path.name}: missing input {spec.name!r}")
-            inputs[spec.name] = feeds[spec.name].detach().cpu().numpy().astype(_NP.get(spec.type, np.float32), copy=False)
+        inputs = {spec.name: t.detach().cpu().numpy().astype(_NP.get(spec.type, np.float32), copy=False)
+                  for spec, t in self._feeds_in_order(feeds)}
         out = self.session.run(names, inputs)
         return {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in zip(names, out)}
 
     def _run_bound(self, feeds: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """IO binding on torch tensors of ``self.device`` (CUDA in practice; CPU works the same and
+        is how the tests exercise this path). Outputs come back through DLPack, no host copy."""
         binding = self.session.io_binding()
-        keep = []
-        for spec in self.session.get_inputs():
-            t = feeds[spec.name].to(self.device).contiguous()
-            t = t.to(torch.int64) if spec.type == "tensor(int64)" else t.float()
+        kind, index = self.device.type, self.device.index or 0
+        keep = []  # bound inputs must outlive the run (ORT holds raw pointers)
+        for spec, t in self._feeds_in_order(feeds):
+            t = t.detach().to(self.device, _TORCH.get(spec.type, torch.float32)).contiguous()
             keep.append(t)
-            binding.bind_input(spec.name, "cuda", t.device.index or 0, _NP.get(spec.type, np.float32),
-                               tuple(t.shape), t.data_ptr())
+            binding.bind_input(spec.name, kind, index, _NP.get(spec.type, np.float32), tuple(t.shape), t.data_ptr())
         for n in names:
-            binding.bind_output(n, "cuda")
-        self.session.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        return {n: torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy())
-                for n, o in zip(names, outs)}
+            binding.bind_output(n, kind, index)
+        if kind == "cuda":
+            # the inputs were written on the torch stream; ORT's CUDA EP runs on its own stream
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)  # ORT synchronises its stream before returning
+        return {n: ortvalue_to_torch(o) for n, o in zip(names, binding.get_outputs())}

@@ -35,17 +35,54 @@ def tensorrt_version() -> Optional[str]:
         return None
 
 
-def load_plugin_library(path: Union[str, Path]) -> None:
-    """dlopen the plugin library once so its creators register before deserialisation."""
+def _find_creator(registry: Any, op: str, version: str, namespace: str) -> Any:
+    """The registered creator of ``op`` or None (TensorRT 10/11 ``get_creator``; the IPluginV2-era
+    ``get_plugin_creator`` where that is all there is; else a scan of ``all_creators``)."""
+    for getter in ("get_creator", "get_plugin_creator"):
+        fn = getattr(registry, getter, None)
+        if fn is not None:
+            try:
+                found = fn(op, version, namespace)
+            except Exception:  # noqa: BLE001 - a lookup failure means "not registered"
+                found = None
+            if found is not None:
+                return found
+    for creator in getattr(registry, "all_creators", None) or []:
+        if getattr(creator, "name", None) == op and str(getattr(creator, "plugin_version", version)) == version:
+            return creator
+    return None
+
+
+def load_plugin_library(path: Union[str, Path], op: Optional[str] = None, version: Optional[str] = None,
+                        namespace: str = "") -> None:
+    """dlopen the plugin library once so its creators register before deserialisation, then check
+    that the ``SEPSNetRoiBlend`` creator (``op``/``version``/``namespace``) really is in TensorRT's
+    plugin registry; EngineError naming the library and the op otherwise (rather than a generic
+    "could not deserialize" later)."""
+    from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION  # noqa: PLC0415
+
+    op = op or PLUGIN_OP
+    version = version or PLUGIN_VERSION
     path = str(Path(path).resolve())
     if path in _PLUGINS_LOADED:
         return
     if not Path(path).is_file():
         raise EngineError(f"TensorRT plugin library not found: {path}")
+    trt = import_tensorrt()
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # REGISTER_TENSORRT_PLUGIN runs at load time
     except OSError as exc:
         raise EngineError(f"cannot load TensorRT plugin library {path}: {exc}") from None
+    registry = trt.get_plugin_registry()
+    if _find_creator(registry, op, version, namespace) is None and hasattr(registry, "load_library"):
+        try:  # libraries that only export getCreators() (IPluginRegistry::loadLibrary)
+            registry.load_library(path)
+        except Exception:  # noqa: BLE001 - reported just below
+            pass
+    if _find_creator(registry, op, version, namespace) is None:
+        raise EngineError(f"TensorRT plugin library {path} loaded, but no {op!r} (version {version!r}, namespace "
+                          f"{namespace!r}) plugin creator is registered: was it built against another TensorRT "
+                          f"version (this is TensorRT {getattr(trt, '__version__', '?')}) or from other sources?")
     _PLUGINS_LOADED.add(path)
 
 
