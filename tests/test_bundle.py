@@ -123,3 +123,13 @@ def test_unlisted_plan_is_refused(tmp_path: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="not listed"):
         bundle.verify_bundle(root)
+
+
+def test_unlisted_trt10_engine_graph_is_refused(tmp_path: Path) -> None:
+    """engine_onnx_trt10 (the graph TensorRT 10 builds) is checked like engine_onnx."""
+    root = _make_bundle(tmp_path / "b")
+    data = json.loads((root / "manifest.json").read_text())
+    data["graphs"]["dense"]["engine_onnx_trt10"] = "dense.int8.onnx"
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"engine_onnx_trt10 file 'dense.int8.onnx' is not listed"):
+        bundle.verify_bundle(root)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from sepsnet.cli.export import EXIT_NEEDS_TRT
 from sepsnet.cli.export import main as export_main
 from sepsnet.config import load_config
 from sepsnet.errors import DataError, EngineError
@@ -225,9 +226,10 @@ def test_cli_onnx_only(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert [s["name"] for s in m["graphs"]["dense"]["outputs"]] == list(onnx_export.DENSE_OUTPUTS)
     if NO_TRT is None:
         return
-    # later, on the target: --from-onnx converts to fp16 and stops at the missing TensorRT, bundle intact
+    # later, on the target: --from-onnx converts to fp16 and stops at the missing TensorRT, bundle intact,
+    # with the same exit code as the checkpoint path
     rc = export_main(["--from-onnx", str(out), "--fp16"])
-    assert rc == 2 and "tensorrt" in capsys.readouterr().err.lower()
+    assert rc == EXIT_NEEDS_TRT and "tensorrt" in capsys.readouterr().err.lower()
     m = bundle.verify_bundle(out)
     assert m["precision"] == "fp16" and m["graphs"]["dense"]["engine_onnx"] == "dense.fp16.onnx"
     assert "dense.fp16.onnx" in m["files"] and not bundle.has_plans(m)
@@ -236,7 +238,7 @@ def test_cli_onnx_only(ckpt: Path, tmp_path: Path, capsys) -> None:
 @pytest.mark.skipif(NO_TRT is None, reason="TensorRT and a GPU are available here")
 def test_cli_fp16_without_tensorrt(fp16_bundle) -> None:
     out, rc, err = fp16_bundle
-    assert rc != 0
+    assert rc == EXIT_NEEDS_TRT == 3
     assert "TensorRT + an NVIDIA GPU" in err and f"sepsnet-export --from-onnx {out} --fp16" in err
     m = bundle.verify_bundle(out)  # the ONNX bundle is complete and valid
     assert m["precision"] == "fp16" and m["graphs"]["dense"]["engine_onnx"] == "dense.fp16.onnx"
@@ -313,13 +315,269 @@ def _session_bytes(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_cli_plugin_graph(ckpt: Path, tmp_path: Path) -> None:
-    """--plugin --onnx-only: the instance engine graph has exactly one SEPSNetRoiBlend node."""
-    pytest.importorskip("sepsnet.export.plugin_rewrite", reason="plugin_rewrite (cpp plugin issue) not present")
+def _plugin_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    """The graph's only custom-domain node, which must be SEPSNetRoiBlend."""
+    custom = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert [n.op_type for n in custom] == [trt_build.PLUGIN_OP]
+    return custom[0]
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.value_info)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
+
+
+def _assert_plugin_graphs(out: Path, cfg, fp16: bool) -> None:
+    """instance.plugin.onnx (fp32, TensorRT 10) and, for fp16, instance.plugin.fp16.onnx (TensorRT 11): one
+    SEPSNetRoiBlend node with the config's blender attributes; in fp16 it is fed fp32 bases/boxes/attention and
+    int64 indices (a plugin type combo) while the rest of the graph is fp16."""
+    b = cfg.model.blender
+    for name in ("instance.plugin.onnx",) + (("instance.plugin.fp16.onnx",) if fp16 else ()):
+        model = onnx.load(str(out / name))
+        onnx.checker.check_model(model)
+        node = _plugin_node(model)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["out_size"] == b.mask_size == 56 and attrs["sampling_ratio"] == b.sampling_ratio
+        assert attrs["num_bases"] == b.num_bases and attrs["spatial_scale"] == pytest.approx(0.25)
+        assert attrs["plugin_version"] == b"1" and "Softmax" not in {n.op_type for n in model.graph.node}
+        types = _tensor_types(model)
+        f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+        assert [types.get(t) for t in node.input] == [f32, f32, i64, f32], name
+        if name.endswith(".fp16.onnx"):
+            assert onnx.TensorProto.FLOAT16 in types.values()
+            assert [types.get(t) for t in node.input[1:3]] == [f32, i64]
+
+
+def test_cli_plugin_graph(ckpt: Path, deploy, tmp_path: Path) -> None:
+    """--fp16 --plugin --onnx-only: the fp32 instance graph is fused first, then converted to fp16 (fp16 first
+    used to split the blend pattern with Casts and fail); both plugin graphs are in the bundle."""
+    cfg = deploy[0]
     out = tmp_path / "bundle"
-    rc = export_main([str(ckpt), "--out", str(out), "--onnx-only", "--plugin", "--height", str(H), "--width", str(W)])
+    rc = export_main([str(ckpt), "--out", str(out), "--onnx-only", "--fp16", "--plugin", "--height", str(H),
+                      "--width", str(W)])
     assert rc == 0
     m = bundle.verify_bundle(out)
-    assert m["graphs"]["instance"]["engine_onnx"] == "instance.plugin.onnx"
-    ops = [n.op_type for n in onnx.load(str(out / "instance.plugin.onnx")).graph.node]
-    assert ops.count(trt_build.PLUGIN_OP) == 1
+    assert set(m["files"]) == {"dense.onnx", "instance.onnx", "dense.fp16.onnx", "instance.plugin.onnx",
+                               "instance.plugin.fp16.onnx"}
+    inst, dense = m["graphs"]["instance"], m["graphs"]["dense"]
+    assert (inst["engine_onnx"], inst["engine_onnx_trt10"]) == ("instance.plugin.fp16.onnx", "instance.plugin.onnx")
+    assert (dense["engine_onnx"], dense["engine_onnx_trt10"]) == ("dense.fp16.onnx", "dense.onnx")
+    assert trt_build.engine_onnx_for(inst, 10) == "instance.plugin.onnx"
+    assert trt_build.engine_onnx_for(inst, 11) == "instance.plugin.fp16.onnx"
+    _assert_plugin_graphs(out, cfg, fp16=True)
+
+
+def test_cli_strip_proof_covers_variant_graphs(ckpt: Path, deploy, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The aux-weight proof runs on every graph written to the bundle, not only dense/instance.onnx: an aux
+    weight planted into the plugin graph (by value, innocent name) fails the export."""
+    from sepsnet.export import plugin_rewrite
+
+    _, _, aux, state = deploy
+    aux_name = next(n for n in aux.tensor_names if state[n].numel() >= strip.MIN_FINGERPRINT_NUMEL
+                    and bool((state[n] != state[n].flatten()[0]).any()))
+    real = plugin_rewrite.rewrite_roi_blend
+
+    def planted(model, *a, **k):
+        fused, count = real(model, *a, **k)
+        fused.graph.initializer.append(numpy_helper.from_array(state[aux_name].numpy(), "innocent"))
+        return fused, count
+
+    monkeypatch.setattr(plugin_rewrite, "rewrite_roi_blend", planted)
+    out = tmp_path / "bundle"
+    rc = export_main([str(ckpt), "--out", str(out), "--onnx-only", "--plugin", "--height", str(H), "--width", str(W)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "instance.plugin.onnx" in err and aux_name in err, err
+    assert not (out / bundle.MANIFEST).exists()
+
+
+@pytest.mark.skipif(NO_TRT is None, reason="exercises --from-onnx where TensorRT is missing")
+def test_cli_from_onnx_rewrites_plugin_and_int8(fp16_bundle, deploy, tmp_path: Path, capsys) -> None:
+    """--from-onnx DIR --out EMPTY --plugin: copied (an existing empty folder is fine), the plugin graphs written
+    for the bundle's precision, exit EXIT_NEEDS_TRT; then --int8 keeps the plugin and writes the TensorRT 11
+    Q/DQ graph over the fp16 graph; a non-empty foreign --out is refused."""
+    src, _, _ = fp16_bundle
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    assert export_main(["--from-onnx", str(src), "--out", str(dst), "--plugin"]) == EXIT_NEEDS_TRT
+    assert f"--from-onnx {dst} --fp16" in capsys.readouterr().err
+    m = bundle.verify_bundle(dst)
+    inst = m["graphs"]["instance"]
+    assert m["precision"] == "fp16" and inst["engine_onnx"] == "instance.plugin.fp16.onnx"
+    _assert_plugin_graphs(dst, deploy[0], fp16=True)
+    assert bundle.verify_bundle(src)["graphs"]["instance"]["engine_onnx"] == "instance.fp16.onnx"  # untouched
+    # the same copy again is accepted (e.g. re-run on the target); then int8, plugin kept
+    assert export_main(["--from-onnx", str(src), "--out", str(dst)]) == EXIT_NEEDS_TRT
+    assert export_main(["--from-onnx", str(dst), "--int8", "--plugin", "--calib-count", "2"]) == EXIT_NEEDS_TRT
+    m = bundle.verify_bundle(dst)
+    dense, inst = m["graphs"]["dense"], m["graphs"]["instance"]
+    assert m["precision"] == "int8"
+    assert (dense["engine_onnx"], dense["engine_onnx_trt10"]) == ("dense.fp16.int8.onnx", "dense.int8.onnx")
+    assert inst["engine_onnx"] == inst["engine_onnx_trt10"] == "instance.plugin.onnx"
+    assert not {"dense.fp16.onnx", "instance.fp16.onnx", "instance.plugin.fp16.onnx"} & set(m["files"])
+    q = onnx.load(str(dst / "dense.fp16.int8.onnx"))
+    assert precision.count_ops(q, "QuantizeLinear")["QuantizeLinear"] > 0 and precision.is_fp16_graph(q)
+    capsys.readouterr()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a bundle")
+    assert export_main(["--from-onnx", str(src), "--out", str(junk)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and (junk / "notes.txt").is_file()
+
+
+def test_int8_qdq_over_fp16_graph(fp16_bundle, tmp_path: Path) -> None:
+    """TensorRT 11 int8 graph: Q/DQ over the fp16 graph (opset 19, fp16 scales, no fp32 weights left), so the
+    unquantized layers run in fp16 on a strongly typed network; it runs in ORT CPU close to the fp32 graph."""
+    out, _, _ = fp16_bundle
+    batches = precision.calibration_batches(H, W, 1, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], count=2)
+    q = precision.to_int8_qdq(out / "dense.fp16.onnx", tmp_path / "dense.fp16.int8.onnx", batches)
+    onnx.checker.check_model(q)
+    counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear")
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] >= counts["QuantizeLinear"]
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= precision.QDQ_FP16_OPSET
+    kinds = {i.data_type for i in q.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.INT8 in kinds and onnx.TensorProto.FLOAT not in kinds
+    assert not [n for n in q.graph.node if n.domain not in ("", "ai.onnx")]  # no ORT-only ops baked in
+    got = _session(tmp_path / "dense.fp16.int8.onnx").run(None, {"image": batches[0]})
+    ref = _session(out / "dense.onnx").run(None, {"image": batches[0]})
+    for name, a, b in zip(onnx_export.DENSE_OUTPUTS, got, ref):
+        assert a.shape == b.shape and a.dtype == np.float32 and np.isfinite(a).all(), name
+        assert float(np.abs(a - b).max()) <= 0.2 * max(1.0, float(np.abs(b).max())), name
+    assert float(np.abs(got[1] - ref[1]).max()) < 0.25  # scores, as for the fp32 Q/DQ graph
+
+
+def test_timing_cache_name() -> None:
+    """One timing cache file per TensorRT version and GPU, names safe for any file system."""
+    a = trt_build.default_timing_cache("10.3.0", "NVIDIA H200", root="/c")
+    assert a == Path("/c/trt_timing_10.3.0_NVIDIA_H200.cache")
+    assert trt_build.default_timing_cache("11.0.1", "NVIDIA H200", root="/c") != a
+    assert trt_build.default_timing_cache("10.3.0", "Orin (nvgpu)", root="/c") != a
+    odd = trt_build.default_timing_cache("10.3.0", "GeForce RTX 4090/Ti: *x* ", root="/c")
+    assert odd.parent == Path("/c") and odd.name == "trt_timing_10.3.0_GeForce_RTX_4090_Ti_x.cache"
+    assert trt_build.default_timing_cache("10.3", "").name == "trt_timing_10.3_unknown.cache"
+    assert trt_build.default_timing_cache("10.3", "x").parent == Path.home() / ".cache" / "sepsnet"
+
+
+class _FakeConfig:
+    """IBuilderConfig stand-in: set_timing_cache refuses caches made from a foreign blob."""
+
+    def __init__(self) -> None:
+        self.attached: list[bytes] = []
+
+    def create_timing_cache(self, blob: bytes):
+        if blob == b"corrupt":
+            raise RuntimeError("bad blob")
+        return blob
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False
+        if cache == b"foreign":
+            return False
+        self.attached.append(cache)
+        return True
+
+
+def test_timing_cache_mismatch_starts_fresh(tmp_path: Path) -> None:
+    logs: list[str] = []
+    path = tmp_path / "t.cache"
+    cfg = _FakeConfig()
+    trt_build.attach_timing_cache(cfg, path, logs.append)  # no file: a fresh cache, no warning
+    assert cfg.attached == [b""] and not logs
+    path.write_bytes(b"mine")
+    trt_build.attach_timing_cache(cfg, path, logs.append)
+    assert cfg.attached[-1] == b"mine" and not logs
+    for blob in (b"foreign", b"corrupt"):
+        path.write_bytes(blob)
+        with pytest.warns(RuntimeWarning, match="starting a fresh one"):
+            trt_build.attach_timing_cache(cfg, path, logs.append)
+        assert cfg.attached[-1] == b"" and str(path) in logs[-1]
+
+
+class _Creator:
+    def __init__(self, name: str, version: str = "1") -> None:
+        self.name, self.plugin_version = name, version
+
+
+class _Registry:
+    def __init__(self, names: list[str], api: bool = True) -> None:
+        self.calls: list[tuple] = []
+        self._names = names
+        if api:
+            self.get_creator = self._get
+        else:
+            self.all_creators = [_Creator(n) for n in names]
+
+    def _get(self, name: str, version: str, namespace: str = ""):
+        self.calls.append((name, version, namespace))
+        return _Creator(name) if name in self._names else None
+
+
+def test_has_creator_uses_get_creator_with_fallback() -> None:
+    reg = _Registry([trt_build.PLUGIN_OP])
+    assert trt_build._has_creator(reg, trt_build.PLUGIN_OP) and not trt_build._has_creator(reg, "Other")
+    assert reg.calls[0] == (trt_build.PLUGIN_OP, "1", "")
+    assert trt_build._has_creator(_Registry([trt_build.PLUGIN_OP], api=False), trt_build.PLUGIN_OP)
+    assert not trt_build._has_creator(_Registry(["ROIAlign_TRT"], api=False), trt_build.PLUGIN_OP)
+
+
+def test_plugin_not_found_names_library_and_op(tmp_path: Path) -> None:
+    """A library that registers no SEPSNetRoiBlend creator (here libc10, already loaded by torch)."""
+    lib = Path(torch.__file__).parent / "lib" / "libc10.so"
+    if not lib.is_file():
+        pytest.skip(f"{lib} not present")
+
+    class FakeTrt:
+        __version__ = "10.3.0"
+        registry = _Registry([])
+
+        @classmethod
+        def get_plugin_registry(cls):
+            return cls.registry
+
+    with pytest.raises(EngineError) as err:
+        trt_build.load_plugin_library(FakeTrt, lib, None)
+    assert str(lib) in str(err.value) and trt_build.PLUGIN_OP in str(err.value) and "10.3.0" in str(err.value)
+    with pytest.raises(EngineError, match=f"{trt_build.PLUGIN_OP}.*{tmp_path / 'none.so'}"):
+        trt_build.load_plugin_library(FakeTrt, tmp_path / "none.so", None)
+
+
+def test_parser_plugin_error_names_library(tmp_path: Path) -> None:
+    class Err:
+        def node_name(self) -> str:
+            return "SEPSNetRoiBlend_0"
+
+        def node_operator(self) -> str:
+            return trt_build.PLUGIN_OP
+
+        def desc(self) -> str:
+            return "Plugin not found, are the plugin name, version, and namespace correct?"
+
+    class Parser:
+        num_errors = 1
+
+        def __init__(self, network, logger) -> None:
+            pass
+
+        def parse_from_file(self, path: str) -> bool:
+            return False
+
+        def get_error(self, i: int) -> Err:
+            return Err()
+
+    class FakeTrt:
+        OnnxParser = Parser
+
+        class NetworkDefinitionCreationFlag:
+            STRONGLY_TYPED = 1
+
+    class Builder:
+        def create_network(self, flags: int) -> object:
+            return object()
+
+    lib = tmp_path / "libsepsnet_plugins.so"
+    with pytest.raises(EngineError) as err:
+        trt_build._parse(FakeTrt, Builder(), tmp_path / "instance.plugin.onnx", None, True, lib)
+    text = str(err.value)
+    assert "SEPSNetRoiBlend_0" in text and str(lib) in text and "version 1" in text
+    with pytest.raises(EngineError, match="no plugin library was loaded"):
+        trt_build._parse(FakeTrt, Builder(), tmp_path / "instance.plugin.onnx", None, True, None)

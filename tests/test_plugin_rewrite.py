@@ -111,3 +111,93 @@ def test_rewrite_rejects_graph_without_blend():
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
     with pytest.raises(EngineError, match="no RoiAlign"):
         rewrite_roi_blend(onnx.helper.make_model(graph))
+
+
+def _reference_blend(bases, boxes, idx, attention, attrs):
+    """What SEPSNetRoiBlend computes (the unfused blender on the plugin node's inputs), in fp32 torch."""
+    rois = torch.cat([torch.as_tensor(idx).float()[:, None], torch.as_tensor(boxes).float()], 1)
+    r = int(attrs["out_size"])
+    crops = roi_align(torch.as_tensor(bases).float(), rois, (r, r), float(attrs["spatial_scale"]),
+                      int(attrs["sampling_ratio"]), aligned=True)
+    attn = F.interpolate(torch.as_tensor(attention).float(), size=(r, r), mode="bilinear", align_corners=False)
+    return (crops * attn.softmax(dim=1)).sum(dim=1)
+
+
+def _run_with_plugin(model, feeds):
+    """Run a graph holding one SEPSNetRoiBlend node in ORT, the node itself done by the torch reference."""
+    (node,) = [n for n in model.graph.node if n.op_type == PLUGIN_OP]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    opsets = [op for op in model.opset_import if op.domain != PLUGIN_DOMAIN]
+    after, frontier = set(), {node.output[0]}
+    for n in model.graph.node:  # nodes are topologically sorted
+        if frontier & set(n.input):
+            after.add(n.name)
+            frontier |= set(n.output)
+
+    def session(nodes, inputs, outputs):
+        graph = onnx.helper.make_graph(nodes, "probe", inputs, outputs, initializer=model.graph.initializer,
+                                       value_info=model.graph.value_info)
+        probe = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version)
+        return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    before = [n for n in model.graph.node if n is not node and n.name not in after]
+    names = {i.name for i in model.graph.input}
+    sess = session(before, list(model.graph.input), [onnx.helper.make_empty_tensor_value_info(t) for t in node.input])
+    ins = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
+    blended = _reference_blend(*ins, attrs).numpy()
+    out_vi = next(v for v in model.graph.value_info if v.name == node.output[0])
+    rest = [n for n in model.graph.node if n is not node]
+    sess = session(rest, list(model.graph.input) + [out_vi], list(model.graph.output))
+    full = {**{k: v for k, v in feeds.items() if k in names}, node.output[0]: blended.astype(
+        onnx.helper.tensor_dtype_to_np_dtype(out_vi.type.tensor_type.elem_type))}
+    return sess.run(None, {k: v for k, v in full.items() if k in {i.name for i in sess.get_inputs()}}), ins
+
+
+def _dtypes(model):
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.value_info)
+             + list(model.graph.output)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
+
+
+def assert_fp16_plugin_graph(model):
+    """fp16 graph after the rewrite: one custom node, SEPSNetRoiBlend, fed fp32 bases/boxes/attention and int64
+    indices (a supported plugin type combo), and its boxes/indices computed from ``rois`` without any fp16."""
+    onnx.checker.check_model(model)
+    types = _dtypes(model)
+    assert onnx.TensorProto.FLOAT16 in types.values(), "not an fp16 graph"
+    custom = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert [n.op_type for n in custom] == [PLUGIN_OP]
+    f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    assert [types.get(t) for t in custom[0].input] == [f32, f32, i64, f32]
+    assert types.get(custom[0].output[0]) == f32
+    producer = {o: n for n in model.graph.node for o in n.output}
+    todo, seen = list(custom[0].input[1:3]), set()
+    while todo:
+        t = todo.pop()
+        assert types.get(t) != onnx.TensorProto.FLOAT16, f"box path tensor {t} is fp16"
+        if t in producer and t not in seen:
+            seen.add(t)
+            todo.extend(i for i in producer[t].input if i)
+    return custom[0]
+
+
+def test_rewrite_then_fp16_keeps_plugin_fp32_and_matches(exported):
+    from sepsnet.export import precision
+
+    fused, _ = rewrite_roi_blend(onnx.load(str(exported)))
+    with pytest.raises(EngineError, match="fp16 graph"):  # the order matters: fp16 first breaks the pattern
+        rewrite_roi_blend(precision.to_fp16(onnx.load(str(exported)), exported.parent / "blend.fp16.onnx"))
+    g16 = precision.to_fp16(fused, exported.parent / "blend.plugin.fp16.onnx")
+    assert_fp16_plugin_graph(g16)
+    bases, rois, attention = example(6, seed=5)
+    feeds = {"bases": bases.numpy(), "rois": rois.numpy(), "attention": attention.numpy()}
+    (mask, crop_mean), (_, boxes, idx, _) = _run_with_plugin(g16, feeds)
+    np.testing.assert_array_equal(boxes, rois[:, 1:].numpy())  # boxes reach the plugin unrounded
+    np.testing.assert_array_equal(idx, rois[:, 0].long().numpy())
+    want = UnfusedBlend()(bases, rois, attention)
+    np.testing.assert_allclose(mask, want[0].numpy(), atol=2e-3)
+    np.testing.assert_allclose(crop_mean, want[1].numpy(), atol=1e-2)
+    # the fp32 rewrite itself, run the same way, equals the unfused blend exactly (within fp32 noise)
+    (mask32, _), _ = _run_with_plugin(fused, feeds)
+    np.testing.assert_allclose(mask32, want[0].numpy(), atol=1e-5)

@@ -2,7 +2,19 @@
 
     sepsnet-export CKPT --out DIR [--config X] [--fp16] [--int8 [--calib DIR]] [--plugin]
                    [--onnx-only] [--height H --width W] [--dynamic]
-    sepsnet-export --from-onnx DIR [--fp16 | --int8]      # build engines later, on the target
+    sepsnet-export --from-onnx DIR [--out DIR2] [--fp16 | --int8] [--plugin]   # engines later, on the target
+
+Exit codes: 0 done; 2 error (message on stderr); 3 (``EXIT_NEEDS_TRT``) the ONNX bundle is written and
+valid but TensorRT engines were not built because this machine lacks TensorRT or an NVIDIA GPU (both
+the checkpoint path and ``--from-onnx``).
+
+Engine graphs (``precision``/``plugin`` -> files; TensorRT 11 builds ``engine_onnx``, TensorRT 10
+``engine_onnx_trt10``, see ``trt_build``):
+    fp32   dense.onnx                 instance.onnx          (both versions)
+    fp16   dense.fp16.onnx            instance.fp16.onnx     (11)  | dense.onnx, instance.onnx + FP16 flag (10)
+    int8   dense.fp16.int8.onnx       instance.onnx          (11)  | dense.int8.onnx + INT8/FP16 flags (10)
+    --plugin: the instance graph is instance.plugin.onnx (fp32, fused first), instance.plugin.fp16.onnx
+    for fp16 on 11 (converted after the fusion, SEPSNetRoiBlend and its box inputs kept fp32).
 """
 from __future__ import annotations
 
@@ -10,8 +22,9 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from sepsnet.cli._common import run_cli
 from sepsnet.errors import BundleError, ConfigError, EngineError
@@ -19,6 +32,10 @@ from sepsnet.export import bundle, trt_build
 
 PLUGIN_NAME = "libsepsnet_plugins.so"
 PLUGIN_SEARCH = ("build/plugins", "build", "cpp_plugins/build", "cpp_plugins/roi_blend/build", "sepsnet/ops")
+EXIT_NEEDS_TRT = 3  # ONNX bundle written and valid; engines need TensorRT + an NVIDIA GPU
+VARIANT_GRAPHS = ("dense.fp16.onnx", "instance.fp16.onnx", "dense.int8.onnx", "dense.fp16.int8.onnx",
+                  "instance.plugin.onnx", "instance.plugin.fp16.onnx")
+STALE_FILES = VARIANT_GRAPHS + ("dense.plan", "instance.plan", PLUGIN_NAME)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -41,8 +58,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4, help="largest batch with --dynamic (default 4)")
     p.add_argument("--from-onnx", metavar="DIR", help="build TensorRT engines for an existing ONNX bundle")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace pool limit (GiB)")
-    p.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds "
-                                          "(default: ~/.cache/sepsnet/trt_timing.cache)")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds (default: "
+                                          "~/.cache/sepsnet/trt_timing_<TensorRT version>_<GPU>.cache)")
     return p.parse_args(argv)
 
 
@@ -50,46 +67,94 @@ def _precision(args: argparse.Namespace, default: str = "fp32") -> str:
     return "int8" if args.int8 else "fp16" if args.fp16 else default
 
 
-def _find_plugin(args: argparse.Namespace) -> Path:
+def _find_plugin(args: argparse.Namespace, out: Optional[Path] = None) -> Path:
     if args.plugin_lib:
         return Path(args.plugin_lib)
     env = os.environ.get("SEPSNET_PLUGIN_LIB")
     candidates = [Path(env)] if env else []
     candidates += [Path(d) / PLUGIN_NAME for d in PLUGIN_SEARCH]
+    if out is not None:
+        candidates.append(out / PLUGIN_NAME)  # the copy a bundle already holds (from an earlier build)
     for c in candidates:
         if c.is_file():
             return c
-    raise EngineError(f"--plugin: {PLUGIN_NAME} not found (looked in {', '.join(str(c) for c in candidates)}); "
-                      "build it where a TensorRT SDK is installed or pass --plugin-lib")
+    raise EngineError(f"--plugin: {PLUGIN_NAME} (TensorRT plugin {trt_build.PLUGIN_OP}) not found (looked in "
+                      f"{', '.join(str(c) for c in candidates)}); build it where a TensorRT SDK is installed "
+                      "or pass --plugin-lib")
 
 
-def rewrite_for_plugin(src: Path, dst: Path) -> None:
-    """instance graph -> the same graph with RoiAlign+blend as one SEPSNetRoiBlend node."""
-    try:
-        from sepsnet.export import plugin_rewrite
-    except ImportError as exc:
-        raise EngineError(f"--plugin: sepsnet.export.plugin_rewrite is not available ({exc})") from None
-    fn = getattr(plugin_rewrite, "rewrite_instance_graph", None)
-    if fn is None:
-        public = [n for n in dir(plugin_rewrite) if not n.startswith("_")]
-        raise EngineError(f"--plugin: plugin_rewrite has no rewrite_instance_graph(src, dst) (has: {public})")
-    fn(src, dst)
-    if not dst.is_file():
-        raise EngineError(f"--plugin: the rewrite did not write {dst}")
-
-
-def _graph_entry(out: Path, onnx_name: str, engine_onnx: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"onnx": onnx_name, "engine_onnx": engine_onnx, "plan": None}
+def _graph_entry(out: Path, onnx_name: str, engine_onnx: str, engine_onnx_trt10: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"onnx": onnx_name, "engine_onnx": engine_onnx,
+                             "engine_onnx_trt10": engine_onnx_trt10, "plan": None}
     entry.update(bundle.tensor_specs(out / engine_onnx))
     return entry
 
 
-def _clear_bundle(out: Path) -> None:
-    """Remove the manifest first (an interrupted export then has no manifest) and stale engines."""
-    for name in [bundle.MANIFEST, "dense.plan", "instance.plan", "dense.fp16.onnx", "instance.fp16.onnx",
-                 "dense.int8.onnx", "instance.plugin.onnx", PLUGIN_NAME]:
-        if (out / name).exists():
+def _is_plugin(manifest: dict[str, Any]) -> bool:
+    inst = manifest["graphs"]["instance"]
+    return any(".plugin." in str(inst.get(k) or "") for k in ("engine_onnx", "engine_onnx_trt10"))
+
+
+def _referenced(graphs: dict[str, dict[str, Any]]) -> set[str]:
+    return {str(g[k]) for g in graphs.values() for k in ("onnx", "engine_onnx", "engine_onnx_trt10", "plan")
+            if g.get(k)}
+
+
+def _clear_bundle(out: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Remove the manifest first (an interrupted export then has no manifest), then stale graphs/engines."""
+    for name in (bundle.MANIFEST,) + STALE_FILES:
+        if name not in keep and (out / name).exists():
             (out / name).unlink()
+
+
+def write_engine_graphs(out: Path, prec: str, plugin: bool,
+                        calibration: Callable[[], list[Any]]) -> dict[str, dict[str, Any]]:
+    """From ``out/dense.onnx`` + ``out/instance.onnx`` write the engine graphs of ``prec`` (+ the plugin
+    rewrite) and return the manifest ``graphs`` entries (file table in the module docstring).
+
+    The plugin rewrite runs on the fp32 instance graph; its fp16 form is converted afterwards, so
+    the fp16 conversion never splits the RoiAlign/Softmax -> Mul pattern with Casts."""
+    import onnx
+
+    from sepsnet.export import plugin_rewrite, precision, surgery
+
+    dense10 = dense11 = "dense.onnx"
+    inst10 = inst11 = "instance.onnx"
+    inst_model = None
+    if plugin:
+        inst_model, count = plugin_rewrite.rewrite_roi_blend(onnx.load(str(out / "instance.onnx")))
+        surgery.save(inst_model, out / "instance.plugin.onnx")
+        inst10 = inst11 = "instance.plugin.onnx"
+        print(f"instance.plugin.onnx: {count} {plugin_rewrite.PLUGIN_OP} node(s) replace the RoiAlign+blend subgraph")
+    if prec == "fp16":
+        precision.to_fp16(out / "dense.onnx", out / "dense.fp16.onnx")
+        inst11 = "instance.plugin.fp16.onnx" if plugin else "instance.fp16.onnx"
+        precision.to_fp16(inst_model if inst_model is not None else out / inst10, out / inst11)
+        dense11 = "dense.fp16.onnx"
+    elif prec == "int8":
+        batches = calibration()
+        q10 = precision.to_int8_qdq(out / "dense.onnx", out / "dense.int8.onnx", batches)  # TensorRT 10
+        with tempfile.TemporaryDirectory(dir=out, prefix=".fp16-") as tmp:  # TensorRT 11: Q/DQ of the fp16 graph
+            precision.to_fp16(out / "dense.onnx", Path(tmp) / "dense.fp16.onnx")
+            q11 = precision.to_int8_qdq(Path(tmp) / "dense.fp16.onnx", out / "dense.fp16.int8.onnx", batches)
+        for name, q in (("dense.int8.onnx", q10), ("dense.fp16.int8.onnx", q11)):
+            counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear")
+            print(f"{name}: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes, "
+                  f"calibrated on {sum(len(b) for b in batches)} frames")
+        dense10, dense11 = "dense.int8.onnx", "dense.fp16.int8.onnx"
+    return {"dense": _graph_entry(out, "dense.onnx", dense11, dense10),
+            "instance": _graph_entry(out, "instance.onnx", inst11, inst10)}
+
+
+def prove_stripped(out: Path, names: Sequence[str], aux: Any) -> None:
+    """The strip proof (no aux weight by name or value) on every graph file written to the bundle."""
+    import onnx
+
+    from sepsnet.export import strip
+
+    for name in names:
+        proof = strip.assert_no_aux_weights(onnx.load(str(out / name)), aux, name)
+        print(f"{name}: {proof['checked']} tensors hold none of the {proof['aux_tensors']} train-only weights")
 
 
 def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
@@ -104,8 +169,6 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         raise ConfigError("sepsnet-export needs a checkpoint (or --from-onnx DIR)")
     if not args.out:
         raise ConfigError("sepsnet-export needs --out DIR")
-    if args.calib and not args.int8:
-        raise ConfigError("--calib only applies with --int8")
     ckpt = load_checkpoint(args.checkpoint)
     if args.config:
         cfg = load_config(args.config)
@@ -120,30 +183,16 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     print(f"exporting {args.checkpoint} at {shape.height}x{shape.width}"
           f"{' (dynamic batch/H/W)' if shape.dynamic else ''}; stripped: {', '.join(aux.modules) or 'nothing'}")
     with torch.no_grad():
-        dense = onnx_export.export_dense(model, cfg, out / "dense.onnx", shape)
-        inst = onnx_export.export_instance(model, cfg, out / "instance.onnx", shape)
-    for proto, name in ((dense, "dense.onnx"), (inst, "instance.onnx")):
-        proof = strip.assert_no_aux_weights(proto, aux, name)
-        print(f"{name}: onnx.checker ok, {proof['checked']} tensors hold none of {proof['aux_tensors']} aux weights")
+        onnx_export.export_dense(model, cfg, out / "dense.onnx", shape)
+        onnx_export.export_instance(model, cfg, out / "instance.onnx", shape)
     prec = _precision(args)
-    dense_engine, inst_engine = "dense.onnx", "instance.onnx"
-    if prec == "fp16":
-        precision.to_fp16(out / "dense.onnx", out / "dense.fp16.onnx")
-        precision.to_fp16(out / "instance.onnx", out / "instance.fp16.onnx")
-        dense_engine, inst_engine = "dense.fp16.onnx", "instance.fp16.onnx"
-    elif prec == "int8":
-        batches = precision.calibration_batches(shape.height, shape.width, 1, cfg.data.pixel_mean,
-                                                cfg.data.pixel_std, folder=args.calib, count=args.calib_count)
-        q = precision.to_int8_qdq(out / "dense.onnx", out / "dense.int8.onnx", batches)
-        counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear")
-        print(f"dense.int8.onnx: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes, "
-              f"calibrated on {sum(len(b) for b in batches)} {'images' if args.calib else 'generated frames'}")
-        dense_engine = "dense.int8.onnx"
-    if args.plugin:
-        rewrite_for_plugin(out / inst_engine, out / "instance.plugin.onnx")
-        inst_engine = "instance.plugin.onnx"
-    graphs = {"dense": _graph_entry(out, "dense.onnx", dense_engine),
-              "instance": _graph_entry(out, "instance.onnx", inst_engine)}
+
+    def calibration() -> list[Any]:
+        return precision.calibration_batches(shape.height, shape.width, 1, cfg.data.pixel_mean, cfg.data.pixel_std,
+                                             folder=args.calib, count=args.calib_count)
+
+    graphs = write_engine_graphs(out, prec, args.plugin, calibration)
+    prove_stripped(out, sorted(_referenced(graphs)), aux)
     n_max = shape.max_instances * shape.ranges()["batch"][2]
     content = bundle.manifest_content(
         cfg, ckpt.get("meta"), ranges=shape.ranges(), dynamic=shape.dynamic,
@@ -155,18 +204,18 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
 
 def build_engines(out: Path, manifest: dict[str, Any], args: argparse.Namespace) -> None:
-    """Build dense.plan and instance.plan from the manifest's engine graphs; rewrite the manifest."""
-    trt_build.check_environment()
+    """Build dense.plan and instance.plan from the graphs this TensorRT version takes; rewrite the manifest."""
+    trt, gpu = trt_build.check_environment()
+    major = trt_build.trt_major(trt)
     plugin_name = None
     plugin_path: Optional[Path] = None
-    if args.plugin or str(manifest["graphs"]["instance"]["engine_onnx"]).endswith(".plugin.onnx"):
-        src = _find_plugin(args)
+    if args.plugin or _is_plugin(manifest):
+        src = _find_plugin(args, out)
         plugin_path = out / PLUGIN_NAME
         if src.resolve() != plugin_path.resolve():
             shutil.copy2(src, plugin_path)
         plugin_name = PLUGIN_NAME
-    cache = Path(args.timing_cache) if args.timing_cache else Path.home() / ".cache" / "sepsnet" / "trt_timing.cache"
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache = Path(args.timing_cache) if args.timing_cache else trt_build.default_timing_cache(str(trt.__version__), gpu)
     ranges, m = manifest["input"]["ranges"], manifest["model"]
     attn = m["num_bases"] * m["attn_size"] ** 2
     bases_c = m["num_bases"] + (1 if m["silhouette_feature"] else 0)
@@ -178,9 +227,10 @@ def build_engines(out: Path, manifest: dict[str, Any], args: argparse.Namespace)
     for name in ("dense", "instance"):
         graph = manifest["graphs"][name]
         graph_prec = "fp32" if (name == "instance" and prec == "int8") else prec
-        result = trt_build.build_engine(out / graph["engine_onnx"], out / f"{name}.plan", precision=graph_prec,
-                                        profiles=profiles[name], workspace_gib=args.workspace_gib,
-                                        timing_cache=cache, plugin_library=plugin_path)
+        result = trt_build.build_engine(out / trt_build.engine_onnx_for(graph, major), out / f"{name}.plan",
+                                        precision=graph_prec, profiles=profiles[name],
+                                        workspace_gib=args.workspace_gib, timing_cache=cache,
+                                        plugin_library=plugin_path)
         graph["plan"] = f"{name}.plan"
     assert result is not None
     manifest = {k: v for k, v in manifest.items() if k not in ("format", "created", "files")}
@@ -191,45 +241,78 @@ def build_engines(out: Path, manifest: dict[str, Any], args: argparse.Namespace)
     print(f"wrote TensorRT {result.trt_version} engines for {result.gpu} into {out}")
 
 
+def _copy_bundle(src: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Copy the bundle ``src`` into ``out`` (missing or empty). A non-empty ``out`` is accepted only when
+    it holds a copy of the same bundle (same fp32 graphs, e.g. an earlier ``--from-onnx src --out out``
+    stopped by a missing TensorRT): its files are then overwritten and its other graphs/engines removed.
+    Anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            other: Optional[dict[str, Any]] = bundle.load_manifest(out)
+        except BundleError:
+            other = None
+        fp32 = [g["onnx"] for g in manifest["graphs"].values()]
+        same = other is not None and all(
+            (other["files"].get(n) or {}).get("sha256") == manifest["files"][n]["sha256"] for n in fp32)
+        if not same:
+            raise BundleError(f"--out {out} is not empty and does not hold a copy of the bundle {src} "
+                              "(different or no manifest): refusing to overwrite it; pass a new or empty folder, "
+                              f"or omit --out to build the engines inside {src}")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    for name in STALE_FILES:  # graphs/engines of the earlier copy that this bundle does not have
+        if name not in manifest["files"] and (out / name).is_file():
+            (out / name).unlink()
+
+
+def _needs_trt(out: Path, prec: str, exc: EngineError) -> int:
+    flag = f" --{prec}" if prec != "fp32" else ""
+    print(f"error: the ONNX bundle {out} is written and valid (usable with ONNX Runtime), but TensorRT "
+          f"engines were not built: they need TensorRT + an NVIDIA GPU ({exc}). Build them later on the "
+          f"target machine with `sepsnet-export --from-onnx {out}{flag}`, or pass --onnx-only.", file=sys.stderr)
+    return EXIT_NEEDS_TRT
+
+
 def from_onnx(args: argparse.Namespace) -> int:
-    """Build engines for an existing ONNX bundle (optionally copied to --out first)."""
-    from sepsnet.config import config_from_dict
+    """Build engines for an existing ONNX bundle (optionally copied to --out first); the engine graphs are
+    rewritten first when the precision or --plugin asks for other ones (the plugin choice of a bundle
+    sticks). Without TensorRT/GPU: the rewritten bundle stays valid and the exit code is EXIT_NEEDS_TRT."""
     from sepsnet.export import precision
 
     src = Path(args.from_onnx)
     manifest = bundle.verify_bundle(src)
     out = Path(args.out) if args.out else src
     if out.resolve() != src.resolve():
-        if out.exists() and any(out.iterdir()):
-            raise BundleError(f"--out {out} exists and is not empty")
-        shutil.copytree(src, out)
+        _copy_bundle(src, out, manifest)
+        manifest = bundle.verify_bundle(out)
     prec = _precision(args, manifest["precision"])
-    if prec != manifest["precision"]:
-        cfg = config_from_dict(manifest["config"], where=f"{src}/manifest.json")
-        graphs = manifest["graphs"]
-        if prec == "fp16":
-            precision.to_fp16(out / "dense.onnx", out / "dense.fp16.onnx")
-            precision.to_fp16(out / "instance.onnx", out / "instance.fp16.onnx")
-            graphs["dense"].update(_graph_entry(out, "dense.onnx", "dense.fp16.onnx"))
-            graphs["instance"].update(_graph_entry(out, "instance.onnx", "instance.fp16.onnx"))
-        elif prec == "int8":
-            inp = manifest["input"]
-            batches = precision.calibration_batches(inp["height"], inp["width"], 1, cfg.data.pixel_mean,
-                                                    cfg.data.pixel_std, folder=args.calib, count=args.calib_count)
-            precision.to_int8_qdq(out / "dense.onnx", out / "dense.int8.onnx", batches)
-            graphs["dense"].update(_graph_entry(out, "dense.onnx", "dense.int8.onnx"))
-            graphs["instance"].update(_graph_entry(out, "instance.onnx", "instance.onnx"))
-        else:
-            graphs["dense"].update(_graph_entry(out, "dense.onnx", "dense.onnx"))
-            graphs["instance"].update(_graph_entry(out, "instance.onnx", "instance.onnx"))
-        manifest["precision"] = prec
-        bundle.write_manifest(out, {k: v for k, v in manifest.items() if k not in ("format", "created", "files")})
+    plugin = args.plugin or _is_plugin(manifest)
+    if prec != manifest["precision"] or plugin != _is_plugin(manifest):
+        inp = manifest["input"]
+
+        def calibration() -> list[Any]:
+            return precision.calibration_batches(inp["height"], inp["width"], 1, inp["pixel_mean"], inp["pixel_std"],
+                                                 folder=args.calib, count=args.calib_count)
+
+        _clear_bundle(out, keep=frozenset({PLUGIN_NAME}))  # manifest first: no half-valid bundle if interrupted
+        graphs = write_engine_graphs(out, prec, plugin, calibration)
+        manifest = {k: v for k, v in manifest.items() if k not in ("format", "created", "files")}
+        manifest.update(precision=prec, graphs=graphs, gpu=None, plugin=None)
+        bundle.write_manifest(out, manifest)
+        print(f"rewrote the engine graphs of {out} for {prec}{' with the plugin' if plugin else ''}")
+    try:
+        trt_build.check_environment(hint=False)
+    except EngineError as exc:
+        return _needs_trt(out, prec, exc)
     build_engines(out, manifest, args)
     return 0
 
 
 def main_args(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if args.calib and not args.int8:
+        raise ConfigError("--calib only applies with --int8")
     if args.from_onnx:
         if args.checkpoint:
             raise ConfigError("give either a checkpoint or --from-onnx DIR, not both")
@@ -240,12 +323,7 @@ def main_args(argv: Optional[Sequence[str]] = None) -> int:
     try:
         trt_build.check_environment(hint=False)
     except EngineError as exc:
-        flag = f" --{manifest['precision']}" if manifest["precision"] != "fp32" else ""
-        print(f"error: the ONNX bundle {out} is written and valid (usable with ONNX Runtime), but TensorRT "
-              f"engines were not built: they need TensorRT + an NVIDIA GPU ({exc}). Build them later on the "
-              f"target machine with `sepsnet-export --from-onnx {out}{flag}`, or pass --onnx-only.",
-              file=sys.stderr)
-        return 3
+        return _needs_trt(out, manifest["precision"], exc)
     build_engines(out, manifest, args)
     return 0
 

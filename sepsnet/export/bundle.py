@@ -18,7 +18,9 @@ Manifest schema (``format`` = ``sepsnet-bundle/1``)::
     gpu           GPU name the plans were built on (null for an ONNX-only bundle)
     plugin        file name of the TensorRT plugin library or null
     graphs        {"dense": G, "instance": G}; G = {onnx: fp32 graph file (ORT runs it),
-                  engine_onnx: graph the TensorRT engine is built from (fp32/fp16/int8 file),
+                  engine_onnx: graph a TensorRT 11 (strongly typed) engine is built from
+                  (fp32/fp16/int8 file), engine_onnx_trt10: graph TensorRT 10 builds with
+                  builder flags (fp32-derived; absent in older bundles: engine_onnx),
                   plan: "dense.plan" or null, inputs/outputs: [{name, shape, dtype}]}
                   (shape entries are ints or dim names such as "instances")
     files         {relative path: {sha256, bytes}} for every other file in the bundle
@@ -172,7 +174,7 @@ def verify_bundle(bundle_dir: Union[str, Path], *, check_trt: bool = False, trt_
             raise BundleError(f"{root}: sha256 mismatch for {rel!r} (manifest {str(entry.get('sha256'))[:12]}..., "
                               f"file {digest[:12]}...): the file was modified or corrupted; re-export")
     for name, graph in manifest["graphs"].items():
-        for key in ("onnx", "engine_onnx", "plan"):
+        for key in ("onnx", "engine_onnx", "engine_onnx_trt10", "plan"):
             rel = graph.get(key)
             if rel and rel not in files:
                 raise BundleError(f"{root}: graph {name!r} {key} file {rel!r} is not listed in the manifest files")

@@ -10,6 +10,11 @@ becomes ``SEPSNetRoiBlend(bases, boxes, batch_idx, attention)`` with attributes 
 TensorRT plugin in ``cpp_plugins/roi_blend`` (the ONNX parser looks plugins up by op type; its
 attributes become the plugin fields). RoiAlign/Resize outputs with other consumers (e.g. the
 confidence head's base crops) are kept; dead nodes are removed.
+
+Rewrite the fp32 graph: ``sepsnet-export --fp16 --plugin`` fuses first, then converts the fused
+graph to fp16 with ``precision.to_fp16``, which keeps this node and the nodes computing its boxes
+and batch indices in fp32 (fp32 bases/boxes/attention + int64 indices: a type combination the
+plugin supports). An fp16 graph has Casts inside the pattern and is refused with that advice.
 """
 from __future__ import annotations
 
@@ -124,6 +129,12 @@ def rewrite_roi_blend(model: onnx.ModelProto, domain: str = PLUGIN_DOMAIN) -> tu
     graph = gs.import_onnx(model)
     matches = [m for m in (_match(n) for n in graph.nodes) if m is not None]
     if not matches:
+        fp16 = onnx.TensorProto.FLOAT16
+        casts16 = (n for n in model.graph.node
+                   if n.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in n.attribute))
+        if any(i.data_type == fp16 for i in model.graph.initializer) or next(casts16, None) is not None:
+            raise EngineError("plugin rewrite: this is an fp16 graph (Casts split the RoiAlign/Softmax -> Mul "
+                              "blend pattern); rewrite the fp32 graph, then convert it with precision.to_fp16")
         raise EngineError("plugin rewrite: no RoiAlign/Resize/Softmax/Mul/ReduceSum blend subgraph found "
                           "(was the graph exported with model.blender.fused disabled?)")
     for i, m in enumerate(matches):

@@ -1,27 +1,34 @@
 """TensorRT engine build from the exported ONNX graphs (TensorRT 10 and 11 Python API).
 
-Version handling (DESIGN.md "Facts about the export targets"):
+Version handling (DESIGN.md "Facts about the export targets"); each manifest graph entry names the
+file for each (see :func:`engine_onnx_for`):
 - TensorRT 11: networks are strongly typed, precision builder flags are gone; the precision comes
-  from the graph (``dense.fp16.onnx`` / Q/DQ ``dense.int8.onnx`` from ``precision.py``).
-- TensorRT 10: weakly typed by default; fp16 = the ``FP16`` builder flag on the fp32 graph,
-  int8 = the Q/DQ graph with ``INT8`` (+ ``FP16`` for the layers left unquantized).
+  from the graph, ``engine_onnx``: ``*.fp16.onnx`` for fp16, ``dense.fp16.int8.onnx`` (Q/DQ of the
+  fp16 graph, so unquantized layers run in fp16) for int8, from ``precision.py``.
+- TensorRT 10: weakly typed; the graph is ``engine_onnx_trt10``, derived from the fp32 graph: fp16 =
+  the ``FP16`` builder flag on the fp32 graph (``dense.onnx`` / ``instance[.plugin].onnx``), int8 =
+  the Q/DQ graph of the fp32 graph (``dense.int8.onnx``) with ``INT8`` + ``FP16`` (for the layers
+  left unquantized). TensorRT chooses the per-layer precision within those flags.
 ``tensorrt`` is imported lazily so everything else works on machines without it.
 """
 from __future__ import annotations
 
 import ctypes
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from sepsnet.errors import EngineError
+from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION
 
 NO_TRT_HINT = ("TensorRT engines need the `tensorrt` Python package (pip install tensorrt) and an NVIDIA GPU; "
                "the ONNX bundle is usable with ONNX Runtime now, and engines can be built later on the target "
                "machine with `sepsnet-export --from-onnx DIR --fp16`")
 
-PLUGIN_OP = "SEPSNetRoiBlend"
+PLUGIN_NAMESPACE = ""
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
@@ -62,29 +69,86 @@ def check_environment(hint: bool = True) -> tuple[Any, str]:
     return trt, gpu_name(hint)
 
 
+def _plugin_id() -> str:
+    return f"{PLUGIN_OP} (version {PLUGIN_VERSION}, namespace {PLUGIN_NAMESPACE!r})"
+
+
 def load_plugin_library(trt: Any, path: Union[str, Path], logger: Any) -> None:
     """Load the SEPSNetRoiBlend plugin library so the parser and runtime find its creator."""
     path = Path(path)
     if not path.is_file():
-        raise EngineError(f"plugin library not found: {path} (build it with `make plugins` where a TensorRT SDK "
-                          "is installed, TENSORRT_ROOT set)")
+        raise EngineError(f"plugin library for {_plugin_id()} not found: {path} (build it with `make plugins` "
+                          "where a TensorRT SDK is installed, TENSORRT_ROOT set)")
     try:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # static REGISTER_TENSORRT_PLUGIN registration
     except OSError as exc:
-        raise EngineError(f"cannot load plugin library {path}: {exc}") from None
+        raise EngineError(f"cannot load plugin library {path} (for {_plugin_id()}): {exc}") from None
     registry = trt.get_plugin_registry()
     if not _has_creator(registry, PLUGIN_OP) and hasattr(registry, "load_library"):
         registry.load_library(str(path))  # libraries exporting getCreators()
     if not _has_creator(registry, PLUGIN_OP):
-        raise EngineError(f"{path} loaded but no {PLUGIN_OP} plugin creator was registered "
+        raise EngineError(f"plugin {_plugin_id()} not found: {path} loaded but registered no creator for it "
                           f"(built against another TensorRT version? this is TensorRT {trt.__version__})")
 
 
-def _has_creator(registry: Any, name: str) -> bool:
+def _has_creator(registry: Any, name: str, version: str = PLUGIN_VERSION, namespace: str = PLUGIN_NAMESPACE) -> bool:
+    """Whether ``registry`` holds a creator for (name, version, namespace).
+
+    ``IPluginRegistry.get_creator`` (TensorRT 10/11; None when absent) is the API; the listing of
+    ``all_creators`` / ``plugin_creator_list`` is the fallback for registries without it."""
+    get = getattr(registry, "get_creator", None)
+    if get is not None:
+        try:
+            return get(name, version, namespace) is not None
+        except Exception:  # noqa: BLE001 - some builds raise instead of returning None
+            pass
     creators = getattr(registry, "all_creators", None)
     if creators is None:
-        creators = getattr(registry, "plugin_creator_list", [])
-    return any(getattr(c, "name", None) == name for c in creators)
+        creators = getattr(registry, "plugin_creator_list", None) or []
+    return any(getattr(c, "name", None) == name and str(getattr(c, "plugin_version", version)) == version
+               for c in creators)
+
+
+def engine_onnx_for(graph: dict[str, Any], major: int) -> str:
+    """The graph file of a manifest graph entry that TensorRT ``major`` builds (module docstring)."""
+    if major < 11:
+        return str(graph.get("engine_onnx_trt10") or graph["engine_onnx"])
+    return str(graph["engine_onnx"])
+
+
+def _sanitise(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "unknown"
+
+
+def default_timing_cache(trt_version: str, gpu: str, root: Optional[Union[str, Path]] = None) -> Path:
+    """``~/.cache/sepsnet/trt_timing_<TensorRT version>_<GPU name>.cache`` (names sanitised): a timing
+    cache holds tactics of one TensorRT version on one GPU, so each pair gets its own file."""
+    base = Path(root) if root is not None else Path.home() / ".cache" / "sepsnet"
+    return base / f"trt_timing_{_sanitise(trt_version)}_{_sanitise(gpu)}.cache"
+
+
+def attach_timing_cache(config: Any, path: Path, log: Callable[[str], None] = print) -> Any:
+    """Give the builder ``config`` the timing cache read from ``path`` (fresh when absent). A cache
+    that TensorRT refuses (written by another TensorRT version or GPU, or corrupt) is replaced by a
+    fresh one with a warning; the file is overwritten after the build."""
+    blob = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(blob)
+    except Exception as exc:  # noqa: BLE001 - a corrupt blob may raise instead of returning None
+        cache, reason = None, f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "TensorRT refused it"
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if blob:
+        msg = (f"timing cache {path} does not match this TensorRT version / GPU ({reason}); "
+               "starting a fresh one, the file will be overwritten")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log(f"warning: {msg}")
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError("TensorRT refused an empty timing cache")
+    return cache
 
 
 @dataclass
@@ -96,7 +160,8 @@ class BuildResult:
     precision: str
 
 
-def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed: bool) -> tuple[Any, Any]:
+def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed: bool,
+           plugin_library: Optional[Union[str, Path]] = None) -> tuple[Any, Any]:
     flags = 0
     if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -104,12 +169,17 @@ def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed:
     parser = trt.OnnxParser(network, logger)
     ok = parser.parse_from_file(str(onnx_path))
     if not ok:
-        lines = []
+        lines, plugin = [], False
         for i in range(parser.num_errors):
             err = parser.get_error(i)
             node = err.node_name() if hasattr(err, "node_name") else f"#{err.node()}"
             op = err.node_operator() if hasattr(err, "node_operator") else "?"
+            plugin = plugin or op == PLUGIN_OP or PLUGIN_OP in str(err.desc())
             lines.append(f"  node {node!r} ({op}): {err.desc()}")
+        if plugin:
+            where = (f"the plugin library loaded was {plugin_library}" if plugin_library is not None else
+                     "no plugin library was loaded (pass --plugin-lib / plugin_library)")
+            lines.append(f"  plugin {_plugin_id()}: {where}")
         raise EngineError(f"TensorRT ONNX parser rejected {onnx_path}:\n" + "\n".join(lines or ["  (no detail)"]))
     return network, parser
 
@@ -120,9 +190,11 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], *, pr
                  log: Callable[[str], None] = print) -> BuildResult:
     """Parse ``onnx_path`` and write a serialized engine to ``plan_path``.
 
-    ``precision`` is the precision the ONNX graph was prepared for (fp32/fp16/int8); ``profiles`` maps
-    every dynamic input to (min, opt, max) shapes (one optimisation profile). The timing cache file is
-    read when present and written back after the build so later builds reuse the tactics.
+    ``precision`` is the bundle precision (fp32/fp16/int8): on TensorRT 10 it sets the builder flags,
+    on 11 it is only reported (the graph carries it); pass the graph :func:`engine_onnx_for` picks.
+    ``profiles`` maps every dynamic input to (min, opt, max) shapes (one optimisation profile). The
+    timing cache file (the CLI passes :func:`default_timing_cache`) is read when present and written
+    back after the build so later builds reuse the tactics; a mismatching one is replaced with a warning.
     """
     from sepsnet.fileio import atomic_write_bytes
 
@@ -136,7 +208,7 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], *, pr
         load_plugin_library(trt, plugin_library, logger)
     builder = trt.Builder(logger)
     strongly_typed = major >= 11  # 11: always strongly typed (flag kept where it still exists)
-    network, _parser = _parse(trt, builder, Path(onnx_path), logger, strongly_typed)
+    network, _parser = _parse(trt, builder, Path(onnx_path), logger, strongly_typed, plugin_library)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if major < 11:
@@ -159,12 +231,8 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], *, pr
             lo, opt, hi = profiles[name]
             profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
         config.add_optimization_profile(profile)
-    cache = None
     if timing_cache is not None:
-        cache_path = Path(timing_cache)
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        attach_timing_cache(config, Path(timing_cache), log)
     start = time.perf_counter()
     log(f"building TensorRT {trt.__version__} engine ({precision}) from {onnx_path} on {gpu} ...")
     serialized = builder.build_serialized_network(network, config)
@@ -173,6 +241,7 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], *, pr
     seconds = time.perf_counter() - start
     atomic_write_bytes(plan_path, bytes(serialized))
     if timing_cache is not None:
+        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     log(f"wrote {plan_path} in {seconds:.1f} s")
     return BuildResult(plan=Path(plan_path), seconds=seconds, trt_version=str(trt.__version__), gpu=gpu,
