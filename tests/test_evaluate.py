@@ -15,14 +15,18 @@ from sepsnet.train.checkpoint import save_checkpoint
 ROOT = Path(__file__).parents[1]
 
 
-def test_eval_streaming_matches_files(tmp_path: Path) -> None:
-    generate(tmp_path / "syn", 1, 3, seed=5, size=96)
+def _tiny_eval_setup(data: Path):
+    """Tiny config on the synthetic val split at ``data``, every detection kept; random-init model."""
     cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides(
-        [f"data.val_root={tmp_path / 'syn'}", "data.min_size_test=96", "postprocess.score_thresh=0.0",
+        [f"data.val_root={data}", "data.min_size_test=96", "postprocess.score_thresh=0.0",
          "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=1"]))
     torch.manual_seed(0)
-    model = build_model(cfg)
-    ds = build_dataset(cfg, train=False)
+    return cfg, build_model(cfg), build_dataset(cfg, train=False)
+
+
+def test_eval_streaming_matches_files(tmp_path: Path) -> None:
+    generate(tmp_path / "syn", 1, 3, seed=5, size=96)
+    cfg, model, ds = _tiny_eval_setup(tmp_path / "syn")
     metrics = evaluate_model(model, ds, cfg, out_dir=tmp_path / "pred", boundary_ratio=0.02)
     ref = pq_compute_files(str(tmp_path / "syn" / "annotations" / "panoptic_val.json"),
                            str(tmp_path / "pred" / "panoptic_predictions.json"),
@@ -72,12 +76,7 @@ def test_eval_skip_bad_never_substitutes(tmp_path: Path, caplog: pytest.LogCaptu
     generate(tmp_path / "syn", 1, 3, seed=5, size=96)
     bad = tmp_path / "syn" / "val" / "val_000001.png"
     bad.write_bytes(b"not an image")
-    cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides(
-        [f"data.val_root={tmp_path / 'syn'}", "data.min_size_test=96", "postprocess.score_thresh=0.0",
-         "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=1"]))
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    ds = build_dataset(cfg, train=False)
+    cfg, model, ds = _tiny_eval_setup(tmp_path / "syn")
     with pytest.raises(DataError, match="val_000001.png"):
         evaluate_model(model, ds, cfg, with_ap=False)
     with caplog.at_level(logging.WARNING, logger="sepsnet.eval.evaluator"):
