@@ -514,10 +514,10 @@ class _Registry:
 
 def test_has_creator_uses_get_creator_with_fallback() -> None:
     reg = _Registry([trt_build.PLUGIN_OP])
-    assert trt_build._has_creator(reg, trt_build.PLUGIN_OP) and not trt_build._has_creator(reg, "Other")
+    assert trt_build.has_plugin_creator(reg, trt_build.PLUGIN_OP) and not trt_build.has_plugin_creator(reg, "Other")
     assert reg.calls[0] == (trt_build.PLUGIN_OP, "1", "")
-    assert trt_build._has_creator(_Registry([trt_build.PLUGIN_OP], api=False), trt_build.PLUGIN_OP)
-    assert not trt_build._has_creator(_Registry(["ROIAlign_TRT"], api=False), trt_build.PLUGIN_OP)
+    assert trt_build.has_plugin_creator(_Registry([trt_build.PLUGIN_OP], api=False), trt_build.PLUGIN_OP)
+    assert not trt_build.has_plugin_creator(_Registry(["ROIAlign_TRT"], api=False), trt_build.PLUGIN_OP)
 
 
 def test_plugin_not_found_names_library_and_op(tmp_path: Path) -> None:

@@ -35,24 +35,6 @@ def tensorrt_version() -> Optional[str]:
         return None
 
 
-def _find_creator(registry: Any, op: str, version: str, namespace: str) -> Any:
-    """The registered creator of ``op`` or None (TensorRT 10/11 ``get_creator``; the IPluginV2-era
-    ``get_plugin_creator`` where that is all there is; else a scan of ``all_creators``)."""
-    for getter in ("get_creator", "get_plugin_creator"):
-        fn = getattr(registry, getter, None)
-        if fn is not None:
-            try:
-                found = fn(op, version, namespace)
-            except Exception:  # noqa: BLE001 - a lookup failure means "not registered"
-                found = None
-            if found is not None:
-                return found
-    for creator in getattr(registry, "all_creators", None) or []:
-        if getattr(creator, "name", None) == op and str(getattr(creator, "plugin_version", version)) == version:
-            return creator
-    return None
-
-
 def load_plugin_library(path: Union[str, Path], op: Optional[str] = None, version: Optional[str] = None,
                         namespace: str = "") -> None:
     """dlopen the plugin library once so its creators register before deserialisation, then check
@@ -60,6 +42,7 @@ def load_plugin_library(path: Union[str, Path], op: Optional[str] = None, versio
     plugin registry; EngineError naming the library and the op otherwise (rather than a generic
     "could not deserialize" later)."""
     from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION  # noqa: PLC0415
+    from sepsnet.export.trt_build import has_plugin_creator  # noqa: PLC0415 - the one creator lookup
 
     op = op or PLUGIN_OP
     version = version or PLUGIN_VERSION
@@ -74,12 +57,12 @@ def load_plugin_library(path: Union[str, Path], op: Optional[str] = None, versio
     except OSError as exc:
         raise EngineError(f"cannot load TensorRT plugin library {path}: {exc}") from None
     registry = trt.get_plugin_registry()
-    if _find_creator(registry, op, version, namespace) is None and hasattr(registry, "load_library"):
+    if not has_plugin_creator(registry, op, version, namespace) and hasattr(registry, "load_library"):
         try:  # libraries that only export getCreators() (IPluginRegistry::loadLibrary)
             registry.load_library(path)
         except Exception:  # noqa: BLE001 - reported just below
             pass
-    if _find_creator(registry, op, version, namespace) is None:
+    if not has_plugin_creator(registry, op, version, namespace):
         raise EngineError(f"TensorRT plugin library {path} loaded, but no {op!r} (version {version!r}, namespace "
                           f"{namespace!r}) plugin creator is registered: was it built against another TensorRT "
                           f"version (this is TensorRT {getattr(trt, '__version__', '?')}) or from other sources?")

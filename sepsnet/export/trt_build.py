@@ -84,24 +84,26 @@ def load_plugin_library(trt: Any, path: Union[str, Path], logger: Any) -> None:
     except OSError as exc:
         raise EngineError(f"cannot load plugin library {path} (for {_plugin_id()}): {exc}") from None
     registry = trt.get_plugin_registry()
-    if not _has_creator(registry, PLUGIN_OP) and hasattr(registry, "load_library"):
+    if not has_plugin_creator(registry, PLUGIN_OP) and hasattr(registry, "load_library"):
         registry.load_library(str(path))  # libraries exporting getCreators()
-    if not _has_creator(registry, PLUGIN_OP):
+    if not has_plugin_creator(registry, PLUGIN_OP):
         raise EngineError(f"plugin {_plugin_id()} not found: {path} loaded but registered no creator for it "
                           f"(built against another TensorRT version? this is TensorRT {trt.__version__})")
 
 
-def _has_creator(registry: Any, name: str, version: str = PLUGIN_VERSION, namespace: str = PLUGIN_NAMESPACE) -> bool:
+def has_plugin_creator(registry: Any, name: str, version: str = PLUGIN_VERSION, namespace: str = PLUGIN_NAMESPACE) -> bool:
     """Whether ``registry`` holds a creator for (name, version, namespace).
 
     ``IPluginRegistry.get_creator`` (TensorRT 10/11; None when absent) is the API; the listing of
     ``all_creators`` / ``plugin_creator_list`` is the fallback for registries without it."""
-    get = getattr(registry, "get_creator", None)
-    if get is not None:
-        try:
-            return get(name, version, namespace) is not None
-        except Exception:  # noqa: BLE001 - some builds raise instead of returning None
-            pass
+    for getter in ("get_creator", "get_plugin_creator"):  # TensorRT 10/11; the IPluginV2-era name
+        get = getattr(registry, getter, None)
+        if get is not None:
+            try:
+                if get(name, version, namespace) is not None:
+                    return True
+            except Exception:  # noqa: BLE001 - some builds raise instead of returning None
+                pass
     creators = getattr(registry, "all_creators", None)
     if creators is None:
         creators = getattr(registry, "plugin_creator_list", None) or []
