@@ -2,6 +2,11 @@
 for the R-50 (COCO classes) and tiny configs at 512x1024 and 1024x2048. Random weights (timing
 does not depend on them). Prints a table and saves JSON. Target: ORT <= 0.7x eager.
 
+``eager_s``: ``forward_dense`` as ``PanopticPredictor.from_checkpoint`` runs it (every location);
+``eager_preselect_s``: the same with the bundle's per-level top-k pre-selection; ``ort_s``: the
+bundle's ``dense.onnx`` (with pre-selection, as ``sepsnet-export`` writes it). Eager and ORT runs
+alternate, so a change in machine load hits both alike.
+
     python benchmarks/backends.py --out backends.json [--threads 2] [--iters 5]
 """
 from __future__ import annotations
@@ -20,15 +25,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(fn, iters: int, warmup: int) -> float:
+def timed_alternating(fns: dict, iters: int, warmup: int) -> dict[str, float]:
+    """Median seconds per callable, running them in turn each iteration."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main() -> int:
@@ -43,7 +51,7 @@ def main() -> int:
     import onnxruntime as ort
 
     from sepsnet.config import load_config, parse_overrides
-    from sepsnet.export.onnx_export import ExportShape, export_dense
+    from sepsnet.export.onnx_export import ExportShape, dense_preselect, export_dense
     from sepsnet.model import build_model
 
     torch.set_num_threads(a.threads)
@@ -60,17 +68,21 @@ def main() -> int:
             image = torch.randn(1, 3, h, w)
             with tempfile.TemporaryDirectory() as tmp:
                 onnx_path = Path(tmp) / "dense.onnx"
-                export_dense(model, cfg, onnx_path, ExportShape(h, w))
+                sel = dense_preselect(cfg)
+                export_dense(model, cfg, onnx_path, ExportShape(h, w), preselect=sel)
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = a.threads
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 feed = {sess.get_inputs()[0].name: image.numpy()}
                 with torch.inference_mode():
-                    eager = timed(lambda: model.forward_dense(image), a.iters, a.warmup)
-                onnx_s = timed(lambda: sess.run(None, feed), a.iters, a.warmup)
-            row = {"config": name, "size": size, "eager_s": round(eager, 4), "ort_s": round(onnx_s, 4),
-                   "ratio": round(onnx_s / eager, 3)}
+                    t = timed_alternating({"eager": lambda: model.forward_dense(image),
+                                           "eager_preselect": lambda: model.forward_dense(image, sel),
+                                           "ort": lambda: sess.run(None, feed)}, a.iters, a.warmup)
+            row = {"config": name, "size": size, "eager_s": round(t["eager"], 4),
+                   "eager_preselect_s": round(t["eager_preselect"], 4), "ort_s": round(t["ort"], 4),
+                   "ratio": round(t["ort"] / t["eager"], 3),
+                   "ratio_vs_eager_preselect": round(t["ort"] / t["eager_preselect"], 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"benchmark": "backends", "threads": a.threads, "torch": torch.__version__, "onnxruntime": ort.__version__,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from sepsnet.config import load_config
 from sepsnet.errors import DataError, EngineError
 from sepsnet.export import bundle, onnx_export, precision, strip, surgery, trt_build
 from sepsnet.model.weights import checkpoint_config, load_checkpoint
+from sepsnet.postprocess.candidates import level_entries, select_candidates
 from sepsnet.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,12 +109,69 @@ def test_graphs_clean_and_free_of_aux(fp16_bundle, deploy) -> None:
 def test_dense_ort_equals_torch(fp16_bundle, deploy) -> None:
     out, _, _ = fp16_bundle
     _, model, _, _ = deploy
+    cfg = deploy[0]
     image = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref = model.forward_dense(image)
+        ref = model.forward_dense(image, onnx_export.dense_preselect(cfg))
     got = _session(out / "dense.onnx").run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()})
-    for name, value in zip(onnx_export.DENSE_OUTPUTS, got):
-        torch.testing.assert_close(torch.from_numpy(value), ref[name], atol=1e-4, rtol=1e-5, msg=name)
+    got = dict(zip(onnx_export.DENSE_OUTPUTS, (torch.from_numpy(v) for v in got)))
+    # locations that tie in the pre-selection rank (all below the threshold here) may come in another
+    # order from ONNX Runtime's TopK than from torch.topk: compare each level ordered by location
+    counts = level_entries(ref["p3"].shape[-2:], {"topk": cfg.postprocess.pre_nms_topk, "score_thresh": 0})
+    got, ref = _by_location(got, counts), _by_location(ref, counts)
+    for name in onnx_export.DENSE_OUTPUTS:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-5, msg=name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preselect"] == {"topk": cfg.postprocess.pre_nms_topk,
+                                     "score_thresh": cfg.postprocess.score_thresh, "padded": False}
+
+
+def _by_location(dense: dict[str, torch.Tensor], counts: list[int]) -> dict[str, torch.Tensor]:
+    """Per-location outputs of image 0 reordered within each level by box centre."""
+    out = dict(dense)
+    order, start = [], 0
+    for c in counts:
+        box = dense["boxes"][0, start:start + c]
+        centre = (box[:, :2] + box[:, 2:]) / 2
+        order.append(start + torch.argsort(centre[:, 1] * 1e3 + centre[:, 0]))
+        start += c
+    idx = torch.cat(order)
+    for k in ("boxes", "scores", "centerness", "attention"):
+        out[k] = dense[k][:, idx]
+    return out
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dense_preselect_graph_keeps_the_fcos_candidates(deploy, tmp_path: Path, dynamic: bool) -> None:
+    """A pre-selecting dense graph that really truncates (top 7 per level, every location above the
+    threshold) gives the candidates FCOS selects from every location of the eager model."""
+    from dataclasses import replace
+
+    cfg, model, _, _ = deploy
+    pp = replace(cfg.postprocess, pre_nms_topk=7, score_thresh=0.001, nms_thresh=0.9, max_instances=300)
+    cfg_pp = replace(cfg, postprocess=pp)
+    sel = onnx_export.dense_preselect(cfg_pp, dynamic)
+    shape = onnx_export.default_shape(cfg, H, W, dynamic=dynamic, max_batch=2)
+    proto = onnx_export.export_dense(model, cfg_pp, tmp_path / "dense.onnx", shape, preselect=sel)
+    assert surgery.assert_constant_topk(proto, "dense") == 5
+    sess = _session(tmp_path / "dense.onnx")
+    for h, w in ((H, W), (96, 128)) if dynamic else ((H, W),):
+        image = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h))
+        with torch.no_grad():
+            full = model.forward_dense(image)
+        got = dict(zip(onnx_export.DENSE_OUTPUTS, (torch.from_numpy(v) for v in
+                                                    sess.run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()}))))
+        p3 = full["p3"].shape[-2:]
+        counts = level_entries(p3, {"topk": 7, "score_thresh": 0.001, "padded": dynamic})
+        assert got["attention"].shape[1] == sum(counts) < full["attention"].shape[1]
+        (a,) = select_candidates(got["boxes"], got["scores"], got["centerness"], got["attention"], counts, pp,
+                                 [(h, w)])
+        (b,) = select_candidates(full["boxes"], full["scores"], full["centerness"], full["attention"],
+                                 level_entries(p3), pp, [(h, w)])
+        assert len(a) == len(b) >= 10
+        assert torch.equal(a.classes, b.classes)
+        torch.testing.assert_close(a.boxes, b.boxes, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(a.attention, b.attention, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n", [0, 1, 23])

@@ -183,7 +183,8 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     print(f"exporting {args.checkpoint} at {shape.height}x{shape.width}"
           f"{' (dynamic batch/H/W)' if shape.dynamic else ''}; stripped: {', '.join(aux.modules) or 'nothing'}")
     with torch.no_grad():
-        onnx_export.export_dense(model, cfg, out / "dense.onnx", shape)
+        preselect = onnx_export.dense_preselect(cfg, shape.dynamic)
+        onnx_export.export_dense(model, cfg, out / "dense.onnx", shape, preselect=preselect)
         onnx_export.export_instance(model, cfg, out / "instance.onnx", shape)
     prec = _precision(args)
 
@@ -197,7 +198,7 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     content = bundle.manifest_content(
         cfg, ckpt.get("meta"), ranges=shape.ranges(), dynamic=shape.dynamic,
         instances={"min": 0, "opt": min(shape.max_instances, 32), "max": n_max}, precision=prec,
-        opset=onnx_export.OPSET, graphs=graphs, plugin=None)
+        opset=onnx_export.OPSET, graphs=graphs, plugin=None, preselect=preselect)
     bundle.write_manifest(out, content)
     print(f"wrote ONNX bundle {out} ({prec}): {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
     return out, content

@@ -21,7 +21,7 @@ from sepsnet.config import DataConfig, PostprocessConfig, SEPSNetConfig, config_
 from sepsnet.data.transforms import normalize, pad_to, resize_shape
 from sepsnet.engines.backend import Backend
 from sepsnet.errors import BundleError, EngineError, FrameError
-from sepsnet.postprocess.pipeline import panoptic_inference
+from sepsnet.postprocess.pipeline import check_preselect, panoptic_inference
 from sepsnet.postprocess.results import PanopticResult
 
 PathLike = Union[str, Path]
@@ -48,7 +48,12 @@ class PanopticPredictor:
     """Run a dense + instance backend pair with the shared post-processing."""
 
     def __init__(self, dense: Backend, instance: Backend, data: DataConfig, postprocess: PostprocessConfig,
-                 classes: dict[str, Any], input_hw: Optional[tuple[int, int]] = None) -> None:
+                 classes: dict[str, Any], input_hw: Optional[tuple[int, int]] = None,
+                 preselect: Optional[dict[str, Any]] = None) -> None:
+        """``preselect``: the manifest's ``preselect`` when the dense engine keeps only the top-k
+        locations per level (checked against ``postprocess`` here, not at the first frame)."""
+        check_preselect(preselect, postprocess)
+        self.preselect = preselect
         self.dense, self.instance = dense, instance
         self.data, self.postprocess = data, postprocess
         self.classes = classes
@@ -97,7 +102,7 @@ class PanopticPredictor:
         post = PostprocessConfig(**manifest.get("postprocess", {}))
         inp = manifest["input"]
         input_hw = None if inp.get("dynamic") else (int(inp["height"]), int(inp["width"]))
-        return cls(dense, instance, cfg.data, post, manifest["classes"], input_hw)
+        return cls(dense, instance, cfg.data, post, manifest["classes"], input_hw, manifest.get("preselect"))
 
     @classmethod
     def from_checkpoint(cls, path: PathLike, config: Optional[SEPSNetConfig] = None,
@@ -195,7 +200,7 @@ class PanopticPredictor:
                 torch.cuda.synchronize(self.dense.device)
             t2 = time.perf_counter()
             result = panoptic_inference(dense, self._run_instances, [sizes], self.postprocess,
-                                        num_stuff_classes=self.num_stuff)[0]
+                                        num_stuff_classes=self.num_stuff, preselect=self.preselect)[0]
             t3 = time.perf_counter()
         pt = result.timings
         nms, inst = pt.get("candidates", 0.0), pt.get("instances", 0.0)

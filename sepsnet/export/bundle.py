@@ -14,6 +14,9 @@ Manifest schema (``format`` = ``sepsnet-bundle/1``)::
     instances     {min, opt, max}: the dynamic instance count range of instance graph/engine
     postprocess   every PostprocessConfig field (alpha, score_thresh, nms_thresh, ...)
     alpha         copy of postprocess.alpha (Eq. 4)
+    preselect     {topk, score_thresh, padded}: the dense graph keeps min(topk, h*w) locations per
+                  FPN level (best class prob * centerness above score_thresh; padded: exactly topk);
+                  null: every location
     versions      torch, torchvision, onnx, onnxruntime, tensorrt (null when absent), sepsnet
     gpu           GPU name the plans were built on (null for an ONNX-only bundle)
     plugin        file name of the TensorRT plugin library or null
@@ -198,7 +201,7 @@ def default_classes(num_things: int, num_stuff: int) -> dict[str, Any]:
 def manifest_content(cfg: Any, classes: Optional[dict[str, Any]], *, ranges: dict[str, list[int]],
                      dynamic: bool, instances: dict[str, int], precision: str, opset: int,
                      graphs: dict[str, dict[str, Any]], plugin: Optional[str] = None,
-                     gpu: Optional[str] = None) -> dict[str, Any]:
+                     gpu: Optional[str] = None, preselect: Any = None) -> dict[str, Any]:
     """Everything the runtime needs besides the files (see the module docstring)."""
     from dataclasses import asdict
 
@@ -219,6 +222,9 @@ def manifest_content(cfg: Any, classes: Optional[dict[str, Any]], *, ranges: dic
         "instances": instances,
         "postprocess": asdict(cfg.postprocess),
         "alpha": cfg.postprocess.alpha,
+        "preselect": None if preselect is None else {"topk": int(preselect.topk),
+                                                     "score_thresh": float(preselect.score_thresh),
+                                                     "padded": bool(preselect.padded)},
         "versions": software_versions(),
         "gpu": gpu,
         "plugin": plugin,

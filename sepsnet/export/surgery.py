@@ -127,3 +127,19 @@ def save(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
     path = Path(path)
     atomic_write_bytes(path, model.SerializeToString())
     return path
+
+
+def assert_constant_topk(model: onnx.ModelProto, where: str) -> int:
+    """Every TopK's k must be an initializer (the TensorRT ONNX parser takes no computed k).
+    Returns the number of TopK nodes."""
+    init = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "TopK":
+            continue
+        count += 1
+        if len(node.input) < 2 or (node.input[1] not in init and node.input[1] not in consts):
+            raise EngineError(f"{where}: TopK node {node.name!r} has a computed k ({node.input[1:]}); "
+                              "TensorRT needs a constant k")
+    return count

@@ -9,6 +9,8 @@ level, ReLU, then times the level stride so the head speaks input pixels).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,14 +115,76 @@ def _flatten(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(n, -1, c)
 
 
-def dense_predictions(outputs: dict[str, list[Tensor]], locations: list[Tensor]) -> dict[str, Tensor]:
+#: largest k of a TensorRT TopK layer
+TRT_MAX_TOPK = 3840
+
+
+@dataclass(frozen=True)
+class Preselect:
+    """Per-level location pre-selection baked into the dense engine (DESIGN "Inference split" 1:
+    attention vectors for the top-k candidates only). ``topk``/``score_thresh`` are the
+    post-processing ``pre_nms_topk``/``score_thresh`` of the export. ``padded``: every level
+    keeps exactly ``topk`` entries (levels smaller than that are padded with zero-score copies),
+    so TopK's k stays a constant under dynamic height/width (TensorRT takes only constant k);
+    otherwise a level keeps ``min(topk, h*w)``."""
+
+    topk: int
+    score_thresh: float
+    padded: bool = False
+
+
+def _gather_locations(x: Tensor, idx: Tensor) -> Tensor:
+    """x (N,l,C), idx (N,k) -> (N,k,C) with one flat Gather (no (N,k,C) index tensor)."""
+    n, l, c = x.shape
+    flat = idx + (torch.arange(n, device=idx.device) * l).unsqueeze(1)
+    return x.reshape(n * l, c).index_select(0, flat.reshape(-1)).reshape(n, -1, c)
+
+
+def preselect_level(level: dict[str, Tensor], sel: Preselect) -> dict[str, Tensor]:
+    """Keep the top locations of one level by ``max_c prob * ctr`` over the classes above
+    ``score_thresh`` (locations with none rank last, padding after them).
+
+    Exact for the FCOS test-time selection (top-k (location, class) pairs by prob * ctr per
+    level, prob > score_thresh): a pair in that top-k sits at a location whose best pair is at
+    least as large, and if the location were not among the top-k locations, k other locations
+    would each hold a distinct pair at least as large, so the pair would not be in the top-k
+    (ties aside). ``select_candidates`` then runs unchanged on the kept entries.
+    """
+    scores, ctr = level["scores"], level["centerness"]
+    num_loc = scores.shape[1]
+    best = scores.amax(dim=-1)
+    rank = torch.where(best > sel.score_thresh, best * ctr, torch.full_like(best, -1.0))
+    if sel.padded:
+        rank = torch.cat([rank, rank.new_full((rank.shape[0], sel.topk), -2.0)], dim=1)
+        val, idx = rank.topk(sel.topk, dim=1)
+        idx = idx.clamp(max=num_loc - 1)  # padding entries copy the last location ...
+        keep = (val > -1.5).to(scores.dtype)  # ... with zero class scores: never a candidate
+    else:
+        idx = rank.topk(min(sel.topk, int(num_loc)), dim=1).indices
+        keep = None
+    out = {k: _gather_locations(v, idx) for k, v in level.items() if k != "centerness"}
+    out["centerness"] = _gather_locations(ctr.unsqueeze(-1), idx).squeeze(-1)
+    if keep is not None:
+        out["scores"] = out["scores"] * keep.unsqueeze(-1)
+    return out
+
+
+def dense_predictions(outputs: dict[str, list[Tensor]], locations: list[Tensor],
+                      preselect: Optional[Preselect] = None) -> dict[str, Tensor]:
     """Head outputs -> (N,L,...) tensors over P3..P7: ``boxes`` xyxy (location -/+ ltrb),
-    ``scores`` sigmoid (N,L,T), ``centerness`` sigmoid (N,L), ``attention`` raw (N,L,K*M*M)."""
-    loc = torch.cat(locations, dim=0)  # (L,2)
-    reg = torch.cat([_flatten(r) for r in outputs["bbox_reg"]], dim=1)  # (N,L,4)
-    loc = loc.to(reg.dtype).unsqueeze(0)
-    boxes = torch.cat([loc - reg[..., :2], loc + reg[..., 2:]], dim=-1)
-    scores = torch.cat([_flatten(c) for c in outputs["cls_logits"]], dim=1).sigmoid()
-    ctr = torch.cat([_flatten(c) for c in outputs["centerness"]], dim=1).squeeze(-1).sigmoid()
-    attn = torch.cat([_flatten(a) for a in outputs["attention"]], dim=1)
-    return {"boxes": boxes, "scores": scores, "centerness": ctr, "attention": attn}
+    ``scores`` sigmoid (N,L,T), ``centerness`` sigmoid (N,L), ``attention`` raw (N,L,K*M*M).
+
+    With ``preselect`` each level keeps only ``min(topk, h*w)`` (``padded``: ``topk``) locations
+    (:func:`preselect_level`), level after level as before, so L = the sum of those counts."""
+    levels = []
+    for lvl, loc in enumerate(locations):
+        reg = _flatten(outputs["bbox_reg"][lvl])  # (N,l,4)
+        loc = loc.to(reg.dtype).unsqueeze(0)
+        level = {
+            "boxes": torch.cat([loc - reg[..., :2], loc + reg[..., 2:]], dim=-1),
+            "scores": _flatten(outputs["cls_logits"][lvl]).sigmoid(),
+            "centerness": _flatten(outputs["centerness"][lvl]).squeeze(-1).sigmoid(),
+            "attention": _flatten(outputs["attention"][lvl]),
+        }
+        levels.append(preselect_level(level, preselect) if preselect is not None else level)
+    return {k: torch.cat([lv[k] for lv in levels], dim=1) for k in ("boxes", "scores", "centerness", "attention")}

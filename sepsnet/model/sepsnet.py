@@ -22,7 +22,7 @@ from sepsnet.model.backbone import BackboneFPN
 from sepsnet.model.basis_head import BasisHead
 from sepsnet.model.blender import Blender
 from sepsnet.model.confidence_head import ConfidenceHead
-from sepsnet.model.fcos_head import FCOSHead, compute_locations, dense_predictions
+from sepsnet.model.fcos_head import FCOSHead, Preselect, compute_locations, dense_predictions
 from sepsnet.model.fcos_loss import fcos_losses
 from sepsnet.model.mask_losses import MaskAux, mask_losses, mask_targets
 from sepsnet.model.stuff_head import StuffHead
@@ -60,12 +60,13 @@ class SEPSNet(nn.Module):
         return self.backbone(images)
 
     # ---------------------------------------------------------------- inference
-    def forward_dense(self, images: Tensor) -> dict[str, Tensor]:
-        """images (N,3,H,W) -> boxes, scores, centerness, attention, bases, p3, stuff_logits."""
+    def forward_dense(self, images: Tensor, preselect: Optional[Preselect] = None) -> dict[str, Tensor]:
+        """images (N,3,H,W) -> boxes, scores, centerness, attention, bases, p3, stuff_logits;
+        per-location outputs for every location, or for the top-k per level with ``preselect``."""
         f = self._features(images)
         levels = [f["p3"], f["p4"], f["p5"], f["p6"], f["p7"]]
         head = self.fcos_head(levels)
-        out = dense_predictions(head, compute_locations(levels, self.strides))
+        out = dense_predictions(head, compute_locations(levels, self.strides), preselect)
         bases, _ = self.basis_head([f["p3"], f["p4"], f["p5"]], f["p2"], aux=False)
         stuff_logits, _ = self.stuff_head([f["p2"], f["p3"], f["p4"], f["p5"]], aux=False)
         out.update(bases=bases, p3=f["p3"], stuff_logits=stuff_logits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torchvision.ops import batched_nms
@@ -47,8 +47,19 @@ def level_sizes(p3_hw: Sequence[int], num_levels: int = 5) -> list[tuple[int, in
     return sizes
 
 
+def level_entries(p3_hw: Sequence[int], preselect: Optional[Any] = None, num_levels: int = 5) -> list[int]:
+    """Entries per FPN level in the dense outputs: h*w of every level (``preselect`` None), or for
+    a dense engine that pre-selects the top-k locations per level (the manifest's ``preselect``
+    mapping ``{topk, score_thresh, padded}``) ``min(topk, h*w)``, or ``topk`` when padded."""
+    counts = [h * w for h, w in level_sizes(p3_hw, num_levels)]
+    if preselect is None:
+        return counts
+    topk = int(preselect["topk"])
+    return [topk] * len(counts) if preselect.get("padded") else [min(topk, c) for c in counts]
+
+
 def _check_shapes(boxes: torch.Tensor, scores: torch.Tensor, centerness: torch.Tensor,
-                  attention: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> None:
+                  attention: torch.Tensor, counts: Sequence[int]) -> None:
     if boxes.dim() != 3 or boxes.shape[-1] != 4:
         raise ConfigError(f"select_candidates: boxes must be (N,L,4), got {tuple(boxes.shape)}")
     n, num_loc = boxes.shape[:2]
@@ -57,10 +68,11 @@ def _check_shapes(boxes: torch.Tensor, scores: torch.Tensor, centerness: torch.T
         if tuple(t.shape[:2]) != expect[name]:
             raise ConfigError(f"select_candidates: {name} shape {tuple(t.shape)} does not match "
                               f"boxes (N,L)=({n},{num_loc})")
-    total = sum(h * w for h, w in sizes)
+    total = sum(counts)
     if total != num_loc:
-        raise ConfigError(f"select_candidates: level sizes {list(sizes)} give {total} locations, "
-                          f"dense outputs have L={num_loc}")
+        raise ConfigError(f"select_candidates: levels of {list(counts)} entries give {total} locations, "
+                          f"dense outputs have L={num_loc} (a dense engine with per-level pre-selection "
+                          "needs its top-k, see level_entries)")
 
 
 def select_candidates(
@@ -68,25 +80,26 @@ def select_candidates(
     scores: torch.Tensor,
     centerness: torch.Tensor,
     attention: torch.Tensor,
-    level_sizes: Sequence[tuple[int, int]],
+    level_sizes: Sequence[Union[tuple[int, int], int]],
     cfg: Any,
     image_sizes: Optional[Sequence[tuple[int, int]]] = None,
 ) -> list[Candidates]:
     """Per image :class:`Candidates` from the dense engine outputs (INTERFACES.md).
 
+    ``level_sizes``: per FPN level its (h, w), or its number of entries (:func:`level_entries`).
     ``image_sizes``: per image the resized, unpadded (h, w) the boxes are clipped to;
     boxes left empty by clipping are dropped. ``cfg``: config or postprocess section.
     """
     pp = postprocess_cfg(cfg)
-    sizes = [(int(h), int(w)) for h, w in level_sizes]
-    _check_shapes(boxes, scores, centerness, attention, sizes)
+    counts = [int(v) if isinstance(v, int) else int(v[0]) * int(v[1]) for v in level_sizes]
+    _check_shapes(boxes, scores, centerness, attention, counts)
     starts = [0]
-    for h, w in sizes:
-        starts.append(starts[-1] + h * w)
+    for c in counts:
+        starts.append(starts[-1] + c)
     out = []
     for b in range(boxes.shape[0]):
         loc_list, cls_list, val_list = [], [], []
-        for lvl in range(len(sizes)):
+        for lvl in range(len(counts)):
             s, e = starts[lvl], starts[lvl + 1]
             prob = scores[b, s:e]  # (l, T)
             cand = (prob > pp.score_thresh).nonzero()  # (c, 2) [loc, cls]

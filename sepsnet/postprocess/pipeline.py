@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sepsnet.errors import ConfigError
-from sepsnet.postprocess.candidates import level_sizes, postprocess_cfg, select_candidates
+from sepsnet.postprocess.candidates import level_entries, postprocess_cfg, select_candidates
 from sepsnet.postprocess.fusion import panoptic_fusion
 from sepsnet.postprocess.paste import paste_masks, scale_boxes
 from sepsnet.postprocess.results import PanopticResult
@@ -82,6 +82,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_preselect(preselect: Optional[Mapping[str, Any]], pp: Any) -> None:
+    """A pre-selecting dense engine is exact only for ``pre_nms_topk <= topk`` and
+    ``score_thresh >= `` its threshold; ConfigError otherwise."""
+    if preselect is None:
+        return
+    topk, thresh = int(preselect["topk"]), float(preselect["score_thresh"])
+    if pp.pre_nms_topk > topk or pp.score_thresh < thresh:
+        raise ConfigError(f"the dense engine keeps the top {topk} locations per level with score > {thresh}; "
+                          f"post-processing asks pre_nms_topk={pp.pre_nms_topk}, score_thresh={pp.score_thresh}. "
+                          "Re-export with a config holding these values (sepsnet-export --config) or lower them")
+
+
 def panoptic_inference(
     dense: Mapping[str, torch.Tensor],
     run_instances: InstanceFn,
@@ -89,14 +101,18 @@ def panoptic_inference(
     cfg: Any,
     num_stuff_classes: Optional[int] = None,
     return_masks: bool = True,
+    preselect: Optional[Mapping[str, Any]] = None,
 ) -> list[PanopticResult]:
     """Dense outputs (INTERFACES.md names) -> one :class:`PanopticResult` per image.
 
     ``run_instances(bases, p3, rois (n,5), attention (n,K*M*M))`` is the instance engine
     (``model.forward_instances`` or a backend); it is not called when no candidate survives.
     ``num_stuff_classes`` defaults to ``stuff_logits.shape[1] - 1``.
+    ``preselect``: ``{"topk", "score_thresh", "padded"}`` of a dense engine that keeps only the top-k
+    locations per level (the bundle manifest's ``preselect``); None for all locations.
     """
     pp = postprocess_cfg(cfg)
+    check_preselect(preselect, pp)
     for key in ("boxes", "scores", "centerness", "attention", "bases", "p3", "stuff_logits"):
         if key not in dense:
             raise ConfigError(f"panoptic_inference: dense outputs lack {key!r} (have {sorted(dense)})")
@@ -112,7 +128,8 @@ def panoptic_inference(
     _sync(device)
     t0 = time.perf_counter()
     cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
-                              level_sizes(dense["p3"].shape[-2:], 5), pp, [s[0] for s in sizes])
+                              level_entries(dense["p3"].shape[-2:], preselect), pp,
+                              [s[0] for s in sizes])
     _sync(device)
     t["candidates"] = time.perf_counter() - t0
 
