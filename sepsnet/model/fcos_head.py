@@ -156,9 +156,10 @@ def preselect_level(level: dict[str, Tensor], sel: Preselect) -> dict[str, Tenso
     rank = torch.where(best > sel.score_thresh, best * ctr, torch.full_like(best, -1.0))
     if sel.padded:
         rank = torch.cat([rank, rank.new_full((rank.shape[0], sel.topk), -2.0)], dim=1)
-        val, idx = rank.topk(sel.topk, dim=1)
-        idx = idx.clamp(max=num_loc - 1)  # padding entries copy the last location ...
-        keep = (val > -1.5).to(scores.dtype)  # ... with zero class scores: never a candidate
+        idx = rank.topk(sel.topk, dim=1).indices
+        real = idx < num_loc  # Less/Where, not a Clip with a computed bound (TensorRT-friendly)
+        idx = torch.where(real, idx, torch.zeros_like(idx))  # padding copies location 0 ...
+        keep = real.to(scores.dtype)  # ... with zero class scores: never a candidate
     else:
         idx = rank.topk(min(sel.topk, int(num_loc)), dim=1).indices
         keep = None
