@@ -29,7 +29,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("rt")
     cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides([
         "data.min_size_test=128", "data.max_size_test=224", "postprocess.score_thresh=0.005",
-        "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=16", "postprocess.max_instances=20"]))
+        "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=16", "postprocess.max_instances=20",
+        "postprocess.pre_nms_topk=60"]))  # < P3/P4 locations: the bundle's pre-selection truncates
     torch.manual_seed(7)
     model = build_model(cfg)
     ckpt = save_checkpoint(tmp / "tiny.pt", model=model, cfg=cfg, iteration=0)
@@ -44,6 +45,9 @@ def test_ort_bundle_equals_eager_on_real_photos(artifacts: tuple[Path, Path]) ->
     torch_pred = PanopticPredictor.from_checkpoint(ckpt)
     torch_pred.input_hw = ort_pred.input_hw  # same letterboxing as the static bundle
     assert ort_pred.dense.name.startswith("onnxruntime")
+    assert ort_pred.preselect == {"topk": 60, "score_thresh": 0.005, "padded": False}
+    attention = next(o for o in ort_pred.dense.outputs if o.name == "attention")
+    assert attention.shape[1] == 60 + 60 + 28 + 8 + 2  # of 448 + 112 + 28 + 8 + 2 locations at 128x224
     instances = 0
     for photo in PHOTOS:
         rgb = read_rgb(photo)
