@@ -12,12 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
-
-from sepsnet.errors import ConfigError  # noqa: E402  (re-exported)
+from sepsnet.errors import ConfigError
 
 
 @dataclass
@@ -25,7 +24,7 @@ class BackboneConfig:
     """ResNet/ResNeXt trunk (torchvision) with frozen BatchNorm."""
 
     name: str = "resnet50"  # resnet18 | resnet50 | resnet101 | resnext101_32x8d
-    pretrained: Optional[str] = None  # local path to a torchvision state dict; never downloaded
+    pretrained: str | None = None  # local path to a torchvision state dict; never downloaded
     freeze_at: int = 2  # 0 = train everything, 1 = freeze stem, 2 = stem + res2
 
 
@@ -111,8 +110,8 @@ class DataConfig:
     """Dataset location and the paper's transforms."""
 
     format: str = "coco_panoptic"  # coco_panoptic | cityscapes
-    train_root: Optional[str] = None
-    val_root: Optional[str] = None
+    train_root: str | None = None
+    val_root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     min_size_train: list[int] = field(default_factory=lambda: [640, 800])  # [lo, hi] range
@@ -135,7 +134,7 @@ class SolverConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0  # GroupNorm/BatchNorm/LayerNorm parameters (detectron2)
-    weight_decay_bias: Optional[float] = None  # biases; None = same as weight_decay
+    weight_decay_bias: float | None = None  # biases; None = same as weight_decay
     warmup_iters: int = 1000
     warmup_factor: float = 1.0 / 3.0
     warmup_method: str = "constant"  # constant | linear
@@ -143,7 +142,7 @@ class SolverConfig:
     gamma: float = 0.1
     max_iter: int = 600000
     batch_size: int = 6
-    clip_grad_norm: Optional[float] = None
+    clip_grad_norm: float | None = None
     amp: bool = True  # only takes effect on CUDA
     checkpoint_period: int = 5000
     eval_period: int = 0  # 0 = no periodic evaluation
@@ -173,7 +172,7 @@ class SEPSNetConfig:
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-    source: Optional[str] = None  # file the config was loaded from (informational)
+    source: str | None = None  # file the config was loaded from (informational)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -304,7 +303,7 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> SEPSNetConfi
     return validate(cfg, where)
 
 
-def load_config(path: Union[str, Path], overrides: Optional[dict[str, Any]] = None) -> SEPSNetConfig:
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SEPSNetConfig:
     """Load a YAML config. ``_base_: other.yaml`` (relative path) is merged first."""
     path = Path(path)
     raw = _read_yaml(path)
@@ -344,7 +343,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_overrides(items: Optional[list[str]]) -> dict[str, Any]:
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["solver.max_iter=30", "model.components.mask_aux=false"]`` -> nested dict
     (values parsed as YAML scalars/lists)."""
     out: dict[str, Any] = {}

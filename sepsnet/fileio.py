@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes, fsync: bool = True) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
     """Write through a temp file in the same folder (+ fsync), then ``os.replace``.
     The file gets the usual umask permissions (mkstemp would leave it 0600)."""
     path = Path(path)
@@ -29,12 +28,12 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, fsync: bool = True) 
         raise
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
     """UTF-8 text version of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(obj: object, path: Union[str, Path], indent: int = 2) -> None:
+def atomic_write_json(obj: object, path: str | Path, indent: int = 2) -> None:
     """``obj`` as indented JSON (trailing newline), written atomically."""
     import json
 

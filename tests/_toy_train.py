@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -16,7 +16,7 @@ class ToyModel(torch.nn.Module):
     ``nan_at`` on (1-based), else a small regulariser. Records every forward's start time
     and local loss values."""
 
-    def __init__(self, scale: float = 1.0, nan_at: Optional[int] = None) -> None:
+    def __init__(self, scale: float = 1.0, nan_at: int | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.lin = torch.nn.Linear(4, 1)

@@ -8,11 +8,11 @@ from collections import defaultdict
 import cv2
 import numpy as np
 import pytest
+from test_pq import CATS, make_gt, perturb, segments_from, write_dataset
 
 from sepsnet.cli.pq import main as pq_main
 from sepsnet.eval.boundary import boundary_band, boundary_width
 from sepsnet.eval.pq import PQAccumulator, pq_compute_files
-from test_pq import CATS, make_gt, perturb, segments_from, write_dataset
 
 
 def band_by_erosion(mask: np.ndarray, d: int) -> np.ndarray:

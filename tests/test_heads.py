@@ -7,8 +7,7 @@ import torch
 from sepsnet.config import ComponentsConfig, HeadsConfig, ModelConfig
 from sepsnet.model.basis_head import BasisHead, thing_class_map
 from sepsnet.model.confidence_head import ConfidenceHead
-from sepsnet.model.mask_losses import (MaskAux, mask_losses, mask_silhouette_target, mask_targets,
-                                      soft_jaccard)
+from sepsnet.model.mask_losses import MaskAux, mask_losses, mask_silhouette_target, mask_targets, soft_jaccard
 from sepsnet.model.stuff_head import StuffHead
 
 

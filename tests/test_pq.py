@@ -11,8 +11,8 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-
 from panopticapi import evaluation as ref
+
 from sepsnet.cli.pq import main as pq_main
 from sepsnet.errors import DataError
 from sepsnet.eval.pq import PQAccumulator, pq_compute_files, read_id_png, rgb_to_id

@@ -112,7 +112,7 @@ def test_threads_and_memory(artifacts: tuple[Path, Path]) -> None:
         try:
             for _ in range(5):
                 assert torch.equal(pred(frame).id_map, ref)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(2)]

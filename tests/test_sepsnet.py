@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sepsnet.config import (BackboneConfig, BlenderConfig, ComponentsConfig, FCOSConfig, HeadsConfig,
-                            ModelConfig)
+from sepsnet.config import BackboneConfig, BlenderConfig, ComponentsConfig, FCOSConfig, HeadsConfig, ModelConfig
 from sepsnet.model import build_model
 from sepsnet.model.sepsnet import SEPSNet, strip_aux
 

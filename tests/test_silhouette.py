@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from sepsnet.model.silhouette import (dice_loss, dice_score, id_edges, laplacian, panoptic_silhouette,
-                                      resize_ids, stuff_silhouette, things_silhouette)
+from sepsnet.model.silhouette import (
+    dice_loss,
+    dice_score,
+    id_edges,
+    laplacian,
+    panoptic_silhouette,
+    resize_ids,
+    stuff_silhouette,
+    things_silhouette,
+)
 
 DATA = Path("/work/shared/data")
 COCO_PNGS = sorted(glob.glob(str(DATA / "coco_panoptic_sample/panoptic/*.png")))

@@ -11,8 +11,15 @@ from sepsnet.config import DataConfig, SEPSNetConfig
 from sepsnet.data.coco_panoptic import CocoPanopticDataset
 from sepsnet.data.loader import build_dataloader, build_dataset
 from sepsnet.data.synthetic import generate
-from sepsnet.data.transforms import (boxes_to_original, collate, map_to_original, pad_to, pick_short_edge,
-                                     preprocess_image, resize_shape)
+from sepsnet.data.transforms import (
+    boxes_to_original,
+    collate,
+    map_to_original,
+    pad_to,
+    pick_short_edge,
+    preprocess_image,
+    resize_shape,
+)
 from sepsnet.errors import DataError
 
 

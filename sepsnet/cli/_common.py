@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 from sepsnet.errors import SEPSNetError
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; print ``error: <message>`` and return 2 on a :class:`SEPSNetError`."""
     try:
         return int(main(argv) or 0)

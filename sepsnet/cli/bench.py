@@ -14,8 +14,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,13 +79,13 @@ def bench_loop(fn: Callable[[], dict[str, float]], iters: int, warmup: int) -> t
     return totals, stages
 
 
-def _random_frame(size: Optional[str], default: tuple[int, int]) -> np.ndarray:
+def _random_frame(size: str | None, default: tuple[int, int]) -> np.ndarray:
     h, w = parse_size(size) if size else default
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _manifest_hw(path: Path) -> Optional[tuple[int, int]]:
+def _manifest_hw(path: Path) -> tuple[int, int] | None:
     """Input size recorded in the manifest beside an ONNX graph, or None."""
     from sepsnet.export.bundle import MANIFEST, load_manifest
 
@@ -101,7 +102,7 @@ def _manifest_hw(path: Path) -> Optional[tuple[int, int]]:
 _STRIDES = {"image": 1, "bases": 4, "p3": 8}
 
 
-def _static_hw(specs: Sequence[Any]) -> Optional[tuple[int, int]]:
+def _static_hw(specs: Sequence[Any]) -> tuple[int, int] | None:
     """Input size implied by a static spatial input of the graph, or None when all are dynamic."""
     for spec in specs:
         stride = _STRIDES.get(spec.name)
@@ -110,7 +111,7 @@ def _static_hw(specs: Sequence[Any]) -> Optional[tuple[int, int]]:
     return None
 
 
-def onnx_feed_shapes(specs: Sequence[Any], size: Optional[str], manifest_hw: Optional[tuple[int, int]]
+def onnx_feed_shapes(specs: Sequence[Any], size: str | None, manifest_hw: tuple[int, int] | None
                      ) -> tuple[dict[str, list[int]], tuple[int, int]]:
     """Shapes to feed each graph input, and the image size (H, W) they stand for.
 
@@ -145,10 +146,11 @@ def onnx_feed_shapes(specs: Sequence[Any], size: Optional[str], manifest_hw: Opt
     return shapes, hw
 
 
-def _bench_onnx(path: Path, iters: int, warmup: int, size: Optional[str] = None,
-                threads: Optional[int] = None) -> tuple[list[float], dict[str, list[float]], str, dict[str, list[int]]]:
-    from sepsnet.engines.ort_backend import OrtBackend
+def _bench_onnx(path: Path, iters: int, warmup: int, size: str | None = None,
+                threads: int | None = None) -> tuple[list[float], dict[str, list[float]], str, dict[str, list[int]]]:
     import torch
+
+    from sepsnet.engines.ort_backend import OrtBackend
 
     backend = OrtBackend(path, threads=threads)
     shapes, (h, w) = onnx_feed_shapes(backend.inputs, size, None if size else _manifest_hw(path))
@@ -169,7 +171,7 @@ def _bench_onnx(path: Path, iters: int, warmup: int, size: Optional[str] = None,
     return totals, stages, backend.name, shapes
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="sepsnet-bench", description=__doc__)
     p.add_argument("path")
     p.add_argument("--iters", type=int, default=50)
@@ -227,7 +229,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 

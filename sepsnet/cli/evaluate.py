@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from sepsnet.cli._common import run_cli
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="sepsnet-eval", description="Evaluate SE-PSNet (PQ, mask AP).")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--config", default=None, help="default: the config stored in the checkpoint")
@@ -44,8 +44,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         cfg = load_config(a.config, overrides=overrides)
         check_compatible(ckpt, cfg, a.checkpoint)
     else:
-        from sepsnet.config import config_from_dict
-        from sepsnet.config import _merge  # noqa: PLC2701 (same package)
+        from sepsnet.config import (
+            _merge,
+            config_from_dict,
+        )
 
         cfg = config_from_dict(_merge(checkpoint_config(ckpt, a.checkpoint).to_dict(), overrides))
     model = build_model(cfg)
@@ -66,7 +68,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 

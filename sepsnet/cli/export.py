@@ -23,8 +23,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from sepsnet.cli._common import run_cli
 from sepsnet.errors import BundleError, ConfigError, EngineError
@@ -38,7 +39,7 @@ VARIANT_GRAPHS = ("dense.fp16.onnx", "instance.fp16.onnx", "dense.int8.onnx", "d
 STALE_FILES = VARIANT_GRAPHS + ("dense.plan", "instance.plan", PLUGIN_NAME)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sepsnet-export",
                                 description="Checkpoint -> ONNX graphs (+ TensorRT engines) + manifest.json bundle.")
     p.add_argument("checkpoint", nargs="?", help="training checkpoint (.pth)")
@@ -67,7 +68,7 @@ def _precision(args: argparse.Namespace, default: str = "fp32") -> str:
     return "int8" if args.int8 else "fp16" if args.fp16 else default
 
 
-def _find_plugin(args: argparse.Namespace, out: Optional[Path] = None) -> Path:
+def _find_plugin(args: argparse.Namespace, out: Path | None = None) -> Path:
     if args.plugin_lib:
         return Path(args.plugin_lib)
     env = os.environ.get("SEPSNET_PLUGIN_LIB")
@@ -209,7 +210,7 @@ def build_engines(out: Path, manifest: dict[str, Any], args: argparse.Namespace)
     trt, gpu = trt_build.check_environment()
     major = trt_build.trt_major(trt)
     plugin_name = None
-    plugin_path: Optional[Path] = None
+    plugin_path: Path | None = None
     if args.plugin or _is_plugin(manifest):
         src = _find_plugin(args, out)
         plugin_path = out / PLUGIN_NAME
@@ -251,7 +252,7 @@ def _copy_bundle(src: Path, out: Path, manifest: dict[str, Any]) -> None:
         raise BundleError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         try:
-            other: Optional[dict[str, Any]] = bundle.load_manifest(out)
+            other: dict[str, Any] | None = bundle.load_manifest(out)
         except BundleError:
             other = None
         fp32 = [g["onnx"] for g in manifest["graphs"].values()]
@@ -310,7 +311,7 @@ def from_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def main_args(argv: Optional[Sequence[str]] = None) -> int:
+def main_args(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.calib and not args.int8:
         raise ConfigError("--calib only applies with --int8")
@@ -329,7 +330,7 @@ def main_args(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(main_args, argv)
 
 

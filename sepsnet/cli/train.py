@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from sepsnet.cli._common import run_cli
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="sepsnet-train", description="Train SE-PSNet.")
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics.jsonl, tb/)")
@@ -70,7 +70,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import cv2
 import numpy as np
@@ -79,7 +79,7 @@ class CityscapesDataset(CocoPanopticDataset):
     """Same items as :class:`CocoPanopticDataset`, read from the Cityscapes layout."""
 
     def __init__(self, root: PathLike, split: str, cfg: DataConfig, train: bool,
-                 skip_bad: Optional[bool] = None) -> None:  # noqa: D107
+                 skip_bad: bool | None = None) -> None:
         Dataset.__init__(self)
         root = Path(root)
         self.meta = ClassMetadata.cityscapes()
@@ -105,7 +105,7 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def convert_to_coco_panoptic(root: PathLike, split: str, out_dir: Optional[PathLike] = None) -> Path:
+def convert_to_coco_panoptic(root: PathLike, split: str, out_dir: PathLike | None = None) -> Path:
     """Write ``out_dir/cityscapes_panoptic_{split}.json`` + ``out_dir/cityscapes_panoptic_{split}/``
     (``{id}_gtFine_panoptic.png``), the format of ``cityscapesscripts`` createPanopticImgs with
     label ids as category ids, for PQ evaluation with COCO tools. Images' ``file_name`` is

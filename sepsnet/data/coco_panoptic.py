@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import cv2
 import numpy as np
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 
-def decode_image_file(path: PathLike, flags: int, what: str) -> Optional[np.ndarray]:
+def decode_image_file(path: PathLike, flags: int, what: str) -> np.ndarray | None:
     """``cv2.imdecode`` of a file (paths with any characters), None when undecodable;
     DataError naming ``what`` and the file when it does not exist."""
     path = Path(path)
@@ -86,7 +86,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise DataError(f"malformed JSON in {path}: {exc}") from None
 
 
-def load_panoptic_json(path: PathLike, categories_path: Optional[PathLike] = None) -> dict[str, Any]:
+def load_panoptic_json(path: PathLike, categories_path: PathLike | None = None) -> dict[str, Any]:
     """Read and validate a COCO panoptic JSON (``categories`` optionally from another file)."""
     path = Path(path)
     data = _read_json(path, "annotation file")
@@ -117,7 +117,7 @@ class CocoPanopticDataset(Dataset):
     convenience; ``info["index"]`` tells). :meth:`load_item` never substitutes: evaluation uses it."""
 
     def __init__(self, json_path: PathLike, png_dir: PathLike, image_dir: PathLike, cfg: DataConfig,
-                 train: bool, categories_path: Optional[PathLike] = None, skip_bad: Optional[bool] = None) -> None:
+                 train: bool, categories_path: PathLike | None = None, skip_bad: bool | None = None) -> None:
         self.json_path, self.png_dir, self.image_dir = Path(json_path), Path(png_dir), Path(image_dir)
         for folder in (self.png_dir, self.image_dir):
             if not folder.is_dir():
@@ -143,7 +143,7 @@ class CocoPanopticDataset(Dataset):
 
     @classmethod
     def from_root(cls, root: PathLike, split: str, cfg: DataConfig, train: bool,
-                  skip_bad: Optional[bool] = None) -> "CocoPanopticDataset":
+                  skip_bad: bool | None = None) -> CocoPanopticDataset:
         """``root/annotations/panoptic_{split}.json``, ``root/annotations/panoptic_{split}/``,
         ``root/{split}/``."""
         root = Path(root)

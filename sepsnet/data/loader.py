@@ -1,8 +1,6 @@
 """Datasets and DataLoaders from a config: COCO panoptic layout or Cityscapes official layout."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
@@ -16,8 +14,8 @@ from sepsnet.errors import DataError
 FORMATS = ("coco_panoptic", "cityscapes")
 
 
-def build_dataset(cfg: SEPSNetConfig, train: bool, root: Optional[str] = None,
-                  split: Optional[str] = None) -> CocoPanopticDataset:
+def build_dataset(cfg: SEPSNetConfig, train: bool, root: str | None = None,
+                  split: str | None = None) -> CocoPanopticDataset:
     """The train (``train=True``) or val dataset named by ``cfg.data`` (``root``/``split``
     override ``data.{train,val}_root`` / ``data.{train,val}_split``). Checks that the class
     counts match ``cfg.model``."""
@@ -38,8 +36,8 @@ def build_dataset(cfg: SEPSNetConfig, train: bool, root: Optional[str] = None,
     return ds
 
 
-def build_dataloader(dataset: Dataset, cfg: SEPSNetConfig, train: bool, batch_size: Optional[int] = None,
-                     num_workers: Optional[int] = None) -> DataLoader:
+def build_dataloader(dataset: Dataset, cfg: SEPSNetConfig, train: bool, batch_size: int | None = None,
+                     num_workers: int | None = None) -> DataLoader:
     """Batches of ``(images (N,3,H,W), targets, infos)`` (padded collate). ``batch_size`` is per
     process (default: ``solver.batch_size`` split over the world size when training, 1 for
     evaluation). Under ``torch.distributed`` a :class:`DistributedSampler` shards the data

@@ -35,7 +35,7 @@ class ClassMetadata:
             raise DataError(f"duplicate category ids in class metadata: {sorted(ids)}")
 
     @classmethod
-    def from_coco_categories(cls, categories: list[dict[str, Any]], where: str = "categories") -> "ClassMetadata":
+    def from_coco_categories(cls, categories: list[dict[str, Any]], where: str = "categories") -> ClassMetadata:
         """From COCO panoptic ``categories`` (``isthing`` 1/0); order = ascending id."""
         if not isinstance(categories, list) or not categories:
             raise DataError(f"{where}: 'categories' must be a non-empty list")
@@ -47,7 +47,7 @@ class ClassMetadata:
         return cls(sorted(things, key=lambda e: e["id"]), sorted(stuff, key=lambda e: e["id"]))
 
     @classmethod
-    def cityscapes(cls) -> "ClassMetadata":
+    def cityscapes(cls) -> ClassMetadata:
         """8 thing and 11 stuff train classes from ``cityscapesscripts`` label definitions
         (``ignoreInEval`` labels dropped; contiguous order = trainId; ids = label ids)."""
         from cityscapesscripts.helpers.labels import labels
@@ -82,7 +82,7 @@ class ClassMetadata:
         return {"things": [dict(t) for t in self.things], "stuff": [dict(s) for s in self.stuff]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClassMetadata":
+    def from_dict(cls, d: dict[str, Any]) -> ClassMetadata:
         """Inverse of :meth:`to_dict`; DataError when keys are missing."""
         if not isinstance(d, dict) or not isinstance(d.get("things"), list) or not isinstance(d.get("stuff"), list):
             raise DataError(f"class metadata must be a dict with 'things' and 'stuff' lists, got {type(d).__name__}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -106,7 +106,7 @@ def _write_atomic_image(path: Path, rgb: np.ndarray) -> None:
     atomic_write_bytes(path, buf.tobytes(), fsync=False)
 
 
-def write_split(out: Union[str, Path], split: str, n: int, seed: int, size: int = 256) -> Path:
+def write_split(out: str | Path, split: str, n: int, seed: int, size: int = 256) -> Path:
     """Write ``n`` scenes as ``out/{split}/``, ``out/annotations/panoptic_{split}{.json,/}``."""
     if n < 0 or size < MIN_SIZE:
         raise DataError(f"synthetic split {split!r}: need n >= 0 and size >= {MIN_SIZE}, got n={n}, size={size}")
@@ -133,7 +133,7 @@ def write_split(out: Union[str, Path], split: str, n: int, seed: int, size: int 
     return json_path
 
 
-def generate(out: Union[str, Path], n_train: int, n_val: int, seed: int = 0, size: int = 256) -> None:
+def generate(out: str | Path, n_train: int, n_val: int, seed: int = 0, size: int = 256) -> None:
     """Train split (``seed``) and, when ``n_val > 0``, val split (``seed + 1e6``) under ``out``;
     ``CocoPanopticDataset.from_root(out, "train" | "val", ...)`` reads them."""
     write_split(out, "train", n_train, seed, size)

@@ -2,7 +2,7 @@
 "Training targets"). Silhouette targets are derived by the model from ``masks``/``stuff``."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ IGNORE = 255
 
 
 def build_targets(id_map: np.ndarray, segments: list[dict[str, Any]], meta: ClassMetadata,
-                  image_id: Optional[Any] = None) -> dict[str, Any]:
+                  image_id: Any | None = None) -> dict[str, Any]:
     """``boxes`` xyxy float32 (G,4) (the tight box of the mask, x2/y2 exclusive),
     ``classes`` int64 (G,), ``masks`` uint8 (G,H,W), ``stuff`` int64 (H,W): stuff classes
     0..S-1, S = any (non-crowd) thing pixel, 255 = void / crowd / unknown category.

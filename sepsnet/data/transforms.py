@@ -9,7 +9,8 @@ mapping back to the original image is :func:`boxes_to_original` / :func:`map_to_
 from __future__ import annotations
 
 import random
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -47,7 +48,7 @@ def pick_short_edge(cfg: DataConfig, train: bool) -> int:
     return random.randint(lo, hi)
 
 
-def target_size(h: int, w: int, cfg: DataConfig, train: bool, short: Optional[int] = None) -> tuple[int, int]:
+def target_size(h: int, w: int, cfg: DataConfig, train: bool, short: int | None = None) -> tuple[int, int]:
     """Resized (h, w) for an image of size (h, w) under ``cfg`` (``short`` overrides the draw)."""
     short = pick_short_edge(cfg, train) if short is None else short
     return resize_shape(h, w, short, cfg.max_size_train if train else cfg.max_size_test)
@@ -95,7 +96,7 @@ def check_rgb(image: np.ndarray, what: str = "image") -> np.ndarray:
 
 
 def preprocess_image(image_rgb: np.ndarray, cfg: DataConfig, train: bool = False,
-                     short: Optional[int] = None) -> tuple[torch.Tensor, tuple[int, int]]:
+                     short: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """HxWx3 uint8 RGB -> (normalised (3,h,w) float32 tensor, resized (h, w)); unpadded, the
     collate / predictor pads. Evaluation size by default (``min_size_test``/``max_size_test``)."""
     check_rgb(image_rgb)

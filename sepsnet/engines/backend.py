@@ -2,8 +2,9 @@
 torch tensors. Backends only move tensors in and out; all logic lives in ``postprocess``."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Protocol, Union
 
 import torch
 

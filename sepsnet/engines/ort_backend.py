@@ -2,8 +2,8 @@
 tensors, no host copies), else CPU. One session per graph, created once."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ def ortvalue_to_torch(value: object) -> torch.Tensor:
 
 
 class OrtBackend:
-    def __init__(self, onnx_path: Union[str, Path], device: str = "auto", threads: Optional[int] = None) -> None:
+    def __init__(self, onnx_path: str | Path, device: str = "auto", threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a declared dependency

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import cv2
 import numpy as np
@@ -48,8 +48,8 @@ class PanopticPredictor:
     """Run a dense + instance backend pair with the shared post-processing."""
 
     def __init__(self, dense: Backend, instance: Backend, data: DataConfig, postprocess: PostprocessConfig,
-                 classes: dict[str, Any], input_hw: Optional[tuple[int, int]] = None,
-                 preselect: Optional[dict[str, Any]] = None) -> None:
+                 classes: dict[str, Any], input_hw: tuple[int, int] | None = None,
+                 preselect: dict[str, Any] | None = None) -> None:
         """``preselect``: the manifest's ``preselect`` when the dense engine keeps only the top-k
         locations per level (checked against ``postprocess`` here, not at the first frame)."""
         check_preselect(preselect, postprocess)
@@ -59,16 +59,16 @@ class PanopticPredictor:
         self.classes = classes
         self.num_stuff = len(classes["stuff"])
         self.input_hw = input_hw
-        self._buffer: Optional[torch.Tensor] = None
-        self._staging: Optional[torch.Tensor] = None
+        self._buffer: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None
         self._lock = threading.Lock()
         device = getattr(dense, "device", torch.device("cpu"))
         self.preprocess_on = "device" if torch.device(device).type == "cuda" else "opencv"
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_bundle(cls, path: PathLike, backend: str = "auto", threads: Optional[int] = None,
-                    cuda_graph: bool = False) -> "PanopticPredictor":
+    def from_bundle(cls, path: PathLike, backend: str = "auto", threads: int | None = None,
+                    cuda_graph: bool = False) -> PanopticPredictor:
         """``backend``: ``auto`` (TensorRT when the bundle has plans and TensorRT + GPU exist, else
         ONNX Runtime), ``ort`` or ``trt``. ``path``: bundle folder, manifest or a file inside it.
         ``cuda_graph``: TensorRT only, capture the static-shape dense engine in a CUDA graph."""
@@ -105,8 +105,8 @@ class PanopticPredictor:
         return cls(dense, instance, cfg.data, post, manifest["classes"], input_hw, manifest.get("preselect"))
 
     @classmethod
-    def from_checkpoint(cls, path: PathLike, config: Optional[SEPSNetConfig] = None,
-                        device: Optional[str] = None) -> "PanopticPredictor":
+    def from_checkpoint(cls, path: PathLike, config: SEPSNetConfig | None = None,
+                        device: str | None = None) -> PanopticPredictor:
         """Eager PyTorch (deploy mode, aux branches stripped) from a training checkpoint."""
         from sepsnet.engines.torch_backend import TorchBackend
         from sepsnet.export.bundle import default_classes
@@ -211,7 +211,7 @@ class PanopticPredictor:
     predict = __call__
 
 
-def _trt_version() -> Optional[str]:
+def _trt_version() -> str | None:
     from sepsnet.engines.trt_backend import tensorrt_version
 
     return tensorrt_version()

@@ -1,7 +1,7 @@
 """Eager PyTorch backend: the deploy-mode model (no aux branches) behind the Backend protocol."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

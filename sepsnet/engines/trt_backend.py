@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -21,28 +22,28 @@ _PLUGINS_LOADED: set[str] = set()
 
 def import_tensorrt() -> Any:
     try:
-        import tensorrt as trt  # noqa: PLC0415 (lazy: optional dependency)
+        import tensorrt as trt
     except Exception as exc:
         raise EngineError(f"TensorRT is not available ({type(exc).__name__}: {exc}); install TensorRT 10/11 "
                           "for this CUDA version, or run the bundle with backend='ort'") from None
     return trt
 
 
-def tensorrt_version() -> Optional[str]:
+def tensorrt_version() -> str | None:
     try:
         return import_tensorrt().__version__
     except EngineError:
         return None
 
 
-def load_plugin_library(path: Union[str, Path], op: Optional[str] = None, version: Optional[str] = None,
+def load_plugin_library(path: str | Path, op: str | None = None, version: str | None = None,
                         namespace: str = "") -> None:
     """dlopen the plugin library once so its creators register before deserialisation, then check
     that the ``SEPSNetRoiBlend`` creator (``op``/``version``/``namespace``) really is in TensorRT's
     plugin registry; EngineError naming the library and the op otherwise (rather than a generic
     "could not deserialize" later)."""
-    from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION  # noqa: PLC0415
-    from sepsnet.export.trt_build import has_plugin_creator  # noqa: PLC0415 - the one creator lookup
+    from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION
+    from sepsnet.export.trt_build import has_plugin_creator
 
     op = op or PLUGIN_OP
     version = version or PLUGIN_VERSION
@@ -60,7 +61,7 @@ def load_plugin_library(path: Union[str, Path], op: Optional[str] = None, versio
     if not has_plugin_creator(registry, op, version, namespace) and hasattr(registry, "load_library"):
         try:  # libraries that only export getCreators() (IPluginRegistry::loadLibrary)
             registry.load_library(path)
-        except Exception:  # noqa: BLE001 - reported just below
+        except Exception:
             pass
     if not has_plugin_creator(registry, op, version, namespace):
         raise EngineError(f"TensorRT plugin library {path} loaded, but no {op!r} (version {version!r}, namespace "
@@ -85,7 +86,7 @@ class TrtBackend:
     output shapes read from the context after ``set_input_shape``; ``cuda_graph`` is ignored there.
     """
 
-    def __init__(self, plan_path: Union[str, Path], plugin_library: Optional[Union[str, Path]] = None,
+    def __init__(self, plan_path: str | Path, plugin_library: str | Path | None = None,
                  device: int = 0, cuda_graph: bool = False) -> None:
         trt = import_tensorrt()
         if not torch.cuda.is_available():
@@ -113,8 +114,8 @@ class TrtBackend:
         self._outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.name = f"tensorrt-{trt.__version__}"
         self.path = path
-        self._buffers: Optional[dict[str, torch.Tensor]] = None
-        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._buffers: dict[str, torch.Tensor] | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
         self._stream = torch.cuda.Stream(self.device)
         static = self._all_static()
         self.cuda_graph = bool(cuda_graph and static)
@@ -172,7 +173,7 @@ class TrtBackend:
         try:
             with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 self._enqueue(self._stream)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means "run without a graph"
+        except Exception as exc:
             warnings.warn(f"{self.path.name}: CUDA graph capture failed ({exc}); running without it",
                           RuntimeWarning, stacklevel=3)
             self.cuda_graph = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SEPSNetConfig,
-                   out_dir: Optional[Union[str, Path]] = None, max_images: Optional[int] = None,
+                   out_dir: str | Path | None = None, max_images: int | None = None,
                    batch_size: int = 1, with_ap: bool = True,
-                   boundary_ratio: Optional[float] = None, skip_bad: Optional[bool] = None) -> dict[str, Any]:
+                   boundary_ratio: float | None = None, skip_bad: bool | None = None) -> dict[str, Any]:
     """PQ (COCO panoptic API semantics) over ``dataset`` (its GT PNGs at original size).
 
     Returns ``{"PQ", "SQ", "RQ", "PQ_th", "PQ_st", ..., "mask_AP", "images", "skipped",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -20,7 +21,7 @@ from sepsnet.errors import DataError
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _encode(masks: np.ndarray, h: int, w: int, what: str) -> List[dict]:
+def _encode(masks: np.ndarray, h: int, w: int, what: str) -> list[dict]:
     masks = np.asarray(masks)
     if masks.size == 0:
         return []
@@ -31,7 +32,7 @@ def _encode(masks: np.ndarray, h: int, w: int, what: str) -> List[dict]:
 
 def instances_from_panoptic(id_map: np.ndarray, segments_info: Sequence[Mapping[str, Any]],
                             categories: Mapping[int, Mapping[str, Any]]
-                            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thing segments of a panoptic id map -> (masks bool (n,H,W), category ids (n,), iscrowd (n,))."""
     segs = [s for s in segments_info if categories[int(s["category_id"])]["isthing"] == 1]
     masks = np.stack([id_map == int(s["id"]) for s in segs]) if segs else \
@@ -51,15 +52,15 @@ class InstanceAPAccumulator:
                            for c in cats if int(c.get("isthing", 1)) == 1]
         self._cat_ids = {c["id"] for c in self.categories}
         self.max_dets = max_dets
-        self.images: List[dict] = []
+        self.images: list[dict] = []
         self._image_ids: set = set()
-        self.gt: List[dict] = []
-        self.dt: List[dict] = []
+        self.gt: list[dict] = []
+        self.dt: list[dict] = []
 
     def add(self, image_id: int, gt_masks: np.ndarray, gt_classes: Sequence[int],
             pred_masks: np.ndarray, pred_scores: Sequence[float], pred_classes: Sequence[int],
-            gt_iscrowd: Optional[Sequence[int]] = None, pred_boxes: Optional[np.ndarray] = None,
-            image_size: Optional[Tuple[int, int]] = None) -> None:
+            gt_iscrowd: Sequence[int] | None = None, pred_boxes: np.ndarray | None = None,
+            image_size: tuple[int, int] | None = None) -> None:
         """Add one image: gt masks (n,H,W) + dataset category ids, predicted masks (m,H,W),
         scores, category ids; optional predicted boxes (m,4) xyxy (else boxes of the masks)."""
         gt_masks, pred_masks = np.asarray(gt_masks), np.asarray(pred_masks)
@@ -104,7 +105,7 @@ class InstanceAPAccumulator:
             self.dt.append({"image_id": image_id, "category_id": c, "segmentation": rle,
                             "bbox": bbox, "score": s, "mask_area": float(mask_utils.area(rle))})
 
-    def _coco(self, anns: List[dict]) -> COCO:
+    def _coco(self, anns: list[dict]) -> COCO:
         coco = COCO()
         coco.dataset = {"images": list(self.images), "categories": list(self.categories),
                         "annotations": anns}
@@ -112,7 +113,7 @@ class InstanceAPAccumulator:
             coco.createIndex()
         return coco
 
-    def _evaluate(self, iou_type: str) -> Dict[str, float]:
+    def _evaluate(self, iou_type: str) -> dict[str, float]:
         if not self.gt:
             return {k: float("nan") for k in STAT_NAMES}
         dts = []
@@ -130,7 +131,7 @@ class InstanceAPAccumulator:
             ev.summarize()
         return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:6])}
 
-    def summary(self) -> Dict[str, Dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, float]]:
         """``{'segm': {AP, AP50, AP75, APs, APm, APl}, 'bbox': {...}}`` in [0, 1] (-1: no gt in
         that area range, nan: no gt at all), COCOeval definitions."""
         return {"segm": self._evaluate("segm"), "bbox": self._evaluate("bbox")}

@@ -18,8 +18,9 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Union
 
 import cv2
 import numpy as np
@@ -33,10 +34,10 @@ VOID = 0
 Categories = Union[Mapping[int, Mapping[str, Any]], Sequence[Mapping[str, Any]]]
 
 
-def _category_dict(categories: Categories) -> Dict[int, Dict[str, Any]]:
+def _category_dict(categories: Categories) -> dict[int, dict[str, Any]]:
     if isinstance(categories, Mapping):
         return {int(k): dict(v) for k, v in categories.items()}
-    out: Dict[int, Dict[str, Any]] = {}
+    out: dict[int, dict[str, Any]] = {}
     for c in categories:
         if "id" not in c or "isthing" not in c:
             raise DataError(f"category {c!r} needs the keys 'id' and 'isthing'")
@@ -99,8 +100,8 @@ def _index(ids: np.ndarray, values: np.ndarray, bounded: bool = False) -> np.nda
     return idx
 
 
-def _segment_dict(segments: Sequence[Mapping[str, Any]], what: str) -> Dict[int, Mapping[str, Any]]:
-    out: Dict[int, Mapping[str, Any]] = {}
+def _segment_dict(segments: Sequence[Mapping[str, Any]], what: str) -> dict[int, Mapping[str, Any]]:
+    out: dict[int, Mapping[str, Any]] = {}
     for s in segments:
         sid = int(s["id"])
         if sid in out:
@@ -121,7 +122,7 @@ class PQStat:
         self.fp = np.zeros(n, np.int64)
         self.fn = np.zeros(n, np.int64)
 
-    def __iadd__(self, other: "PQStat") -> "PQStat":
+    def __iadd__(self, other: PQStat) -> PQStat:
         self.iou += other.iou
         self.tp += other.tp
         self.fp += other.fp
@@ -132,7 +133,7 @@ class PQStat:
 def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.ndarray,
              gt_segments: Sequence[Mapping[str, Any]], pred: np.ndarray,
              pred_segments: Sequence[Mapping[str, Any]], image: Any = "?", bounded: bool = False,
-             dilation_ratio: Optional[float] = None) -> None:
+             dilation_ratio: float | None = None) -> None:
     """Add one image's matches to ``stat`` (reference: ``pq_compute_single_core`` loop body).
 
     ``bounded``: the caller guarantees ids in [0, 2^24) (read from PNG). ``dilation_ratio``: score
@@ -212,7 +213,7 @@ def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.n
             stat.fn[k] += 1
     # one crowd region per category: the last in segments_info order wins, as in the reference
     # (which fills its dict iterating segments_info), so walk the list, not the sorted ids
-    crowd_of_cat: Dict[int, int] = {}
+    crowd_of_cat: dict[int, int] = {}
     for s in gt_segments:
         if int(s.get("iscrowd", 0)) == 1:
             crowd_of_cat[int(s["category_id"])] = int(np.searchsorted(gvals, int(s["id"])))
@@ -229,11 +230,11 @@ def pq_image(stat: PQStat, categories: Mapping[int, Mapping[str, Any]], gt: np.n
 
 
 def pq_average(stat: PQStat, categories: Mapping[int, Mapping[str, Any]],
-               isthing: Optional[bool]) -> Tuple[Dict[str, float], Dict[int, Dict[str, float]]]:
+               isthing: bool | None) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
     """Mean PQ/SQ/RQ over categories with any tp/fp/fn (reference ``PQStat.pq_average``)."""
     pq = sq = rq = 0.0
     n = 0
-    per_class: Dict[int, Dict[str, float]] = {}
+    per_class: dict[int, dict[str, float]] = {}
     for label, info in categories.items():
         if isthing is not None and (info["isthing"] == 1) != isthing:
             continue
@@ -253,9 +254,9 @@ def pq_average(stat: PQStat, categories: Mapping[int, Mapping[str, Any]],
     return {"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n}, per_class
 
 
-def summarize(stat: PQStat, categories: Mapping[int, Mapping[str, Any]]) -> Dict[str, Any]:
+def summarize(stat: PQStat, categories: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """``{'All'|'Things'|'Stuff': {pq, sq, rq, n}, 'per_class': {cat_id: {pq, sq, rq}}}``."""
-    results: Dict[str, Any] = {}
+    results: dict[str, Any] = {}
     for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
         results[name], per_class = pq_average(stat, categories, isthing)
         if name == "All":
@@ -267,7 +268,7 @@ class PQAccumulator:
     """Streaming PQ: ``add`` one image's gt and prediction at a time, then ``summary()``.
     With ``dilation_ratio`` (e.g. 0.02) it accumulates Boundary PQ instead."""
 
-    def __init__(self, categories: Categories, dilation_ratio: Optional[float] = None) -> None:
+    def __init__(self, categories: Categories, dilation_ratio: float | None = None) -> None:
         self.categories = _category_dict(categories)
         self.dilation_ratio = dilation_ratio
         self.stat = PQStat(list(self.categories))
@@ -286,17 +287,17 @@ class PQAccumulator:
             raise DataError(f"image {image}: malformed segments_info ({type(exc).__name__}: {exc})") from None
         self.num_images += 1
 
-    def merge(self, other: "PQAccumulator") -> None:
+    def merge(self, other: PQAccumulator) -> None:
         """Add another accumulator's sums (e.g. from another process)."""
         self.stat += other.stat
         self.num_images += other.num_images
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         return summarize(self.stat, self.categories)
 
 
-def _chunk_stats(args: Tuple[List[Tuple[dict, dict]], str, str, Dict[int, Dict[str, Any]],
-                                Tuple[Optional[float], ...]]) -> List[PQStat]:
+def _chunk_stats(args: tuple[list[tuple[dict, dict]], str, str, dict[int, dict[str, Any]],
+                                tuple[float | None, ...]]) -> list[PQStat]:
     """One PQStat per entry of ``ratios`` (None = mask PQ), every PNG pair decoded once."""
     pairs, gt_folder, pred_folder, categories, ratios = args
     stats = [PQStat(list(categories)) for _ in ratios]
@@ -318,7 +319,7 @@ def _load_json(path: str, what: str) -> dict:
     if not os.path.isfile(path):
         raise DataError(f"{what} JSON {path} does not exist")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{what} JSON {path} is malformed: {exc}") from None
@@ -331,17 +332,17 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def pq_compute_files(gt_json: str, pred_json: str, gt_folder: Optional[str] = None,
-                     pred_folder: Optional[str] = None, workers: Optional[int] = None,
-                     dilation_ratio: Optional[float] = None) -> Dict[str, Any]:
+def pq_compute_files(gt_json: str, pred_json: str, gt_folder: str | None = None,
+                     pred_folder: str | None = None, workers: int | None = None,
+                     dilation_ratio: float | None = None) -> dict[str, Any]:
     """PQ from COCO panoptic files (reference ``pq_compute``); ``workers=1`` runs in-process.
     ``dilation_ratio``: Boundary PQ instead (``sepsnet.eval.boundary``)."""
     return pq_compute_files_multi(gt_json, pred_json, gt_folder, pred_folder, workers, (dilation_ratio,))[0]
 
 
-def pq_compute_files_multi(gt_json: str, pred_json: str, gt_folder: Optional[str] = None,
-                           pred_folder: Optional[str] = None, workers: Optional[int] = None,
-                           ratios: Sequence[Optional[float]] = (None,)) -> List[Dict[str, Any]]:
+def pq_compute_files_multi(gt_json: str, pred_json: str, gt_folder: str | None = None,
+                           pred_folder: str | None = None, workers: int | None = None,
+                           ratios: Sequence[float | None] = (None,)) -> list[dict[str, Any]]:
     """One summary per entry of ``ratios`` (None = mask PQ, else Boundary PQ at that dilation
     ratio) from a single pass over the files."""
     ratios = tuple(ratios)

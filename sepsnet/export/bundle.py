@@ -36,16 +36,16 @@ import datetime as _dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
-from sepsnet.fileio import atomic_write_text
 from sepsnet.errors import BundleError
+from sepsnet.fileio import atomic_write_text
 
 FORMAT = "sepsnet-bundle/1"
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -54,9 +54,9 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def software_versions() -> dict[str, Optional[str]]:
+def software_versions() -> dict[str, str | None]:
     """Versions of the libraries an exported graph or engine depends on (None when absent)."""
-    out: dict[str, Optional[str]] = {}
+    out: dict[str, str | None] = {}
     for name in ("torch", "torchvision", "onnx", "onnxruntime", "tensorrt", "sepsnet"):
         try:
             module = __import__(name)
@@ -66,7 +66,7 @@ def software_versions() -> dict[str, Optional[str]]:
     return out
 
 
-def tensor_specs(onnx_path: Union[str, Path]) -> dict[str, list[dict[str, Any]]]:
+def tensor_specs(onnx_path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Input/output names, shapes (int or dim name) and dtypes of an ONNX graph."""
     import onnx
 
@@ -86,7 +86,7 @@ def tensor_specs(onnx_path: Union[str, Path]) -> dict[str, list[dict[str, Any]]]
             "outputs": spec(model.graph.output)}
 
 
-def file_table(bundle_dir: Union[str, Path]) -> dict[str, dict[str, Any]]:
+def file_table(bundle_dir: str | Path) -> dict[str, dict[str, Any]]:
     """sha256 + size of every file in the bundle except the manifest and temp files."""
     root = Path(bundle_dir)
     table: dict[str, dict[str, Any]] = {}
@@ -97,7 +97,7 @@ def file_table(bundle_dir: Union[str, Path]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def write_manifest(bundle_dir: Union[str, Path], content: dict[str, Any]) -> Path:
+def write_manifest(bundle_dir: str | Path, content: dict[str, Any]) -> Path:
     """Add format/created/files to ``content`` and write ``manifest.json`` last, atomically."""
     root = Path(bundle_dir)
     manifest = {"format": FORMAT,
@@ -109,7 +109,7 @@ def write_manifest(bundle_dir: Union[str, Path], content: dict[str, Any]) -> Pat
     return path
 
 
-def load_manifest(path: Union[str, Path]) -> dict[str, Any]:
+def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read a manifest (``path`` = bundle folder or manifest file); check its format version."""
     path = Path(path)
     if path.is_dir():
@@ -137,7 +137,7 @@ def has_plans(manifest: dict[str, Any]) -> bool:
     return any(g.get("plan") for g in manifest.get("graphs", {}).values())
 
 
-def check_trt_compatible(manifest: dict[str, Any], trt_version: Optional[str], gpu_name: Optional[str],
+def check_trt_compatible(manifest: dict[str, Any], trt_version: str | None, gpu_name: str | None,
                          where: str = "bundle") -> None:
     """Refuse plans built for another TensorRT version or GPU, naming both sides."""
     built_trt = manifest.get("versions", {}).get("tensorrt")
@@ -155,8 +155,8 @@ def check_trt_compatible(manifest: dict[str, Any], trt_version: Optional[str], g
                           f"`sepsnet-export --from-onnx {where} --{manifest.get('precision', 'fp16')}`")
 
 
-def verify_bundle(bundle_dir: Union[str, Path], *, check_trt: bool = False, trt_version: Optional[str] = None,
-                  gpu_name: Optional[str] = None) -> dict[str, Any]:
+def verify_bundle(bundle_dir: str | Path, *, check_trt: bool = False, trt_version: str | None = None,
+                  gpu_name: str | None = None) -> dict[str, Any]:
     """Load the manifest and check every listed file exists with its sha256.
 
     With ``check_trt`` (the TensorRT runtime does this) also refuse plans built for another
@@ -198,10 +198,10 @@ def default_classes(num_things: int, num_stuff: int) -> dict[str, Any]:
                       for i in range(num_stuff)]}
 
 
-def manifest_content(cfg: Any, classes: Optional[dict[str, Any]], *, ranges: dict[str, list[int]],
+def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[str, list[int]],
                      dynamic: bool, instances: dict[str, int], precision: str, opset: int,
-                     graphs: dict[str, dict[str, Any]], plugin: Optional[str] = None,
-                     gpu: Optional[str] = None, preselect: Any = None) -> dict[str, Any]:
+                     graphs: dict[str, dict[str, Any]], plugin: str | None = None,
+                     gpu: str | None = None, preselect: Any = None) -> dict[str, Any]:
     """Everything the runtime needs besides the files (see the module docstring)."""
     from dataclasses import asdict
 

@@ -15,7 +15,6 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import onnx
 import torch
@@ -73,7 +72,7 @@ def ceil32(v: int) -> int:
     return int(math.ceil(v / 32) * 32)
 
 
-def default_shape(cfg: SEPSNetConfig, height: Optional[int] = None, width: Optional[int] = None,
+def default_shape(cfg: SEPSNetConfig, height: int | None = None, width: int | None = None,
                   dynamic: bool = False, max_batch: int = 4) -> ExportShape:
     """Static size: the padded test size of the config (landscape) unless given; multiples of 32."""
     d = cfg.data
@@ -101,7 +100,7 @@ def dense_preselect(cfg: SEPSNetConfig, dynamic: bool = False) -> Preselect:
 class DenseGraph(torch.nn.Module):
     """image -> the dense outputs as a tuple in ``DENSE_OUTPUTS`` order."""
 
-    def __init__(self, model: torch.nn.Module, preselect: Optional[Preselect] = None) -> None:
+    def __init__(self, model: torch.nn.Module, preselect: Preselect | None = None) -> None:
         super().__init__()
         self.model = model
         self.preselect = preselect
@@ -126,7 +125,7 @@ class InstanceGraph(torch.nn.Module):
 
 
 def example_rois(n: int, batch: int, height: int, width: int,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` random valid rois [batch_index, x1, y1, x2, y2] in input pixels."""
     g = generator
     b = torch.randint(0, batch, (n, 1), generator=g).float()
@@ -136,7 +135,7 @@ def example_rois(n: int, batch: int, height: int, width: int,
 
 
 def _run_export(module: torch.nn.Module, args: tuple, input_names: tuple, output_names: tuple,
-                dynamic_shapes: Optional[tuple], opset: int, where: str) -> onnx.ModelProto:
+                dynamic_shapes: tuple | None, opset: int, where: str) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -149,7 +148,7 @@ def _run_export(module: torch.nn.Module, args: tuple, input_names: tuple, output
     return program.model_proto
 
 
-def _dense_dynamic(shape: ExportShape) -> Optional[tuple]:
+def _dense_dynamic(shape: ExportShape) -> tuple | None:
     if not shape.dynamic:
         return None
     from torch.export import Dim
@@ -160,8 +159,8 @@ def _dense_dynamic(shape: ExportShape) -> Optional[tuple]:
     return ({0: batch, 2: 32 * hb, 3: 32 * wb},)
 
 
-def export_dense(model: torch.nn.Module, cfg: SEPSNetConfig, path: Union[str, Path], shape: ExportShape,
-                 opset: int = OPSET, preselect: Optional[Preselect] = None) -> onnx.ModelProto:
+def export_dense(model: torch.nn.Module, cfg: SEPSNetConfig, path: str | Path, shape: ExportShape,
+                 opset: int = OPSET, preselect: Preselect | None = None) -> onnx.ModelProto:
     """Export, clean and check ``dense.onnx``; returns the saved model. ``preselect`` (usually
     :func:`dense_preselect`) keeps the top-k locations per level; None keeps every location."""
     batch, h, w = trace_size(shape)
@@ -213,7 +212,7 @@ def _instance_dynamic(shape: ExportShape) -> tuple:
     return ({0: batch, 2: bh, 3: bw}, {0: batch, 2: ph, 3: pw}, {0: n}, {0: n})
 
 
-def export_instance(model: torch.nn.Module, cfg: SEPSNetConfig, path: Union[str, Path], shape: ExportShape,
+def export_instance(model: torch.nn.Module, cfg: SEPSNetConfig, path: str | Path, shape: ExportShape,
                     opset: int = OPSET) -> onnx.ModelProto:
     """Export, clean and check ``instance.onnx`` (dynamic instance count); returns the saved model."""
     names = instance_output_names(model, cfg)

@@ -19,7 +19,6 @@ plugin supports). An fp16 graph has Casts inside the pattern and is refused with
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import onnx
@@ -40,7 +39,7 @@ def _gs():
     return gs
 
 
-def _const(tensor) -> Optional[np.ndarray]:
+def _const(tensor) -> np.ndarray | None:
     """Value of a graphsurgeon tensor when it is a Constant (or a Constant node's output)."""
     gs = _gs()
     if isinstance(tensor, gs.Constant):
@@ -62,7 +61,7 @@ def _attr(node, name: str, default):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _resize_hw(node) -> Optional[tuple[int, int]]:
+def _resize_hw(node) -> tuple[int, int] | None:
     """Output H, W of a Resize when they can be read from the graph (sizes or scales)."""
     if node.outputs[0].shape is not None and len(node.outputs[0].shape) == 4:
         h, w = node.outputs[0].shape[2:]
@@ -84,7 +83,7 @@ def _resize_hw(node) -> Optional[tuple[int, int]]:
     return None
 
 
-def _reduce_axes(node) -> Optional[list[int]]:
+def _reduce_axes(node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1].name:
         axes = _const(node.inputs[1])
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
@@ -92,7 +91,7 @@ def _reduce_axes(node) -> Optional[list[int]]:
     return None if axes is None else [int(a) for a in axes]
 
 
-def _match(reduce) -> Optional[dict]:
+def _match(reduce) -> dict | None:
     """The blend nodes feeding one ReduceSum, or None when it is not the blender."""
     if reduce.op != "ReduceSum" or int(_attr(reduce, "keepdims", 1)) != 0 or _reduce_axes(reduce) not in ([1], [-3]):
         return None
@@ -158,7 +157,7 @@ def rewrite_roi_blend(model: onnx.ModelProto, domain: str = PLUGIN_DOMAIN) -> tu
     return out_model, len(matches)
 
 
-def rewrite_instance_graph(src: "str | Path", dst: "str | Path") -> "Path":
+def rewrite_instance_graph(src: str | Path, dst: str | Path) -> Path:
     """File form used by ``sepsnet-export --plugin``: read ``src``, fuse, check, write ``dst`` atomically."""
     from pathlib import Path
 

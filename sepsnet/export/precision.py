@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -43,7 +43,7 @@ QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from ops
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def to_fp16(src: Union[str, Path, onnx.ModelProto], dst: Union[str, Path],
+def to_fp16(src: str | Path | onnx.ModelProto, dst: str | Path,
             keep_fp32_ops: Sequence[str] = FP32_OPS) -> onnx.ModelProto:
     """Convert a graph to fp16 with fp32 I/O, keeping ``keep_fp32_ops`` in fp32; saves ``dst``."""
     from onnxconverter_common import float16
@@ -183,7 +183,7 @@ def generated_frame(rng: np.random.Generator, height: int, width: int) -> np.nda
 
 
 def calibration_batches(height: int, width: int, batch: int, mean: Sequence[float], std: Sequence[float],
-                        folder: Optional[Union[str, Path]] = None, count: int = 32,
+                        folder: str | Path | None = None, count: int = 32,
                         seed: int = 0) -> list[np.ndarray]:
     """``count`` normalised frames (from ``folder`` images, else generated) grouped in batches."""
     import cv2
@@ -214,7 +214,7 @@ class _Reader:
         self.name = name
         self._it: Iterator[np.ndarray] = iter(batches)
 
-    def get_next(self) -> Optional[dict[str, np.ndarray]]:
+    def get_next(self) -> dict[str, np.ndarray] | None:
         nxt = next(self._it, None)
         return None if nxt is None else {self.name: nxt}
 
@@ -224,7 +224,7 @@ def is_fp16_graph(model: onnx.ModelProto) -> bool:
     return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
 
 
-def to_int8_qdq(src: Union[str, Path], dst: Union[str, Path], batches: list[np.ndarray],
+def to_int8_qdq(src: str | Path, dst: str | Path, batches: list[np.ndarray],
                 input_name: str = "image", percentile: bool = False) -> onnx.ModelProto:
     """Insert Q/DQ nodes calibrated on ``batches`` (ORT quantize_static, QDQ format); saves ``dst``.
 

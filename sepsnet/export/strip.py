@@ -4,8 +4,9 @@ mask-aux heads only shape training; DESIGN.md "Inference split": no aux branches
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import onnx

@@ -9,8 +9,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, Union
 
 import numpy as np
 import onnx
@@ -70,10 +70,10 @@ def clean_graph(model: onnx.ModelProto, sampling_ratio: int = 1, fold: bool = Tr
     return out
 
 
-def dim_names(model: onnx.ModelProto) -> dict[str, list[Union[int, str]]]:
+def dim_names(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     """Graph input name -> dims (int when static, the dim name when dynamic)."""
     init = {i.name for i in model.graph.initializer}
-    out: dict[str, list[Union[int, str]]] = {}
+    out: dict[str, list[int | str]] = {}
     for v in model.graph.input:
         if v.name in init:
             continue
@@ -120,7 +120,7 @@ def assert_roi_align(model: onnx.ModelProto, sampling_ratio: int, where: str) ->
                               f"sampling_ratio={attrs.get('sampling_ratio')!r}; expected half_pixel/{sampling_ratio}")
 
 
-def save(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
+def save(model: onnx.ModelProto, path: str | Path) -> Path:
     """Save atomically (tmp + replace); graphs here are far below the 2 GB protobuf limit."""
     from sepsnet.fileio import atomic_write_bytes
 

@@ -17,9 +17,10 @@ import ctypes
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from sepsnet.errors import EngineError
 from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION
@@ -42,7 +43,7 @@ def import_tensorrt(hint: bool = True) -> Any:
     return trt
 
 
-def trt_version() -> Optional[str]:
+def trt_version() -> str | None:
     """TensorRT version string, or None when it cannot be imported."""
     try:
         return str(import_tensorrt().__version__)
@@ -73,7 +74,7 @@ def _plugin_id() -> str:
     return f"{PLUGIN_OP} (version {PLUGIN_VERSION}, namespace {PLUGIN_NAMESPACE!r})"
 
 
-def load_plugin_library(trt: Any, path: Union[str, Path], logger: Any) -> None:
+def load_plugin_library(trt: Any, path: str | Path, logger: Any) -> None:
     """Load the SEPSNetRoiBlend plugin library so the parser and runtime find its creator."""
     path = Path(path)
     if not path.is_file():
@@ -102,7 +103,7 @@ def has_plugin_creator(registry: Any, name: str, version: str = PLUGIN_VERSION, 
             try:
                 if get(name, version, namespace) is not None:
                     return True
-            except Exception:  # noqa: BLE001 - some builds raise instead of returning None
+            except Exception:
                 pass
     creators = getattr(registry, "all_creators", None)
     if creators is None:
@@ -122,7 +123,7 @@ def _sanitise(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-") or "unknown"
 
 
-def default_timing_cache(trt_version: str, gpu: str, root: Optional[Union[str, Path]] = None) -> Path:
+def default_timing_cache(trt_version: str, gpu: str, root: str | Path | None = None) -> Path:
     """``~/.cache/sepsnet/trt_timing_<TensorRT version>_<GPU name>.cache`` (names sanitised): a timing
     cache holds tactics of one TensorRT version on one GPU, so each pair gets its own file."""
     base = Path(root) if root is not None else Path.home() / ".cache" / "sepsnet"
@@ -136,7 +137,7 @@ def attach_timing_cache(config: Any, path: Path, log: Callable[[str], None] = pr
     blob = path.read_bytes() if path.is_file() else b""
     try:
         cache = config.create_timing_cache(blob)
-    except Exception as exc:  # noqa: BLE001 - a corrupt blob may raise instead of returning None
+    except Exception as exc:
         cache, reason = None, f"{type(exc).__name__}: {exc}"
     else:
         reason = "TensorRT refused it"
@@ -163,7 +164,7 @@ class BuildResult:
 
 
 def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed: bool,
-           plugin_library: Optional[Union[str, Path]] = None) -> tuple[Any, Any]:
+           plugin_library: str | Path | None = None) -> tuple[Any, Any]:
     flags = 0
     if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -186,9 +187,9 @@ def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed:
     return network, parser
 
 
-def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], *, precision: str = "fp32",
-                 profiles: Optional[dict[str, ShapeRange]] = None, workspace_gib: float = 4.0,
-                 timing_cache: Optional[Union[str, Path]] = None, plugin_library: Optional[Union[str, Path]] = None,
+def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str = "fp32",
+                 profiles: dict[str, ShapeRange] | None = None, workspace_gib: float = 4.0,
+                 timing_cache: str | Path | None = None, plugin_library: str | Path | None = None,
                  log: Callable[[str], None] = print) -> BuildResult:
     """Parse ``onnx_path`` and write a serialized engine to ``plan_path``.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from sepsnet.config import ModelConfig, SEPSNetConfig
 
 
-def build_model(cfg: "SEPSNetConfig | ModelConfig", deploy: bool = False):
+def build_model(cfg: SEPSNetConfig | ModelConfig, deploy: bool = False):
     """Build :class:`~sepsnet.model.sepsnet.SEPSNet` from a full or a model config."""
     from sepsnet.model.sepsnet import SEPSNet
 

@@ -8,8 +8,6 @@ ReLU, 1x1 conv) predicts thing semantics (T+1 classes, 0 = background) at 1/8.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,7 +40,7 @@ class BasisHead(nn.Module):
         self.refine = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False),
                                     nn.GroupNorm(group_norm_groups(c), c), nn.ReLU(inplace=True))
         self.out = nn.Conv2d(c, self.num_bases + self.num_sil, 1)
-        self.semantic: Optional[nn.Module] = None
+        self.semantic: nn.Module | None = None
         if not deploy:
             f = cfg.fpn_channels
             self.semantic = nn.Sequential(nn.Conv2d(f, f, 3, padding=1), nn.ReLU(inplace=True),
@@ -51,7 +49,7 @@ class BasisHead(nn.Module):
         self.w_sem = cfg.loss_weights.basis_aux_semantic
 
     def forward(self, feats: list[Tensor], p2: Tensor,
-                aux: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+                aux: bool = True) -> tuple[Tensor, Tensor | None]:
         """[P3,P4,P5], P2 (for the output size) -> (bases (N,K+B,h2,w2), semantic logits or None);
         ``aux=False`` (inference) never runs the auxiliary semantic branch."""
         x = self.tower(merge_levels(feats))
@@ -60,7 +58,7 @@ class BasisHead(nn.Module):
         sem = self.semantic(feats[0]) if aux and self.semantic is not None else None
         return bases, sem
 
-    def losses(self, bases: Tensor, sem: Optional[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+    def losses(self, bases: Tensor, sem: Tensor | None, targets: list[dict]) -> dict[str, Tensor]:
         """Dice (Eq. 2) of sigmoid(silhouette basis) vs the panoptic silhouette at 1/4;
         CE of the thing-semantic logits vs the thing-class map at 1/8 (ignore 255)."""
         out: dict[str, Tensor] = {}

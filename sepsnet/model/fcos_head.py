@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +170,7 @@ def preselect_level(level: dict[str, Tensor], sel: Preselect) -> dict[str, Tenso
 
 
 def dense_predictions(outputs: dict[str, list[Tensor]], locations: list[Tensor],
-                      preselect: Optional[Preselect] = None) -> dict[str, Tensor]:
+                      preselect: Preselect | None = None) -> dict[str, Tensor]:
     """Head outputs -> (N,L,...) tensors over P3..P7: ``boxes`` xyxy (location -/+ ltrb),
     ``scores`` sigmoid (N,L,T), ``centerness`` sigmoid (N,L), ``attention`` raw (N,L,K*M*M).
 

@@ -11,8 +11,6 @@ removed from a trained model with :func:`strip_aux`.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -45,8 +43,8 @@ class SEPSNet(nn.Module):
         self.stuff_head = StuffHead(cfg, deploy)
         self.basis_head = BasisHead(cfg, deploy)
         self.blender = Blender(cfg)
-        self.mask_aux: Optional[nn.Module] = MaskAux() if cfg.components.mask_aux and not deploy else None
-        self.confidence_head: Optional[ConfidenceHead] = (
+        self.mask_aux: nn.Module | None = MaskAux() if cfg.components.mask_aux and not deploy else None
+        self.confidence_head: ConfidenceHead | None = (
             ConfidenceHead(cfg) if cfg.components.mask_score else None)
         self.strides = list(cfg.fcos.strides)
 
@@ -60,7 +58,7 @@ class SEPSNet(nn.Module):
         return self.backbone(images)
 
     # ---------------------------------------------------------------- inference
-    def forward_dense(self, images: Tensor, preselect: Optional[Preselect] = None) -> dict[str, Tensor]:
+    def forward_dense(self, images: Tensor, preselect: Preselect | None = None) -> dict[str, Tensor]:
         """images (N,3,H,W) -> boxes, scores, centerness, attention, bases, p3, stuff_logits;
         per-location outputs for every location, or for the top-k per level with ``preselect``."""
         f = self._features(images)
@@ -84,7 +82,7 @@ class SEPSNet(nn.Module):
         return out
 
     # ----------------------------------------------------------------- training
-    def forward(self, images: Tensor, targets: Optional[list[dict]] = None):
+    def forward(self, images: Tensor, targets: list[dict] | None = None):
         """Train mode: weighted losses dict (needs targets); eval mode: forward_dense(images)."""
         if not self.training:
             return self.forward_dense(images)

@@ -12,8 +12,6 @@ compute, with eight shifted comparisons instead of one conv per segment.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,13 +76,13 @@ def instance_id_map(masks: Tensor) -> Tensor:
     return out
 
 
-def things_silhouette(masks: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+def things_silhouette(masks: Tensor, size: tuple[int, int] | None = None) -> Tensor:
     """Silhouette of things (Fig. 2c) from instance masks (G,H,W) -> float (h,w)."""
     ids = instance_id_map(masks)
     return id_edges(resize_ids(ids, size) if size else ids)
 
 
-def stuff_silhouette(stuff: Tensor, size: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+def stuff_silhouette(stuff: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Silhouette of the stuff map (Fig. 2d; classes 0..S, 255 ignore) -> (edges, valid).
 
     Ignored pixels and their neighbours get valid = 0 (their edges are unknown)."""
@@ -93,7 +91,7 @@ def stuff_silhouette(stuff: Tensor, size: Optional[tuple[int, int]] = None) -> t
 
 
 def panoptic_silhouette(masks: Tensor, stuff: Tensor,
-                        size: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+                        size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Full panoptic silhouette (things and stuff together) -> (edges, valid), float (h,w).
 
     Each thing instance is its own segment, stuff pixels keep their class; pixels ignored in
@@ -106,7 +104,7 @@ def panoptic_silhouette(masks: Tensor, stuff: Tensor,
     return id_edges(pan), ignore_valid(ignore)
 
 
-def dice_score(p: Tensor, g: Tensor, valid: Optional[Tensor] = None, eps: float = 1.0) -> Tensor:
+def dice_score(p: Tensor, g: Tensor, valid: Tensor | None = None, eps: float = 1.0) -> Tensor:
     """Eq. 1 per sample: (2 sum pg + eps) / (sum p^2 + sum g^2 + eps); dims after 0 reduced."""
     p, g = p.float(), g.float()  # fp32 sums: an fp16 sum over a 1/4-scale map can overflow
     if valid is not None:
@@ -115,7 +113,7 @@ def dice_score(p: Tensor, g: Tensor, valid: Optional[Tensor] = None, eps: float 
     return (2.0 * (p * g).sum(1) + eps) / ((p * p).sum(1) + (g * g).sum(1) + eps)
 
 
-def dice_loss(p: Tensor, g: Tensor, valid: Optional[Tensor] = None, eps: float = 1.0) -> Tensor:
+def dice_loss(p: Tensor, g: Tensor, valid: Tensor | None = None, eps: float = 1.0) -> Tensor:
     """Eq. 2: mean over samples of 1 - Score; 0 (with a graph) for an empty batch."""
     if p.shape[0] == 0:
         return p.sum() * 0.0

@@ -7,8 +7,6 @@ P3..P5 are resized bilinearly to the P2 size and added element-wise; a conv towe
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,20 +44,20 @@ class StuffHead(nn.Module):
         self.num_classes = cfg.num_stuff_classes + 1
         self.tower = conv_tower(cfg.fpn_channels, c, max(h.stuff_num_convs, 1))
         self.classifier = nn.Conv2d(c, self.num_classes, 1)
-        self.silhouette: Optional[nn.Module] = None
+        self.silhouette: nn.Module | None = None
         if cfg.components.silhouette_stuff and not deploy:
             self.silhouette = nn.Conv2d(c, 1, 1)
         self.w_stuff = cfg.loss_weights.stuff
         self.w_sil = cfg.loss_weights.stuff_silhouette
 
-    def forward(self, feats: list[Tensor], aux: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, feats: list[Tensor], aux: bool = True) -> tuple[Tensor, Tensor | None]:
         """[P2..P5] -> (logits (N,S+1,h2,w2), silhouette logits (N,1,h2,w2) or None);
         ``aux=False`` (inference) never runs the auxiliary branch."""
         x = self.tower(merge_levels(feats))
         sil = self.silhouette(x) if aux and self.silhouette is not None else None
         return self.classifier(x), sil
 
-    def losses(self, logits: Tensor, sil: Optional[Tensor], stuff: Tensor) -> dict[str, Tensor]:
+    def losses(self, logits: Tensor, sil: Tensor | None, stuff: Tensor) -> dict[str, Tensor]:
         """CE (ignore 255) at input resolution, and the Dice silhouette loss (Eq. 2) at 1/4.
 
         ``stuff``: (N,H,W) int64 stuff targets (INTERFACES.md)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -17,7 +17,7 @@ FORMAT = "sepsnet-checkpoint/1"
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``) with clear errors."""
     path = Path(path)
     if not path.is_file():
@@ -36,7 +36,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     return ckpt
 
 
-def checkpoint_config(ckpt: dict[str, Any], path: Union[str, Path] = "checkpoint") -> SEPSNetConfig:
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> SEPSNetConfig:
     """The config stored in a checkpoint."""
     if "config" not in ckpt:
         raise CheckpointError(f"{path}: checkpoint has no stored config; pass --config")
@@ -46,7 +46,7 @@ def checkpoint_config(ckpt: dict[str, Any], path: Union[str, Path] = "checkpoint
         raise CheckpointError(str(exc)) from None
 
 
-def check_compatible(ckpt: dict[str, Any], cfg: SEPSNetConfig, path: Union[str, Path] = "checkpoint") -> None:
+def check_compatible(ckpt: dict[str, Any], cfg: SEPSNetConfig, path: str | Path = "checkpoint") -> None:
     """Refuse a checkpoint whose model section differs from ``cfg.model``, naming the keys."""
     stored = ckpt.get("config", {}).get("model")
     if stored is None:
@@ -61,7 +61,7 @@ def check_compatible(ckpt: dict[str, Any], cfg: SEPSNetConfig, path: Union[str, 
         )
 
 
-def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Union[str, Path] = "checkpoint",
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint",
                        strict: bool = True) -> None:
     """``load_state_dict`` with a readable error instead of a wall of key names.
 

@@ -16,7 +16,6 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +133,7 @@ def load(verbose: bool = False) -> None:
         _state["loaded"], _state["cuda"] = True, with_cuda
 
 
-def is_available(device: Optional[str] = None) -> bool:
+def is_available(device: str | None = None) -> bool:
     """True when the op is built (building it on first call); with ``device='cuda'`` it must
     also have CUDA kernels."""
     try:

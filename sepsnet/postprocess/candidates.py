@@ -9,8 +9,9 @@ image, class-aware NMS (:func:`torchvision.ops.batched_nms`), at most
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torchvision.ops import batched_nms
@@ -47,7 +48,7 @@ def level_sizes(p3_hw: Sequence[int], num_levels: int = 5) -> list[tuple[int, in
     return sizes
 
 
-def level_entries(p3_hw: Sequence[int], preselect: Optional[Any] = None, num_levels: int = 5) -> list[int]:
+def level_entries(p3_hw: Sequence[int], preselect: Any | None = None, num_levels: int = 5) -> list[int]:
     """Entries per FPN level in the dense outputs: h*w of every level (``preselect`` None), or for
     a dense engine that pre-selects the top-k locations per level (the manifest's ``preselect``
     mapping ``{topk, score_thresh, padded}``) ``min(topk, h*w)``, or ``topk`` when padded."""
@@ -80,9 +81,9 @@ def select_candidates(
     scores: torch.Tensor,
     centerness: torch.Tensor,
     attention: torch.Tensor,
-    level_sizes: Sequence[Union[tuple[int, int], int]],
+    level_sizes: Sequence[tuple[int, int] | int],
     cfg: Any,
-    image_sizes: Optional[Sequence[tuple[int, int]]] = None,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Candidates]:
     """Per image :class:`Candidates` from the dense engine outputs (INTERFACES.md).
 

@@ -14,7 +14,7 @@ Output: int32 id map (0 = void, ids 1..n in the order the segments were created)
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -23,7 +23,7 @@ from sepsnet.postprocess.candidates import postprocess_cfg
 from sepsnet.postprocess.scoring import _mask_boxes
 
 
-def _num_stuff(cfg: Any, num_stuff_classes: Optional[int]) -> int:
+def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
     if num_stuff_classes is not None:
         return int(num_stuff_classes)
     model = getattr(cfg, "model", None)
@@ -58,8 +58,8 @@ def panoptic_fusion(
     classes: torch.Tensor,
     stuff_labels: torch.Tensor,
     cfg: Any,
-    num_stuff_classes: Optional[int] = None,
-    regions: Optional[torch.Tensor] = None,
+    num_stuff_classes: int | None = None,
+    regions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Fuse bool instance ``masks`` (n, h, w) with the stuff argmax ``stuff_labels`` (h, w).
 

@@ -13,8 +13,6 @@ bounded (one instance per chunk on CPU, a memory budget on CUDA).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from sepsnet.errors import ConfigError
@@ -51,7 +49,7 @@ def paste_masks(
     boxes: torch.Tensor,
     out_hw: tuple[int, int],
     threshold: float = 0.5,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     return_regions: bool = False,
 ):
     """Paste ``mask_probs`` (n, R, R) at ``boxes`` (n, 4) xyxy (output pixels) into an

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_preselect(preselect: Optional[Mapping[str, Any]], pp: Any) -> None:
+def check_preselect(preselect: Mapping[str, Any] | None, pp: Any) -> None:
     """A pre-selecting dense engine is exact only for ``pre_nms_topk <= topk`` and
     ``score_thresh >= `` its threshold; ConfigError otherwise."""
     if preselect is None:
@@ -99,9 +100,9 @@ def panoptic_inference(
     run_instances: InstanceFn,
     image_sizes: Sequence[Any],
     cfg: Any,
-    num_stuff_classes: Optional[int] = None,
+    num_stuff_classes: int | None = None,
     return_masks: bool = True,
-    preselect: Optional[Mapping[str, Any]] = None,
+    preselect: Mapping[str, Any] | None = None,
 ) -> list[PanopticResult]:
     """Dense outputs (INTERFACES.md names) -> one :class:`PanopticResult` per image.
 
@@ -136,7 +137,7 @@ def panoptic_inference(
     t0 = time.perf_counter()
     counts = [len(c) for c in cands]
     total = sum(counts)
-    inst: dict[str, Optional[torch.Tensor]] = {"mask_probs": None, "iou_score": None, "silhouette_score": None}
+    inst: dict[str, torch.Tensor | None] = {"mask_probs": None, "iou_score": None, "silhouette_score": None}
     if total:
         rois = torch.cat([torch.cat([c.batch_index[:, None].to(c.boxes.dtype), c.boxes], 1) for c in cands])
         attention = torch.cat([c.attention for c in cands])
@@ -155,7 +156,7 @@ def panoptic_inference(
         sl = slice(start, start + counts[b])
         start += counts[b]
 
-        def part(name: str) -> Optional[torch.Tensor]:
+        def part(name: str) -> torch.Tensor | None:
             v = inst[name]
             return None if v is None else v[sl].to(device).float()
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -27,14 +27,14 @@ class PanopticResult:
     instance_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
     instance_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     instance_classes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-    instance_masks: Optional[torch.Tensor] = None
+    instance_masks: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_instances(self) -> int:
         return int(self.instance_scores.numel())
 
-    def to(self, device: torch.device | str) -> "PanopticResult":
+    def to(self, device: torch.device | str) -> PanopticResult:
         """Copy the tensors to ``device`` (e.g. ``"cpu"`` before writing)."""
         masks = None if self.instance_masks is None else self.instance_masks.to(device)
         return PanopticResult(

@@ -25,14 +25,12 @@ untouched (they still count for mask AP) and never remove anything.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from sepsnet.errors import ConfigError
 
 
-def mask_scores(fcos_score: torch.Tensor, iou_score: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+def mask_scores(fcos_score: torch.Tensor, iou_score: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """Eq. 4: ``alpha * fcos + (1 - alpha) * iou``; ``fcos`` alone when ``iou_score`` is None."""
     if iou_score is None:
         return fcos_score
@@ -62,10 +60,10 @@ def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 def silhouette_dedup(
     masks: torch.Tensor,
     classes: torch.Tensor,
-    silhouette_scores: Optional[torch.Tensor],
+    silhouette_scores: torch.Tensor | None,
     iou_thresh: float,
-    regions: Optional[torch.Tensor] = None,
-    eligible: Optional[torch.Tensor] = None,
+    regions: torch.Tensor | None = None,
+    eligible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices (ascending) of the instances kept by the rule in the module docstring.
 

@@ -9,15 +9,16 @@ COCO panoptic PNGs encode segment ids as ``id = R + 256 G + 256^2 B``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
 import cv2
 import numpy as np
 import torch
 
-from sepsnet.fileio import atomic_write_bytes
 from sepsnet.errors import ConfigError, DataError
+from sepsnet.fileio import atomic_write_bytes
 from sepsnet.postprocess.results import PanopticResult
 
 PathLike = Union[str, Path]
@@ -124,10 +125,10 @@ class CocoPanopticWriter:
         self.images: list[dict[str, Any]] = []
         categories_json(metadata)  # validate early
 
-    def png_name(self, image_id: Any, file_name: Optional[str]) -> str:
+    def png_name(self, image_id: Any, file_name: str | None) -> str:
         return Path(file_name).stem + ".png" if file_name else f"{image_id}.png"
 
-    def add(self, result: PanopticResult, image_id: Any, file_name: Optional[str] = None) -> Path:
+    def add(self, result: PanopticResult, image_id: Any, file_name: str | None = None) -> Path:
         """Write the PNG of one image now; returns its path."""
         ids, segs = _remap(result, self.metadata, self.cityscapes_ids)
         name = self.png_name(image_id, file_name)
@@ -156,7 +157,7 @@ class CityscapesPanopticWriter(CocoPanopticWriter):
                  png_dir: str = "cityscapes_panoptic_predictions") -> None:
         super().__init__(out_dir, metadata, json_name, png_dir)
 
-    def png_name(self, image_id: Any, file_name: Optional[str]) -> str:
+    def png_name(self, image_id: Any, file_name: str | None) -> str:
         return f"{image_id}_panoptic.png"
 
 

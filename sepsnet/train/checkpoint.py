@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ def _literal(text: str) -> Any:
     return ast.literal_eval(text)
 
 
-def save_checkpoint(path: Union[str, Path], *, model: torch.nn.Module, cfg: SEPSNetConfig, iteration: int,
-                    meta: Optional[dict] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, cfg: SEPSNetConfig, iteration: int,
+                    meta: dict | None = None, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: Any = None, scaler: Any = None, with_rng: bool = True) -> Path:
     """Serialise to memory, then write atomically. Updates ``last_checkpoint`` in the folder."""
     module = model.module if hasattr(model, "module") else model
@@ -78,7 +78,7 @@ def save_checkpoint(path: Union[str, Path], *, model: torch.nn.Module, cfg: SEPS
     return path
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
+def latest_checkpoint(folder: str | Path) -> Path | None:
     """The checkpoint named by ``folder/last_checkpoint`` if it exists."""
     pointer = Path(folder) / LAST_POINTER
     if not pointer.is_file():

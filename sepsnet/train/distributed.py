@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,7 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_distributed(device_type: Optional[str] = None) -> DistInfo:
+def init_distributed(device_type: str | None = None) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1).
 
     ``device_type`` (``cpu``/``cuda``) picks the backend (:func:`backend_for`); default:
@@ -54,7 +53,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def check_batch_divisible(batch_size: int, world_size: int) -> Optional[str]:
+def check_batch_divisible(batch_size: int, world_size: int) -> str | None:
     """``None`` when ``batch_size`` splits evenly over ``world_size`` processes, else an
     error message that says which process counts or batch sizes would work."""
     if world_size <= 1 or batch_size % world_size == 0:

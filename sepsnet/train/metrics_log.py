@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 from sepsnet.fileio import atomic_write_text
 
 
-def trim_metrics(path: Union[str, Path], last_iteration: int) -> int:
+def trim_metrics(path: str | Path, last_iteration: int) -> int:
     """Drop the lines of a metrics JSON-lines file whose ``iteration`` is past
     ``last_iteration`` (left by a run that crashed after its last checkpoint), rewriting the
     file atomically. Unparseable lines (a torn last write) are dropped too. Returns the
@@ -40,7 +39,7 @@ class MetricsLog:
     crashed run wrote past the checkpoint it resumes from.
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, purge_step: Optional[int] = None) -> None:
+    def __init__(self, out_dir: Path, enabled: bool, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.tb = None
         self.path = out_dir / "metrics.jsonl"

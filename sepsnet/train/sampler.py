@@ -8,7 +8,8 @@ position. ``--resume`` therefore reproduces the uninterrupted loss curve exactly
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

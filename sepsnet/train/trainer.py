@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,8 +19,14 @@ from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import SEPSNetError
 from sepsnet.model.weights import check_compatible, load_checkpoint, load_model_weights
 from sepsnet.train.checkpoint import latest_checkpoint, restore_rng, save_checkpoint
-from sepsnet.train.distributed import (DistInfo, any_rank, barrier, check_batch_divisible,  # noqa: F401
-                                       init_distributed, mean_over_ranks)
+from sepsnet.train.distributed import (  # noqa: F401
+    DistInfo,
+    any_rank,
+    barrier,
+    check_batch_divisible,
+    init_distributed,
+    mean_over_ranks,
+)
 from sepsnet.train.metrics_log import MetricsLog, trim_metrics
 from sepsnet.train.sampler import ResumableBatchSampler, SeededDataset
 from sepsnet.train.schedule import build_optimizer, build_scheduler
@@ -45,8 +52,8 @@ class Trainer:
     """Owns model, optimizer, schedule and the data stream; ``run()`` trains to ``max_iter``."""
 
     def __init__(self, cfg: SEPSNetConfig, model: torch.nn.Module, dataset: Dataset,
-                 collate_fn: Callable, out_dir: str | Path, meta: Optional[dict] = None,
-                 device: Optional[str] = None, evaluate_fn: Optional[Callable[[torch.nn.Module, int], dict]] = None,
+                 collate_fn: Callable, out_dir: str | Path, meta: dict | None = None,
+                 device: str | None = None, evaluate_fn: Callable[[torch.nn.Module, int], dict] | None = None,
                  progress: bool = True) -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -66,7 +73,7 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self.progress = progress
         self.iteration = 0
-        self._purge_step: Optional[int] = None  # TensorBoard purge_step after a resume
+        self._purge_step: int | None = None  # TensorBoard purge_step after a resume
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise TrainingError("training dataset is empty")
         problem = check_batch_divisible(cfg.solver.batch_size, self.dist.world_size)
@@ -77,7 +84,7 @@ class Trainer:
                   f"{cfg.solver.batch_size // self.dist.world_size} images per process on {self.device.type}")
 
     # -- state -------------------------------------------------------------------------
-    def resume_or_load(self, resume: bool, weights: Optional[str] = None) -> None:
+    def resume_or_load(self, resume: bool, weights: str | None = None) -> None:
         """``resume``: continue from ``out_dir/last_checkpoint``; ``weights``: init only.
 
         On resume, ``metrics.jsonl`` lines past the resumed iteration (written after the last
@@ -118,7 +125,7 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
 
-    def save(self, name: Optional[str] = None) -> Optional[Path]:
+    def save(self, name: str | None = None) -> Path | None:
         if not self.dist.is_main:
             return None
         name = name or f"model_{self.iteration:07d}.pt"
@@ -176,7 +183,7 @@ class Trainer:
         out["lr"] = lr
         return out
 
-    def run(self, max_iter: Optional[int] = None, max_seconds: Optional[float] = None) -> dict[str, float]:
+    def run(self, max_iter: int | None = None, max_seconds: float | None = None) -> dict[str, float]:
         """Train until ``max_iter`` (default ``cfg.solver.max_iter``) or, if given, until
         ``max_seconds`` of wall time have passed; returns the last metrics."""
         solver = self.cfg.solver
