@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _toy_train import ToyData, ToyModel, toy_collate, toy_config
-
 from sepsnet.train.trainer import Trainer, TrainingError
+
+from _toy_train import ToyData, ToyModel, toy_collate, toy_config
 
 
 def run_scenario(scenario: str, out: Path) -> None:

@@ -32,7 +32,7 @@ def write_synthetic_cityscapes(root: Path, split: str = "val", city: str = "fran
                                stem: str = CITY_STEM, size: tuple[int, int] = (128, 256), seed: int = 0) -> Path:
     """A one-frame Cityscapes tree in the official layout (``leftImg8bit/`` + ``gtFine/``).
 
-    instanceIds: stuff and crowd pixels hold the bare label id, thing instances label*1000+k.
+    instanceIds: stuff and crowd pixels hold the bare label id, thing instances label*1000+k (k from 0, as in the real data).
     Content: road (7), sidewalk (8), building (11), vegetation (21), sky (23); three cars (26),
     two persons (24), one bicycle (33); a crowd region of cars (26, no instance id) and the ego
     vehicle (1, ignored in evaluation) along the bottom rows.
@@ -45,8 +45,8 @@ def write_synthetic_cityscapes(root: Path, split: str = "val", city: str = "fran
     ids[2 * h // 3:, :] = 7  # road
     ids[2 * h // 3:, : w // 6] = 8  # sidewalk
     ids[h - 6:, :] = 1  # ego vehicle (ignored in evaluation)
-    boxes = [(26, 1, 80, 100, 100, 140), (26, 2, 85, 150, 105, 190), (26, 3, 90, 200, 110, 230),
-             (24, 1, 60, 20, 100, 32), (24, 2, 62, 40, 100, 50), (33, 1, 90, 55, 105, 75)]
+    boxes = [(26, 0, 80, 100, 100, 140), (26, 1, 85, 150, 105, 190), (26, 2, 90, 200, 110, 230),
+             (24, 0, 60, 20, 100, 32), (24, 1, 62, 40, 100, 50), (33, 0, 90, 55, 105, 75)]
     for label, k, y0, x0, y1, x1 in boxes:
         ids[y0:y1, x0:x1] = label * 1000 + k
     ids[75:90, 232:250] = 26  # a crowd of cars: the bare label id

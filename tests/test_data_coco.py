@@ -17,7 +17,9 @@ from sepsnet.data.coco_panoptic import CocoPanopticDataset, read_rgb
 from sepsnet.data.metadata import ClassMetadata
 from sepsnet.errors import DataError
 
-SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "coco_panoptic_sample"
+from _samples import COCO_SAMPLE
+
+SAMPLE = COCO_SAMPLE
 CATS = json.loads((SAMPLE / "panoptic_coco_categories.json").read_text())
 DOC = json.loads((SAMPLE / "panoptic_examples.json").read_text())
 

@@ -12,7 +12,9 @@ from sepsnet.data.synthetic import generate
 from sepsnet.data.transforms import collate
 from sepsnet.errors import DataError
 
-SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "coco_panoptic_sample"
+from _samples import COCO_SAMPLE
+
+SAMPLE = COCO_SAMPLE
 ROOT = Path(__file__).parents[1]
 
 
@@ -132,18 +134,15 @@ def test_train_refuses_checkpoint_of_other_config(tmp_path: Path) -> None:
     assert rc == 2
 
 
-CITY = Path(__file__).parents[2] / "shared" / "data" / "cityscapes_sample"
-
-
-def test_cityscapes_sample_matches_instance_ids() -> None:
+def test_cityscapes_sample_matches_instance_ids(cityscapes_root: Path) -> None:
     import cv2
     from cityscapesscripts.helpers.labels import id2label
 
     from sepsnet.data.cityscapes import CityscapesDataset
 
-    ds = CityscapesDataset(CITY, "val", DataConfig(min_size_test=0), train=False)
+    ds = CityscapesDataset(cityscapes_root, "val", DataConfig(min_size_test=0), train=False)
     assert len(ds) == 1 and len(ds.meta.things) == 8 and len(ds.meta.stuff) == 11
-    raw = cv2.imread(str(next((CITY / "gtFine" / "val").rglob("*instanceIds.png"))), cv2.IMREAD_UNCHANGED)
+    raw = cv2.imread(str(next((cityscapes_root / "gtFine" / "val").rglob("*instanceIds.png"))), cv2.IMREAD_UNCHANGED)
     expected = {}
     for v in np.unique(raw):
         lab = id2label[v // 1000 if v >= 1000 else v]

@@ -53,8 +53,8 @@ def test_eval_cli_refuses_other_config(tmp_path: Path) -> None:
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
 
-def test_eval_cityscapes_sample_writes_both_formats(tmp_path: Path) -> None:
-    city = ROOT.parent / "shared" / "data" / "cityscapes_sample"
+def test_eval_cityscapes_sample_writes_both_formats(synthetic_cityscapes: Path, tmp_path: Path) -> None:
+    city = synthetic_cityscapes
     cfg = load_config(ROOT / "configs" / "edge_r18.yaml", overrides=parse_overrides(
         [f"data.val_root={city}", "data.min_size_test=128", "data.max_size_test=256", "model.fpn_channels=32"]))
     torch.manual_seed(0)

@@ -12,7 +12,9 @@ from sepsnet.errors import DataError
 from sepsnet.eval.instance_ap import InstanceAPAccumulator, instances_from_panoptic
 from sepsnet.eval.pq import read_id_png
 
-SAMPLE = "/work/shared/data/coco_panoptic_sample"
+from _samples import COCO_SAMPLE
+
+SAMPLE = str(COCO_SAMPLE)
 
 
 def _sample():

@@ -15,12 +15,10 @@ from sepsnet.postprocess.fusion import panoptic_fusion
 from sepsnet.postprocess.results import PanopticResult
 from sepsnet.postprocess.writers import CityscapesPanopticWriter, CocoPanopticWriter, render_overlay, write_overlay
 
-DATA = Path("/work/shared/data")
-COCO = DATA / "coco_panoptic_sample"
-CITY = DATA / "cityscapes_sample"
-PERFECT = PostprocessConfig(stuff_area_limit=1, instance_score_thresh=0.5, overlap_thresh=0.5)
+from _samples import COCO_SAMPLE
 
-pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason="sample data missing")
+COCO = COCO_SAMPLE
+PERFECT = PostprocessConfig(stuff_area_limit=1, instance_score_thresh=0.5, overlap_thresh=0.5)
 
 
 def _read_ids(path: Path) -> np.ndarray:
@@ -78,21 +76,22 @@ def test_coco_round_trip_pq_is_one(tmp_path):
     assert ours["All"]["pq"] == pytest.approx(1.0) and ours["Things"]["n"] == out["Things"]["n"]
 
 
-@pytest.mark.skipif(not CITY.is_dir(), reason="cityscapes sample missing")
-def test_cityscapes_round_trip_pq_is_one(tmp_path):
+def test_cityscapes_round_trip_pq_is_one(cityscapes_root: Path, tmp_path: Path) -> None:
     from cityscapesscripts.evaluation.evalPanopticSemanticLabeling import evaluatePanoptic
     from cityscapesscripts.helpers.labels import id2label, labels
     from cityscapesscripts.preparation.createPanopticImgs import convert2panoptic
 
+    city = cityscapes_root
+
     gt_dir = tmp_path / "gt"
     gt_dir.mkdir()
-    convert2panoptic(str(CITY / "gtFine"), str(gt_dir), False, ["val"])
+    convert2panoptic(str(city / "gtFine"), str(gt_dir), False, ["val"])
     evaluated = [lb for lb in labels if not lb.ignoreInEval]
     things = [lb for lb in evaluated if lb.hasInstances]
     stuff = [lb for lb in evaluated if not lb.hasInstances]
     meta = SimpleNamespace(things=[SimpleNamespace(id=lb.id, name=lb.name, color=lb.color) for lb in things],
                            stuff=[SimpleNamespace(id=lb.id, name=lb.name, color=lb.color) for lb in stuff])
-    src = next((CITY / "gtFine" / "val").rglob("*_instanceIds.png"))
+    src = next((city / "gtFine" / "val").rglob("*_instanceIds.png"))
     inst = cv2.imread(str(src), cv2.IMREAD_UNCHANGED).astype(np.int64)
     stuff_map = np.full(inst.shape, len(stuff), np.int64)
     instances = []

@@ -17,7 +17,9 @@ from sepsnet.cli.pq import main as pq_main
 from sepsnet.errors import DataError
 from sepsnet.eval.pq import PQAccumulator, pq_compute_files, read_id_png, rgb_to_id
 
-SAMPLE = "/work/shared/data/coco_panoptic_sample"
+from _samples import COCO_SAMPLE
+
+SAMPLE = str(COCO_SAMPLE)
 CATS = [{"id": i, "name": f"t{i}", "isthing": 1} for i in (1, 2, 3)] + \
        [{"id": i, "name": f"s{i}", "isthing": 0} for i in (10, 11, 12)]
 TOL = 1e-9

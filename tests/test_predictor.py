@@ -16,10 +16,10 @@ from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.model import build_model
 from sepsnet.train.checkpoint import save_checkpoint
 
+from _samples import COCO_IMAGES
+
 ROOT = Path(__file__).parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-PHOTOS = sorted((SHARED / "coco_panoptic_sample" / "images").glob("*.jpg")) + sorted(
-    (SHARED / "cityscapes_sample" / "leftImg8bit" / "val").rglob("*.png"))
+PHOTOS = list(COCO_IMAGES)
 
 
 @pytest.fixture(scope="module")

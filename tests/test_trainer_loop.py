@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from _toy_train import ToyData, ToyModel, toy_collate, toy_config
 
 from sepsnet.train.metrics_log import MetricsLog, trim_metrics
 from sepsnet.train.trainer import Trainer, TrainingError, _postfix
+
+from _toy_train import ToyData, ToyModel, toy_collate, toy_config
 
 
 def _trainer(tmp_path: Path, model: ToyModel, evaluate_fn=None, **solver) -> Trainer:

@@ -1,0 +1,23 @@
+"""Shared fixtures: the Cityscapes layout is tested on a synthetic tree everywhere and, where a real
+frame is available (``SEPSNET_CITYSCAPES_SAMPLE``), on that frame too."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from _samples import real_cityscapes_sample, write_synthetic_cityscapes
+
+
+@pytest.fixture(scope="session")
+def synthetic_cityscapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-frame Cityscapes tree (official layout) built once per session; treat it as read-only."""
+    return write_synthetic_cityscapes(tmp_path_factory.mktemp("cityscapes"))
+
+
+@pytest.fixture(scope="session", params=["synthetic", "real"])
+def cityscapes_root(request: pytest.FixtureRequest, synthetic_cityscapes: Path) -> Path:
+    """The synthetic tree, then the real sample frame (skipped with the reason where absent)."""
+    if request.param == "synthetic":
+        return synthetic_cityscapes
+    return real_cityscapes_sample()
