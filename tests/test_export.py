@@ -24,6 +24,8 @@ from sepsnet.model.weights import checkpoint_config, load_checkpoint
 from sepsnet.postprocess.candidates import level_entries, select_candidates
 from sepsnet.train.checkpoint import save_checkpoint
 
+from _compare import match_detections, match_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 64, 96
 
@@ -116,9 +118,9 @@ def test_dense_ort_equals_torch(fp16_bundle, deploy) -> None:
     got = _session(out / "dense.onnx").run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()})
     got = dict(zip(onnx_export.DENSE_OUTPUTS, (torch.from_numpy(v) for v in got)))
     # locations that tie in the pre-selection rank (all below the threshold here) may come in another
-    # order from ONNX Runtime's TopK than from torch.topk: compare each level ordered by location
+    # order from ONNX Runtime's TopK than from torch.topk: pair the rows of each level one-to-one
     counts = level_entries(ref["p3"].shape[-2:], {"topk": cfg.postprocess.pre_nms_topk, "score_thresh": 0})
-    got, ref = _by_location(got, counts), _by_location(ref, counts)
+    got, ref = _paired_by_level(got, ref, counts)
     for name in onnx_export.DENSE_OUTPUTS:
         torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-5, msg=name)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -126,19 +128,25 @@ def test_dense_ort_equals_torch(fp16_bundle, deploy) -> None:
                                      "score_thresh": cfg.postprocess.score_thresh, "padded": False}
 
 
-def _by_location(dense: dict[str, torch.Tensor], counts: list[int]) -> dict[str, torch.Tensor]:
-    """Per-location outputs of image 0 reordered within each level by box centre."""
-    out = dict(dense)
-    order, start = [], 0
+PER_LOCATION = ("boxes", "scores", "centerness", "attention")
+
+
+def _paired_by_level(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+                     counts: list[int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-location outputs of image 0 with the rows of each level paired one-to-one (Hungarian on
+    all per-location values), so the comparison does not depend on the order of ties."""
+    idx_got, idx_ref, start = [], [], 0
     for c in counts:
-        box = dense["boxes"][0, start:start + c]
-        centre = (box[:, :2] + box[:, 2:]) / 2
-        order.append(start + torch.argsort(centre[:, 1] * 1e3 + centre[:, 0]))
+        rows = [torch.cat([d[k][0, start:start + c].reshape(c, -1) for k in PER_LOCATION], 1) for d in (got, ref)]
+        ia, ib = match_rows(*rows)
+        idx_got.append(start + ia)
+        idx_ref.append(start + ib)
         start += c
-    idx = torch.cat(order)
-    for k in ("boxes", "scores", "centerness", "attention"):
-        out[k] = dense[k][:, idx]
-    return out
+    ig, ir = torch.cat(idx_got), torch.cat(idx_ref)
+    got, ref = dict(got), dict(ref)
+    for k in PER_LOCATION:
+        got[k], ref[k] = got[k][:, ig], ref[k][:, ir]
+    return got, ref
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -171,10 +179,16 @@ def test_dense_preselect_graph_keeps_the_fcos_candidates(deploy, tmp_path: Path,
                                  [(h, w)])
         (b,) = select_candidates(full["boxes"], full["scores"], full["centerness"], full["attention"],
                                  level_entries(p3), pp, [(h, w)])
-        assert len(a) == len(b) >= 10
-        assert torch.equal(a.classes, b.classes)
-        torch.testing.assert_close(a.boxes, b.boxes, atol=1e-3, rtol=1e-5)
-        torch.testing.assert_close(a.attention, b.attention, atol=1e-4, rtol=1e-5)
+        # near-equal ORT and eager scores may order (and at the top-k / threshold margin, keep)
+        # candidates differently: pair them by class and box, then compare the pairs
+        ia, ib = match_detections(a.boxes, a.classes, b.boxes, b.classes, max_box_l1=4e-3)
+        assert len(b) >= 10 and len(ia) >= len(b) - 1 and len(ia) >= len(a) - 1
+        unpaired = [float(s) for i, s in enumerate(a.scores) if i not in ia] + [
+            float(s) for i, s in enumerate(b.scores) if i not in ib]
+        assert all(s < float(b.scores[ib].min()) + 1e-3 for s in unpaired), unpaired  # only at the margin
+        torch.testing.assert_close(a.scores[ia], b.scores[ib], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(a.boxes[ia], b.boxes[ib], atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(a.attention[ia], b.attention[ib], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n", [0, 1, 23])

@@ -14,6 +14,8 @@ from sepsnet.model.fcos_head import Preselect, compute_locations, dense_predicti
 from sepsnet.postprocess.candidates import level_entries, select_candidates
 from sepsnet.postprocess.pipeline import check_preselect
 
+from _compare import lexicographic_order
+
 STRIDES = [8, 16, 32, 64, 128]
 T = 4
 
@@ -37,8 +39,11 @@ def _head_outputs(n: int, h: int, w: int, seed: int) -> tuple[dict[str, list[tor
 
 
 def _same(a, b) -> None:
+    """Equal candidate sets (one backend, exact values), compared in a total order: ties in score
+    may come in any order from the sort."""
     assert len(a) == len(b) > 0
-    order_a, order_b = a.scores.argsort(descending=True), b.scores.argsort(descending=True)
+    order_a = lexicographic_order(a.scores, a.classes, a.boxes)
+    order_b = lexicographic_order(b.scores, b.classes, b.boxes)
     assert torch.equal(a.classes[order_a], b.classes[order_b])
     assert torch.allclose(a.scores[order_a], b.scores[order_b])
     assert torch.allclose(a.boxes[order_a], b.boxes[order_b])
