@@ -201,7 +201,7 @@ def test_instance_ort_equals_torch(fp16_bundle, deploy, n: int) -> None:
         rois = onnx_export.example_rois(n, 1, H, W, g)
         attention = torch.randn(n, dense["attention"].shape[2], generator=g)
         ref = model.forward_instances(dense["bases"], dense["p3"], rois, attention)
-    names = onnx_export.instance_output_names(model, cfg)
+    names = onnx_export.instance_output_names(cfg)
     feeds = {"bases": dense["bases"].numpy(), "p3": dense["p3"].numpy(), "rois": rois.numpy(),
              "attention": attention.numpy()}
     got = _session(out / "instance.onnx").run(list(names), feeds)
@@ -227,7 +227,7 @@ def test_fp16_graph_runs_and_is_close(fp16_bundle, deploy) -> None:
     for name, value in zip(onnx_export.DENSE_OUTPUTS, got):
         tol = 1e-2 * max(1.0, float(ref[name].abs().max()))
         assert float(np.abs(value - ref[name].numpy()).max()) <= tol, name
-    names = onnx_export.instance_output_names(model, cfg)
+    names = onnx_export.instance_output_names(cfg)
     feeds = {"bases": ref["bases"].numpy(), "p3": ref["p3"].numpy(), "rois": rois.numpy(),
              "attention": ref["attention"][0, :5].numpy()}
     for name, value in zip(names, _session(out / "instance.fp16.onnx").run(list(names), feeds)):
@@ -279,7 +279,7 @@ def test_dynamic_export(deploy, tmp_path: Path) -> None:
         torch.testing.assert_close(torch.from_numpy(got[0]), ref["boxes"], atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(torch.from_numpy(got[1]), ref["bases"], atol=1e-4, rtol=1e-5)
     # the dynamic instance graph at another feature size and batch, 4 instances
-    names = onnx_export.instance_output_names(model, cfg)
+    names = onnx_export.instance_output_names(cfg)
     rois = onnx_export.example_rois(4, 2, 64, 128, torch.Generator().manual_seed(4))
     attention = torch.randn(4, ref["attention"].shape[2])
     with torch.no_grad():

@@ -18,7 +18,3 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         print("interrupted", file=sys.stderr)
         return 130
 
-
-def not_implemented(command: str, issue: str) -> int:
-    print(f"error: {command} is not implemented yet ({issue})", file=sys.stderr)
-    return 3

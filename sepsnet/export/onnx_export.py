@@ -177,7 +177,7 @@ def export_dense(model: torch.nn.Module, cfg: SEPSNetConfig, path: str | Path, s
     return proto
 
 
-def instance_output_names(model: torch.nn.Module, cfg: SEPSNetConfig) -> tuple[str, ...]:
+def instance_output_names(cfg: SEPSNetConfig) -> tuple[str, ...]:
     """The instance outputs this model produces (IoU/silhouette only with ``mask_score``)."""
     names = ("mask_probs",)
     if cfg.model.components.mask_score:
@@ -215,7 +215,7 @@ def _instance_dynamic(shape: ExportShape) -> tuple:
 def export_instance(model: torch.nn.Module, cfg: SEPSNetConfig, path: str | Path, shape: ExportShape,
                     opset: int = OPSET) -> onnx.ModelProto:
     """Export, clean and check ``instance.onnx`` (dynamic instance count); returns the saved model."""
-    names = instance_output_names(model, cfg)
+    names = instance_output_names(cfg)
     args = instance_examples(model, shape)
     proto = _run_export(InstanceGraph(model, names).eval(), args, INSTANCE_INPUTS, names,
                         _instance_dynamic(shape), opset, "instance graph")

@@ -18,8 +18,6 @@ plugin supports). An fp16 graph has Casts inside the pattern and is refused with
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 
@@ -156,14 +154,3 @@ def rewrite_roi_blend(model: onnx.ModelProto, domain: str = PLUGIN_DOMAIN) -> tu
     onnx.checker.check_model(out_model)
     return out_model, len(matches)
 
-
-def rewrite_instance_graph(src: str | Path, dst: str | Path) -> Path:
-    """File form used by ``sepsnet-export --plugin``: read ``src``, fuse, check, write ``dst`` atomically."""
-    from pathlib import Path
-
-    from sepsnet.fileio import atomic_write_bytes
-
-    model, _ = rewrite_roi_blend(onnx.load(str(src)))
-    onnx.checker.check_model(model)
-    atomic_write_bytes(dst, model.SerializeToString())
-    return Path(dst)

@@ -36,7 +36,7 @@ ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 def import_tensorrt(hint: bool = True) -> Any:
     """``import tensorrt`` or an EngineError saying what is missing (``hint``: how to go on)."""
     try:
-        import tensorrt as trt  # noqa: WPS433 - optional dependency
+        import tensorrt as trt  # optional dependency, imported lazily
     except Exception as exc:  # ImportError, or OSError when libnvinfer is missing
         reason = f"cannot import tensorrt ({type(exc).__name__}: {exc})"
         raise EngineError(reason + (f". {NO_TRT_HINT}" if hint else "")) from None

@@ -19,8 +19,7 @@ from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import SEPSNetError
 from sepsnet.model.weights import check_compatible, load_checkpoint, load_model_weights
 from sepsnet.train.checkpoint import latest_checkpoint, restore_rng, save_checkpoint
-from sepsnet.train.distributed import (  # noqa: F401
-    DistInfo,
+from sepsnet.train.distributed import (
     any_rank,
     barrier,
     check_batch_divisible,
