@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
-SAMPLES := $(wildcard ../shared/data/coco_panoptic_sample/images/*.jpg) \
-           $(wildcard ../shared/data/cityscapes_sample/leftImg8bit/val/*/*.png)
+lint: install
+	$(PY) -m ruff check .
+
+SAMPLES := $(wildcard samples/coco_panoptic_sample/images/*.jpg)
 BIN := $(VENV)/bin
 DEMO_ITERS ?= 60
 
