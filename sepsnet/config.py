@@ -1,6 +1,6 @@
 """Typed configuration loaded from YAML.
 
-Every section is a frozen-ish dataclass. ``load_config`` rejects unknown keys and
+Every section is a plain (mutable) dataclass. ``load_config`` rejects unknown keys and
 values of the wrong type with a :class:`ConfigError` naming the file and the key,
 so a typo in a YAML file never silently falls back to a default.
 """

@@ -1,5 +1,7 @@
-// CPU implementation of sepsnet::roi_blend: at::parallel_for over instances, the per-pixel math
-// is the shared definition in roi_blend_kernel.cuh (fp32 accumulation for every input dtype).
+// CPU implementation of sepsnet::roi_blend: at::parallel_for over instances. It shares the ROI
+// geometry and sampling taps of roi_blend_kernel.cuh (RoiGeom, AxisTap) but not the per-pixel blend:
+// it works row by row with its own vectorisable softmax (exp_nonpositive below), which was faster
+// than calling blend_pixel per pixel; fp32 accumulation for every input dtype.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
