@@ -49,7 +49,8 @@ def main() -> int:
     result = {"benchmark": "learn_synthetic", "train_seconds": round(train_s, 1), "iterations": iterations,
               "threads": os.cpu_count(), "PQ": metrics["PQ"], "PQ_things": metrics["PQ_th"],
               "PQ_stuff": metrics["PQ_st"], "SQ": metrics["SQ"], "RQ": metrics["RQ"],
-              "boundary_PQ": metrics.get("PQ_boundary"), "mask_AP": metrics.get("mask_AP"), "target_PQ": 0.6, "met": metrics["PQ"] >= 0.6}
+              "boundary_PQ": metrics.get("PQ_boundary"), "mask_AP": metrics.get("mask_AP"), "target_PQ": 0.6,
+              "met": metrics["PQ"] >= 0.6}
     print(json.dumps(result, indent=2))
     atomic_write_json(result, out / "learn_synthetic.json")
     return 0

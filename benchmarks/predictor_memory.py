@@ -25,7 +25,8 @@ def make_bundle(folder: Path) -> Path:
     from sepsnet.train.checkpoint import save_checkpoint
 
     cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml",
-                      overrides=parse_overrides(["postprocess.score_thresh=0.005", "postprocess.instance_score_thresh=0.0"]))
+                      overrides=parse_overrides(["postprocess.score_thresh=0.005",
+                                                 "postprocess.instance_score_thresh=0.0"]))
     torch.manual_seed(0)
     ckpt = save_checkpoint(folder / "tiny.pt", model=build_model(cfg), cfg=cfg, iteration=0)
     assert export_main([str(ckpt), "--out", str(folder / "bundle"), "--onnx-only"]) == 0

@@ -32,7 +32,8 @@ def write_synthetic_cityscapes(root: Path, split: str = "val", city: str = "fran
                                stem: str = CITY_STEM, size: tuple[int, int] = (128, 256), seed: int = 0) -> Path:
     """A one-frame Cityscapes tree in the official layout (``leftImg8bit/`` + ``gtFine/``).
 
-    instanceIds: stuff and crowd pixels hold the bare label id, thing instances label*1000+k (k from 0, as in the real data).
+    instanceIds: stuff and crowd pixels hold the bare label id, thing instances label*1000+k (k from 0,
+    as in the real data).
     Content: road (7), sidewalk (8), building (11), vegetation (21), sky (23); three cars (26),
     two persons (24), one bicycle (33); a crowd region of cars (26, no instance id) and the ego
     vehicle (1, ignored in evaluation) along the bottom rows.

@@ -1,5 +1,6 @@
 """Cityscapes loader on a synthetic tree in the official layout (and the real sample frame where one is
-available): metadata from cityscapesscripts, targets equal the instanceIds PNG (expected values computed here with PIL + the label table), crowd handling, and
+available): metadata from cityscapesscripts, targets equal the instanceIds PNG (expected values computed
+here with PIL + the label table), crowd handling, and
 the COCO-panoptic conversion equal to cityscapesscripts' own createPanopticImgs."""
 import json
 import shutil
@@ -64,7 +65,8 @@ def test_targets_equal_instance_ids(cityscapes_root: Path) -> None:
     assert len(ds) == 1 and len(instances) >= 5
     item = ds[0]
     t, info = item["targets"], item["info"]
-    assert info["image_id"] == stem_of(cityscapes_root) and info["original_size"] == raw.shape and item["image"].shape[1:] == raw.shape
+    assert info["image_id"] == stem_of(cityscapes_root)
+    assert info["original_size"] == raw.shape and item["image"].shape[1:] == raw.shape
     got = sorted((int(m.sum()), int(c)) for m, c in zip(t["masks"], t["classes"]))
     assert got == sorted(instances.values())
     for box, m in zip(t["boxes"], t["masks"]):

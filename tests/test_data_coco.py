@@ -24,7 +24,8 @@ CATS = json.loads((SAMPLE / "panoptic_coco_categories.json").read_text())
 DOC = json.loads((SAMPLE / "panoptic_examples.json").read_text())
 
 
-def sample(cfg: DataConfig = DataConfig(min_size_test=0), **kw) -> CocoPanopticDataset:
+def sample(cfg: DataConfig | None = None, **kw) -> CocoPanopticDataset:
+    cfg = cfg if cfg is not None else DataConfig(min_size_test=0)
     return CocoPanopticDataset(SAMPLE / "panoptic_examples.json", SAMPLE / "panoptic", SAMPLE / "images", cfg,
                                train=False, categories_path=SAMPLE / "panoptic_coco_categories.json", **kw)
 

@@ -32,7 +32,8 @@ def example(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     bases = torch.randn(2, K + 1, 24, 40, generator=g)
     xy = torch.rand(n, 2, generator=g) * 100
-    rois = torch.cat([torch.randint(0, 2, (n, 1), generator=g).float(), xy, xy + 10 + torch.rand(n, 2, generator=g) * 60], 1)
+    size = 10 + torch.rand(n, 2, generator=g) * 60
+    rois = torch.cat([torch.randint(0, 2, (n, 1), generator=g).float(), xy, xy + size], 1)
     return bases, rois, torch.randn(n, K * M * M, generator=g)
 
 
@@ -98,7 +99,8 @@ def test_plugin_node_inputs_reproduce_the_blend(exported):
     names = [i.name for i in probe.graph.input]
     p_bases, boxes, idx, attn = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]) \
         .run(None, {k: v for k, v in feeds.items() if k in names})
-    assert p_bases.shape == (2, K, 24, 40) and boxes.shape == (5, 4) and idx.shape == (5,) and attn.shape == (5, K, M, M)
+    assert p_bases.shape == (2, K, 24, 40) and boxes.shape == (5, 4)
+    assert idx.shape == (5,) and attn.shape == (5, K, M, M)
     fused_rois = torch.cat([torch.from_numpy(idx).float()[:, None], torch.from_numpy(boxes)], 1)
     got = rb.roi_blend(torch.from_numpy(p_bases), fused_rois, torch.from_numpy(attn), attrs["out_size"],
                        attrs["spatial_scale"], attrs["sampling_ratio"])

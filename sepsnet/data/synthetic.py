@@ -91,7 +91,8 @@ def make_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np
             continue
         ys, xs = np.nonzero(m)
         final.append({**seg, "iscrowd": 0, "area": area,
-                      "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]})
+                      "bbox": [int(xs.min()), int(ys.min()),
+                               int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]})
     return image.astype(np.uint8), ids, final
 
 

@@ -5,7 +5,8 @@
 - BCE per instance, weighted by the FCOS centerness target (BlendMask);
 - soft Jaccard 1 - sum(pg) / (sum p^2 + sum g^2 - sum pg + 1e-5), weight w;
 - silhouette Dice (Eq. 1-2) between the Laplacian of sigmoid(logits) (clamped to [0,1]) and
-  the binarised Laplacian (> 0: inner boundary ring) of the target, weight 0.5 w. With ``components.mask_loss`` off: BCE only.
+  the binarised Laplacian (> 0: inner boundary ring) of the target, weight 0.5 w.
+  With ``components.mask_loss`` off: BCE only.
 - Mask aux: 3x3 conv (1->1), ReLU, 1x1 conv on the mask logits -> silhouette logits, Dice.
 """
 from __future__ import annotations
