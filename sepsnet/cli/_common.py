@@ -183,3 +183,15 @@ def check_device(spec: str | None, what: str = "--device") -> str | None:
         return spec
     raise UsageError(f"{what} {spec!r}: device type {device.type!r} is not supported here; "
                      "expected cpu, cuda or cuda:N")
+
+
+def preflight(*, device: str | None = None, out_dirs: dict[str, str | Path | None] | None = None,
+              out_files: dict[str, str | Path | None] | None = None) -> None:
+    """The checks a command runs right after parsing its arguments, before any long work:
+    ``device`` (:func:`check_device`), each ``{flag: folder}`` (:func:`check_output_dir`) and each
+    ``{flag: file}`` (:func:`check_output_file`); ``None`` values are skipped."""
+    check_device(device)
+    for flag, folder in (out_dirs or {}).items():
+        check_output_dir(folder, flag)
+    for flag, file in (out_files or {}).items():
+        check_output_file(file, flag)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sepsnet.cli._common import check_device, check_output_dir, positive_float, positive_int, run_cli
+from sepsnet.cli._common import positive_float, positive_int, preflight, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -28,8 +28,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    check_device(a.device)  # before the config, the data and the model are loaded
-    check_output_dir(a.out)
+    preflight(device=a.device, out_dirs={"--out": a.out})  # before the config, data and model are loaded
     from sepsnet.train.trainer import check_fresh_start
 
     check_fresh_start(a.out, a.resume)  # never train over an earlier run's checkpoints
