@@ -265,6 +265,10 @@ class Trainer:
         if self.iteration >= max_iter:
             if self.dist.is_main:
                 print(f"already at iteration {self.iteration} >= max_iter {max_iter}: nothing to train")
+            if self.last_checkpoint is not None and self.last_checkpoint.name != "model_final.pt":
+                # resumed from the last periodic checkpoint of a run killed before its final save
+                self.save("model_final.pt")
+                barrier()
             return last
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.out_dir, self.dist.is_main, purge_step=self._purge_step)
