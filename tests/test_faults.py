@@ -354,10 +354,7 @@ def _cli(name: str, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int
     import importlib
 
     module = importlib.import_module(f"sepsnet.cli.{name}")
-    try:
-        rc = module.main(argv)
-    except SystemExit as exc:  # argparse
-        rc = exc.code
+    rc = module.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     return rc, err
 
@@ -391,8 +388,26 @@ def test_numeric_arguments_are_validated(tmp_path: Path, capsys: pytest.CaptureF
                                          value: str) -> None:
     argv = [a.format(tmp=tmp_path) for a in BASE[command]] + [f"{flag}={value}"]
     rc, err = _cli(command, argv, capsys)
-    assert rc == 2 and err and flag in err[-1] and "Traceback" not in "\n".join(err), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "syn").exists()  # nothing started
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "demo", "bench", "synth", "pq", "shapes"])
+def test_missing_or_unknown_arguments_are_one_line(capsys: pytest.CaptureFixture, command: str) -> None:
+    for argv in ([], ["--no-such-flag"]):
+        rc, err = _cli(command, argv, capsys)
+        if command == "export" and argv == []:  # all optional; the missing checkpoint is named
+            assert rc == 2 and len(err) == 1 and "checkpoint" in err[0], err
+            continue
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: sepsnet-") and "--help" in err[0], err
+
+
+def test_help_still_prints_usage(capsys: pytest.CaptureFixture) -> None:
+    from sepsnet.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--max-iter" in capsys.readouterr().out
 
 
 OUT_DIR_FLAGS = [("train", "--out"), ("evaluate", "--out"), ("export", "--out"), ("demo", "--out"),

@@ -7,13 +7,15 @@ Exit codes: 0 done, 2 a user error (bad argument, file, path, device; message on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from sepsnet.errors import SEPSNetError, UsageError
 
@@ -25,11 +27,28 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
                 errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE, errno.EFBIG}
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; print ``error: <message>`` and return 2 on a :class:`SEPSNetError` or on an
-    ``OSError`` caused by the environment (disk full, read-only folder, missing path, ...)."""
+def _argparse_error(self: argparse.ArgumentParser, message: str) -> NoReturn:
+    """``ArgumentParser.error`` while a command runs: one line instead of usage + message."""
+    raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+@contextlib.contextmanager
+def _one_line_argparse_errors() -> Iterator[None]:
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign,assignment]
     try:
-        return int(main(argv) or 0)
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; print ``error: <message>`` and return 2 on a :class:`SEPSNetError` (argument
+    errors included: argparse's are turned into one line) or on an ``OSError`` caused by the
+    environment (disk full, read-only folder, missing path, ...)."""
+    try:
+        with _one_line_argparse_errors():
+            return int(main(argv) or 0)
     except SEPSNetError as exc:
         if os.environ.get("SEPSNET_TRACEBACK"):
             raise
@@ -53,7 +72,7 @@ def describe_os_error(exc: OSError) -> str:
     return f"{' -> '.join(names)}: {what}" if names else what
 
 
-# -- argparse types: a bad value ends in argparse's usage line + one error line, exit code 2 ----------
+# -- argparse types: a bad value is one line (``error: sepsnet-x: argument --n: ...``), exit code 2 -----
 def _number(text: str, kind: type) -> float:
     try:
         value = kind(text)
