@@ -35,7 +35,7 @@ demo: install
 	$(BIN)/sepsnet-synth --out $(DEMO)/synthetic --n 64 --val-n 8
 	@echo "== 3. a short training run (the full proof of learning is benchmarks/learn_synthetic.py)"
 	$(BIN)/sepsnet-train --config configs/tiny_synthetic.yaml --data $(DEMO)/synthetic --out $(DEMO)/train \
-	    --max-iter $(DEMO_ITERS) --no-progress --set solver.batch_size=4 solver.log_period=20 data.num_workers=1
+	    --resume --max-iter $(DEMO_ITERS) --no-progress --set solver.batch_size=4 solver.log_period=20 data.num_workers=1
 	@echo "== 4. PQ on the synthetic val split"
 	$(BIN)/sepsnet-eval --checkpoint $(DEMO)/train/model_final.pt --data $(DEMO)/synthetic --out $(DEMO)/eval --boundary
 	@echo "== 5. export: ONNX bundle (TensorRT engines need TensorRT + an NVIDIA GPU)"

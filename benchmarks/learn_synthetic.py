@@ -37,7 +37,7 @@ def main() -> int:
     t0 = time.perf_counter()
     run([str(bin_dir / "sepsnet-train"), "--config", str(ROOT / "configs" / "tiny_synthetic.yaml"),
          "--data", str(data), "--out", str(out / "train"), "--max-iter", str(a.iters),
-         "--max-minutes", str(a.minutes), "--no-progress"])
+         "--max-minutes", str(a.minutes), "--no-progress", "--resume"])  # a rerun continues, never overwrites
     train_s = time.perf_counter() - t0
     run([str(bin_dir / "sepsnet-eval"), "--checkpoint", str(out / "train" / "model_final.pt"),
          "--data", str(data), "--out", str(out / "eval"), "--boundary"])

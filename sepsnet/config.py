@@ -231,7 +231,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
@@ -275,6 +275,9 @@ def validate(cfg: SEPSNetConfig, where: str = "config") -> SEPSNetConfig:
         if value is not None and value < 0:
             raise ConfigError(f"{where}: solver.{key} must be >= 0, got {value}")
     _validate_postprocess(cfg.postprocess, where)
+    from sepsnet.config_checks import check_values
+
+    check_values(cfg, where)  # finite numbers everywhere, solver/data/model ranges
     return cfg
 
 
@@ -318,18 +321,34 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SE
     return cfg
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file and, first, its ``_base_`` chain. ConfigError naming the file for a
+    missing or unreadable file, text that is not UTF-8, invalid YAML and a ``_base_`` cycle."""
+    key = path.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(key):], key))
+        raise ConfigError(f"{path}: _base_ cycle: {cycle}")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (_base_ of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = raw.pop("_base_", None)
     if base is not None:
-        raw = _merge(_read_yaml(path.parent / base), raw)
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: _base_ must be a relative file name, got {base!r}")
+        raw = _merge(_read_yaml(path.parent / base, (*chain, key)), raw)
     return raw
 
 
@@ -352,12 +371,19 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part; expected section.key=value")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: invalid value: {exc}") from None
         node = out
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is already set to a value "
+                                  "by an earlier override")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {item!r}: {key.strip()} is a section set by an earlier override")
         node[parts[-1]] = value
     return out

@@ -33,3 +33,8 @@ class FrameError(SEPSNetError, ValueError):
 
 class NotBuiltError(SEPSNetError):
     """An optional native component (C++/CUDA op, TensorRT plugin) is not available."""
+
+
+class UsageError(SEPSNetError, ValueError):
+    """A command-line argument is unusable: an output path that cannot be written, an unknown or
+    absent device, a numeric value out of range."""

@@ -103,7 +103,11 @@ def test_corrupt_missing_nan(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    p = save_checkpoint(tmp_path / "nan.pt", model=model, cfg=SEPSNetConfig(), iteration=0)
+    with pytest.raises(CheckpointError, match="refusing to write .*'weight' is NaN"):  # never saved
+        save_checkpoint(tmp_path / "nan.pt", model=model, cfg=SEPSNetConfig(), iteration=0)
+    assert not list(tmp_path.glob("*nan*")) and not (tmp_path / "last_checkpoint").exists()
+    p = tmp_path / "nan.pt"  # written by something else
+    torch.save({"format": "sepsnet-checkpoint/1", "model": model.state_dict(), "iteration": 0}, p)
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(p)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sepsnet.cli._common import run_cli
+from sepsnet.cli._common import nonnegative_int, positive_int, preflight, run_cli
 from sepsnet.errors import SEPSNetError
 
 STAGES = ("preprocess", "dense", "nms", "instance", "postprocess")
@@ -174,16 +174,17 @@ def _bench_onnx(path: Path, iters: int, warmup: int, size: str | None = None,
 def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="sepsnet-bench", description=__doc__)
     p.add_argument("path")
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=positive_int, default=50)
+    p.add_argument("--warmup", type=nonnegative_int, default=5)
     p.add_argument("--json", dest="json_out", help="save the figures as JSON here")
     p.add_argument("--size", help="frame size HxW (default: the bundle's input size; for an .onnx graph its "
                                   "static size, else the manifest beside it, else 512x1024)")
     p.add_argument("--backend", default="auto", help="auto | ort | trt (bundles)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--cuda-graph", action="store_true",
                    help="TensorRT: replay the static dense engine from a captured CUDA graph")
     a = p.parse_args(argv)
+    preflight(out_files={"--json": a.json_out})  # before anything is loaded or timed
     from sepsnet.engines.predictor import PanopticPredictor
 
     path = Path(a.path)
@@ -191,8 +192,6 @@ def _main(argv: Sequence[str] | None) -> int:
         raise SEPSNetError(f"nothing to benchmark at {path}")
     if a.size:
         parse_size(a.size)  # a malformed --size fails before anything is loaded
-    if a.iters < 1 or a.warmup < 0:
-        raise BenchUsageError(f"--iters must be >= 1 and --warmup >= 0, got {a.iters} and {a.warmup}")
     extra: dict[str, Any] = {}
     if path.is_file() and path.suffix == ".onnx":
         totals, stages, backend, shapes = _bench_onnx(path, a.iters, a.warmup, a.size, a.threads)

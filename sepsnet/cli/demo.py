@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sepsnet.cli._common import run_cli
+from sepsnet.cli._common import preflight, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -20,6 +20,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("images", nargs="+")
     a = p.parse_args(argv)
+    preflight(out_dirs={"--out": a.out})  # before the model is loaded
 
     from sepsnet.config import load_config
     from sepsnet.data.coco_panoptic import read_rgb

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from sepsnet.cli._common import run_cli
+from sepsnet.cli._common import open_ratio, positive_int, preflight, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -18,16 +18,17 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--data", default=None, help="dataset root (default data.val_root)")
     p.add_argument("--split", default=None, help="default data.val_split")
     p.add_argument("--out", default=None, help="write predictions (COCO panoptic) and metrics.json here")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=positive_int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--no-ap", action="store_true", help="skip mask AP (pycocotools)")
-    p.add_argument("--boundary", nargs="?", type=float, const=0.02, default=None, metavar="RATIO",
+    p.add_argument("--boundary", nargs="?", type=open_ratio, const=0.02, default=None, metavar="RATIO",
                    help="also report Boundary PQ (band = RATIO x image diagonal, default 0.02)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out unreadable / wrong-mode images with a warning (counted as 'skipped') "
                         "instead of stopping with an error")
     a = p.parse_args(argv)
+    preflight(device=a.device, out_dirs={"--out": a.out})  # before the checkpoint and the data are loaded
 
     import torch
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sepsnet.cli._common import run_cli
+from sepsnet.cli._common import positive_float, positive_int, preflight, run_cli
 from sepsnet.errors import BundleError, ConfigError, EngineError
 from sepsnet.export import bundle, trt_build
 
@@ -49,16 +49,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     prec.add_argument("--fp16", action="store_true", help="fp16 graph / engine (sensitive ops stay fp32)")
     prec.add_argument("--int8", action="store_true", help="int8 Q/DQ dense graph calibrated with ONNX Runtime")
     p.add_argument("--calib", help="folder of calibration images for --int8 (default: generated frames)")
-    p.add_argument("--calib-count", type=int, default=32, help="calibration frames (default 32)")
+    p.add_argument("--calib-count", type=positive_int, default=32, help="calibration frames (default 32)")
     p.add_argument("--plugin", action="store_true", help="instance graph with one SEPSNetRoiBlend plugin node")
     p.add_argument("--plugin-lib", help=f"path of {PLUGIN_NAME} (default: searched in {', '.join(PLUGIN_SEARCH)})")
     p.add_argument("--onnx-only", action="store_true", help="write the ONNX bundle, build no TensorRT engine")
-    p.add_argument("--height", type=int, help="input height (multiple of 32; default: padded min_size_test)")
-    p.add_argument("--width", type=int, help="input width (multiple of 32; default: padded max_size_test)")
+    p.add_argument("--height", type=positive_int, help="input height (multiple of 32; default: padded min_size_test)")
+    p.add_argument("--width", type=positive_int, help="input width (multiple of 32; default: padded max_size_test)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch/height/width (profiles in the manifest)")
-    p.add_argument("--max-batch", type=int, default=4, help="largest batch with --dynamic (default 4)")
+    p.add_argument("--max-batch", type=positive_int, default=4, help="largest batch with --dynamic (default 4)")
     p.add_argument("--from-onnx", metavar="DIR", help="build TensorRT engines for an existing ONNX bundle")
-    p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace pool limit (GiB)")
+    p.add_argument("--workspace-gib", type=positive_float, default=4.0, help="TensorRT workspace pool limit (GiB)")
     p.add_argument("--timing-cache", help="TensorRT timing cache file, reused across builds (default: "
                                           "~/.cache/sepsnet/trt_timing_<TensorRT version>_<GPU>.cache)")
     return p.parse_args(argv)
@@ -313,6 +313,7 @@ def from_onnx(args: argparse.Namespace) -> int:
 
 def main_args(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    preflight(out_dirs={"--out": args.out}, out_files={"--timing-cache": args.timing_cache})  # before any export work
     if args.calib and not args.int8:
         raise ConfigError("--calib only applies with --int8")
     if args.from_onnx:

@@ -6,8 +6,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from sepsnet.cli._common import run_cli
-from sepsnet.errors import SEPSNetError
+from sepsnet.cli._common import open_ratio, positive_int, preflight, run_cli
 from sepsnet.eval.boundary import DEFAULT_DILATION_RATIO
 from sepsnet.eval.pq import default_workers, format_table, pq_compute_files_multi
 from sepsnet.fileio import atomic_write_json
@@ -22,11 +21,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-json", required=True, help="prediction COCO panoptic JSON")
     p.add_argument("--pred-folder", default=None, help="prediction PNG folder (default: JSON path without .json)")
     p.add_argument("--json-out", default=None, help="write the results (with per-class numbers) here")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=positive_int, default=None,
                    help=f"worker processes (default min(cpu, 8) = {default_workers()}; 1 = in-process)")
     p.add_argument("--boundary", action="store_true",
                    help="also report Boundary PQ (pair IoU = min(mask IoU, boundary IoU), Cheng et al. 2021)")
-    p.add_argument("--dilation-ratio", type=float, default=DEFAULT_DILATION_RATIO,
+    p.add_argument("--dilation-ratio", type=open_ratio, default=DEFAULT_DILATION_RATIO,
                    help="Boundary PQ band width as a fraction of the image diagonal (default 0.02)")
     return p
 
@@ -39,9 +38,8 @@ def _jsonable(results: dict) -> dict:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    preflight(out_files={"--json-out": args.json_out})  # before the PNGs are read
     t0 = time.perf_counter()
-    if args.boundary and not 0 < args.dilation_ratio < 1:
-        raise SEPSNetError(f"--dilation-ratio must be in (0, 1), got {args.dilation_ratio}")
     ratios = (None, args.dilation_ratio) if args.boundary else (None,)
     summaries = pq_compute_files_multi(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
                                        workers=args.workers, ratios=ratios)  # one pass over the PNGs

@@ -8,23 +8,21 @@ import sys
 import time
 from collections.abc import Sequence
 
-from sepsnet.cli._common import run_cli
+from sepsnet.cli._common import nonnegative_int, positive_int, preflight, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="sepsnet-synth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (COCO panoptic layout)")
-    p.add_argument("--n", type=int, required=True, help="number of training images")
-    p.add_argument("--val-n", type=int, default=None, help="number of val images (default n/6, at least 1)")
-    p.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical dataset")
-    p.add_argument("--size", type=int, default=256, help="image height in pixels (width 1x or 1.25x)")
+    p.add_argument("--n", type=positive_int, required=True, help="number of training images")
+    p.add_argument("--val-n", type=nonnegative_int, default=None, help="number of val images (default n/6, at least 1)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="same seed -> byte-identical dataset")
+    p.add_argument("--size", type=positive_int, default=256, help="image height in pixels (width 1x or 1.25x)")
     a = p.parse_args(argv)
+    preflight(out_dirs={"--out": a.out})
     from sepsnet.data.synthetic import generate
-    from sepsnet.errors import DataError
 
-    if a.n < 1 or (a.val_n is not None and a.val_n < 0):
-        raise DataError(f"--n must be >= 1 and --val-n >= 0 (got {a.n}, {a.val_n})")
     val_n = a.val_n if a.val_n is not None else max(1, a.n // 6)
     start = time.perf_counter()
     generate(a.out, a.n, val_n, a.seed, a.size)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sepsnet.cli._common import run_cli
+from sepsnet.cli._common import positive_float, positive_int, preflight, run_cli
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -21,13 +21,17 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last_checkpoint")
     p.add_argument("--weights", default=None, help="initialise the model from this checkpoint")
     p.add_argument("--data", default=None, help="dataset root (overrides data.train_root/val_root)")
-    p.add_argument("--max-iter", type=int, default=None, help="override solver.max_iter")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    p.add_argument("--max-iter", type=positive_int, default=None, help="override solver.max_iter")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    preflight(device=a.device, out_dirs={"--out": a.out})  # before the config, data and model are loaded
+    from sepsnet.train.trainer import check_fresh_start
+
+    check_fresh_start(a.out, a.resume)  # never train over an earlier run's checkpoints
 
     import torch
 
@@ -42,7 +46,7 @@ def _main(argv: Sequence[str] | None) -> int:
         overrides.setdefault("data", {}).update({"train_root": a.data, "val_root": a.data})
     if a.skip_bad:
         overrides.setdefault("data", {})["skip_bad"] = True
-    if a.max_iter:
+    if a.max_iter is not None:
         overrides.setdefault("solver", {})["max_iter"] = a.max_iter
     cfg = load_config(a.config, overrides=overrides)
     torch.manual_seed(cfg.solver.seed)
@@ -66,7 +70,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if trainer.dist.is_main:
         losses = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k.startswith("loss"))
         print(f"done at iteration {trainer.iteration}: {losses}")
-        print(f"checkpoint: {a.out}/model_final.pt")
+        print(f"checkpoint: {trainer.last_checkpoint}")
     return 0
 
 

@@ -5,6 +5,8 @@ Writing (atomic saves, RNG state for exact resume) is training's job: ``sepsnet.
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {describe_load_error(exc)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a sepsnet checkpoint (no 'model' entry)")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path} is not a sepsnet checkpoint ('model' is a {type(ckpt['model']).__name__}, "
+                              "not a state dict)")
     if ckpt.get("format", FORMAT) != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {ckpt.get('format')!r}, expected {FORMAT}")
     for name, tensor in ckpt["model"].items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: weight {name!r} contains NaN or Inf")
     return ckpt
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+# lines of torch's message that give advice (retry with weights_only=False, file an issue, docs link)
+_ADVICE = ("weights only load failed", "weights_only", "please file an issue", "check the documentation",
+           "trusted source", "https://")
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line for a failed ``torch.load(weights_only=True)``. A refused pickle (a class or function
+    outside torch's allow-list: a file that could run code) is named as such with the global it
+    wanted; torch's advice to retry with ``weights_only=False`` is deliberately not passed on."""
+    text = str(exc)
+    match = _UNSAFE_GLOBAL.search(text)
+    if match:
+        return (f"refused: it references {match.group(1)}, which is not a tensor or plain data; loading it "
+                "could run code, so sepsnet does not (checkpoints are read with weights_only=True only)")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    facts = [ln for ln in lines if not any(a in ln.lower() for a in _ADVICE)]
+    detail = facts[0] if facts else (lines[0] if lines else "")
+    if isinstance(exc, pickle.UnpicklingError) or "weights only load failed" in text.lower():
+        return f"not a readable torch checkpoint (corrupt, truncated or another format: {detail or 'unpickling'})"
+    detail = detail.split(". ")[0].rstrip(".")  # torch's zip errors go on with advice after the first sentence
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> SEPSNetConfig:

@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, Dataset
 from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import SEPSNetError
 from sepsnet.model.weights import check_compatible, load_checkpoint, load_model_weights
-from sepsnet.train.checkpoint import latest_checkpoint, restore_rng, save_checkpoint
+from sepsnet.train.checkpoint import (
+    checkpoint_files,
+    find_resume_checkpoint,
+    first_nonfinite,
+    remove_stale_temp_files,
+    restore_rng,
+    save_checkpoint,
+)
 from sepsnet.train.distributed import (
     any_rank,
     barrier,
@@ -33,6 +40,19 @@ from sepsnet.train.schedule import build_optimizer, build_scheduler
 
 class TrainingError(SEPSNetError):
     """Training cannot go on (non-finite loss, empty dataset, ...)."""
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths[:4]) + (", ..." if len(paths) > 4 else "")
+
+
+def check_fresh_start(out_dir: str | Path, resume: bool) -> None:
+    """Without ``resume``, refuse an output folder that already holds ``model_*.pt`` checkpoints
+    (a new run would overwrite them). Cheap: the CLI calls it before loading any data."""
+    existing = checkpoint_files(out_dir)
+    if existing and not resume:
+        raise TrainingError(f"{out_dir} already holds checkpoints of an earlier run ({_names(existing)}); pass "
+                            "--resume to continue it, or another --out; nothing was changed")
 
 
 def move_targets(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
@@ -72,6 +92,7 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self.progress = progress
         self.iteration = 0
+        self.last_checkpoint: Path | None = None  # the checkpoint holding the current state, once there is one
         self._purge_step: int | None = None  # TensorBoard purge_step after a resume
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise TrainingError("training dataset is empty")
@@ -84,53 +105,103 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------
     def resume_or_load(self, resume: bool, weights: str | None = None) -> None:
-        """``resume``: continue from ``out_dir/last_checkpoint``; ``weights``: init only.
+        """Prepare the output folder and the start state (DESIGN: nothing is lost on a restart).
 
-        On resume, ``metrics.jsonl`` lines past the resumed iteration (written after the last
-        checkpoint by a run that crashed) are dropped, and TensorBoard purges those steps.
-        """
-        path = latest_checkpoint(self.out_dir) if resume else None
-        if resume and path is None and self.dist.is_main:
-            print(f"no checkpoint in {self.out_dir} to resume from; starting at iteration 0")
-        if path is not None:
-            self._load_state(path)
-        elif weights:
-            ckpt = load_checkpoint(weights)
-            load_model_weights(self.model, ckpt["model"], weights, strict=False)
-        if resume:
+        Temp files left by saves killed mid-write are removed first. ``resume``: continue from the
+        newest checkpoint in ``out_dir`` that loads (whatever ``last_checkpoint`` says; broken
+        newer ones are named and passed over); if ``model_*.pt`` files exist but none loads, stop
+        with an error and change nothing. Only once a checkpoint is found are ``metrics.jsonl``
+        lines past its iteration (a crashed run's) dropped, and TensorBoard purges those steps.
+        Without ``resume``, a folder that already holds checkpoints is refused (they would be
+        overwritten). Starting at 0 over an old ``metrics.jsonl`` moves it aside, never deletes it.
+        ``weights``: initialise the model only."""
+        if self.dist.is_main:
+            for p in remove_stale_temp_files(self.out_dir):
+                print(f"removed {p.name} (temp file of a save that was killed)")
+        existing = checkpoint_files(self.out_dir)
+        found = find_resume_checkpoint(self.out_dir, map_location=self.device) if resume else None
+        if found is not None and self.dist.is_main:
+            for path, why in found.skipped:
+                print(f"warning: not resuming from {path.name}: {why}")
+        if found is not None and found.path is not None:
+            assert found.checkpoint is not None
+            self._load_state(found.path, found.checkpoint)
             self._purge_step = self.iteration + 1
             if self.dist.is_main:
                 dropped = trim_metrics(self.out_dir / "metrics.jsonl", self.iteration)
                 if dropped:
                     print(f"dropped {dropped} metrics.jsonl line(s) past iteration {self.iteration}")
+            return
+        if existing and resume:
+            assert found is not None
+            why = found.skipped[0][1] if found.skipped else "unreadable"
+            raise TrainingError(f"--resume: none of the {len(existing)} checkpoint(s) in {self.out_dir} "
+                                f"({_names(existing)}) can be loaded (e.g. {why}); nothing was changed. Move "
+                                "them away to start again from iteration 0")
+        check_fresh_start(self.out_dir, resume)
+        if resume and self.dist.is_main:
+            print(f"no checkpoint in {self.out_dir} to resume from; starting at iteration 0")
+        self._set_aside_metrics()
+        if weights:
+            ckpt = load_checkpoint(weights)
+            load_model_weights(self.model, ckpt["model"], weights, strict=False)
 
-    def _load_state(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+    def _set_aside_metrics(self) -> None:
+        """A start from iteration 0 over an old ``metrics.jsonl``: rename it to
+        ``metrics.old-N.jsonl`` (first free N) and hide the old TensorBoard steps."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        self._purge_step = 1
+        if not self.dist.is_main:
+            return
+        n = 1
+        while (self.out_dir / f"metrics.old-{n}.jsonl").exists():
+            n += 1
+        path.rename(self.out_dir / f"metrics.old-{n}.jsonl")
+        print(f"starting at iteration 0: kept the earlier metrics.jsonl as metrics.old-{n}.jsonl")
+
+    def _load_state(self, path: Path, ckpt: dict[str, Any]) -> None:
         check_compatible(ckpt, self.cfg, path)
         load_model_weights(self.model, ckpt["model"], path)
         if "optimizer" in ckpt:
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
-            except ValueError as exc:  # e.g. other parameter groups (older weight-decay split)
+            except (ValueError, KeyError, TypeError) as exc:  # e.g. other parameter groups (weight-decay split)
                 raise TrainingError(f"{path}: optimizer state does not fit this optimizer ({exc}); "
                                     f"start from it with --weights {path} instead of --resume") from None
-        if "scheduler" in ckpt:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt and self.use_amp:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt:
-            restore_rng(ckpt["rng"])
+        try:
+            if "scheduler" in ckpt:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            if "scaler" in ckpt and self.use_amp:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            if "rng" in ckpt:
+                restore_rng(ckpt["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise TrainingError(f"{path}: scheduler/scaler/RNG state cannot be restored ({type(exc).__name__}: "
+                                f"{exc}); start from it with --weights {path} instead of --resume") from None
         self.iteration = int(ckpt["iteration"])
+        self.last_checkpoint = path
         if self.dist.is_main:
             print(f"resumed from {path} at iteration {self.iteration}")
 
     def save(self, name: str | None = None) -> Path | None:
+        """Write ``out_dir/name`` (default ``model_<iteration>.pt``) from the main process.
+        Every rank first checks the weights are finite (the same on every rank), so a diverged
+        run stops everywhere with :class:`TrainingError` and overwrites no good checkpoint."""
+        name = name or f"model_{self.iteration:07d}.pt"
+        bad = first_nonfinite(self.model)
+        if bad is not None:
+            kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise TrainingError(f"weights are not finite at iteration {self.iteration} ({bad!r} holds NaN or Inf): "
+                                f"not saving {name}{kept}. Lower solver.lr or enable solver.clip_grad_norm")
         if not self.dist.is_main:
             return None
-        name = name or f"model_{self.iteration:07d}.pt"
-        return save_checkpoint(self.out_dir / name, model=self.model, cfg=self.cfg, iteration=self.iteration,
+        path = save_checkpoint(self.out_dir / name, model=self.model, cfg=self.cfg, iteration=self.iteration,
                                meta=self.meta, optimizer=self.optimizer, scheduler=self.scheduler,
                                scaler=self.scaler if self.use_amp else None)
+        self.last_checkpoint = path
+        return path
 
     # -- loop ----------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -186,9 +257,17 @@ class Trainer:
         """Train until ``max_iter`` (default ``cfg.solver.max_iter``) or, if given, until
         ``max_seconds`` of wall time have passed; returns the last metrics."""
         solver = self.cfg.solver
-        max_iter = max_iter or solver.max_iter
+        max_iter = solver.max_iter if max_iter is None else max_iter
+        if max_iter < 1:
+            raise TrainingError(f"max_iter must be >= 1, got {max_iter}")
         last: dict[str, float] = {}
         if self.iteration >= max_iter:
+            if self.dist.is_main:
+                print(f"already at iteration {self.iteration} >= max_iter {max_iter}: nothing to train")
+            if self.last_checkpoint is not None and self.last_checkpoint.name != "model_final.pt":
+                # resumed from the last periodic checkpoint of a run killed before its final save
+                self.save("model_final.pt")
+                barrier()
             return last
         self.out_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(self.out_dir, self.dist.is_main, purge_step=self._purge_step)
