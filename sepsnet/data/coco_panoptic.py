@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from sepsnet.config import DataConfig
 from sepsnet.data.metadata import ClassMetadata
+from sepsnet.data.panoptic_ids import rgb_to_id  # re-exported: the light home of the id formula
 from sepsnet.data.targets import build_targets
 from sepsnet.data.transforms import hflip_sample, normalize, pick_short_edge, resize_sample, resize_shape
 from sepsnet.errors import DataError
@@ -34,14 +35,6 @@ def decode_image_file(path: PathLike, flags: int, what: str) -> np.ndarray | Non
         raise DataError(f"{what} not found: {path}")
     data = np.fromfile(str(path), dtype=np.uint8)
     return cv2.imdecode(data, flags) if data.size else None
-
-
-def rgb_to_id(img: np.ndarray, bgr: bool = False) -> np.ndarray:
-    """COCO panoptic id map ``R + 256 G + 256^2 B`` (int64) from an (H, W, 3|4) uint8 image."""
-    img = np.asarray(img)
-    r, b = (2, 0) if bgr else (0, 2)
-    return (img[..., r].astype(np.int64) | (img[..., 1].astype(np.int64) << 8)
-            | (img[..., b].astype(np.int64) << 16))
 
 
 def read_rgb(path: PathLike) -> np.ndarray:
