@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,8 +14,46 @@ import torch.nn.functional as F
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import level_entries, postprocess_cfg, select_candidates
-from sepsnet.postprocess.results import PanopticResult
 from sepsnet.postprocess.scoring import mask_scores
+
+
+# ---- results.py
+@dataclass
+class PanopticResult:
+    """Panoptic output of one image, at the ORIGINAL image resolution.
+
+    ``id_map``: int32 (h, w), 0 = void, k = ``segments_info[i]["id"]``.
+    ``segments_info``: list of dicts ``id, category_id`` (contiguous: things 0..T-1,
+    stuff 0..S-1), ``isthing``, ``score`` (mask score for things, 1.0 for stuff),
+    ``area`` (pixels), ``bbox`` ([x, y, w, h] in pixels).
+    The ``instance_*`` fields hold every instance kept after NMS and silhouette dedup
+    (before fusion; used e.g. for instance AP); boxes are xyxy in original pixels,
+    ``instance_masks`` bool (n, h, w) or None when not requested.
+    ``timings``: seconds per post-processing stage (batch stages are shared).
+    """
+
+    id_map: torch.Tensor
+    segments_info: list[dict[str, Any]]
+    image_size: tuple[int, int]
+    instance_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    instance_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    instance_classes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    instance_masks: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_instances(self) -> int:
+        return int(self.instance_scores.numel())
+
+    def to(self, device: torch.device | str) -> PanopticResult:
+        """Copy the tensors to ``device`` (e.g. ``"cpu"`` before writing)."""
+        masks = None if self.instance_masks is None else self.instance_masks.to(device)
+        return PanopticResult(
+            self.id_map.to(device), self.segments_info, self.image_size,
+            self.instance_boxes.to(device), self.instance_scores.to(device),
+            self.instance_classes.to(device), masks, dict(self.timings),
+        )
+
 
 # ---- paste.py
 _CUDA_CHUNK_BYTES = 1 << 30  # float32 scratch per chunk on CUDA

@@ -41,7 +41,8 @@ class Preselect:
         except KeyError as exc:
             raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: topk must be an integer and score_thresh a number, got {dict(value)}") from None
+            raise ConfigError(f"{where}: topk must be an integer and score_thresh a number, "
+                              f"got {dict(value)}") from None
         if topk < 1 or not isinstance(padded, bool):
             raise ConfigError(f"{where}: topk must be >= 1 and padded a boolean, got {dict(value)}")
         return cls(topk=topk, score_thresh=thresh, padded=padded)
