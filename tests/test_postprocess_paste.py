@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sepsnet.postprocess.paste import paste_masks, scale_boxes
+from sepsnet.postprocess.paste import paste_mask_crops, paste_masks, scale_boxes
 
 
 def _reference(prob, box, h, w, thr):
@@ -49,8 +49,12 @@ def test_random_boxes_match_brute_force_reference():
         m = paste_masks(probs, boxes, (h, w), thr)
         for k in range(12):
             assert torch.equal(m[k], _reference(probs[k], boxes[k], h, w, thr)), (k, thr)
-    # chunked (all instances at once) gives the same masks
-    assert torch.equal(paste_masks(probs, boxes, (h, w), 0.5, chunk_size=5), paste_masks(probs, boxes, (h, w), 0.5))
+    # crops per box, kept or pasted again on demand (no budget), are the same masks
+    planes = paste_masks(probs, boxes, (h, w), 0.5)
+    for budget in (1 << 20, 0, 60):
+        crops = paste_mask_crops(probs, boxes, (h, w), 0.5, budget_bytes=budget)
+        assert torch.equal(crops.dense(), planes) and crops.areas == planes.flatten(1).sum(1).tolist()
+    assert any(c is None for c in paste_mask_crops(probs, boxes, (h, w), 0.5, budget_bytes=60).crops)
 
 
 def test_matches_grid_sample_over_the_box():

@@ -21,8 +21,10 @@ from sepsnet.config import DataConfig, PostprocessConfig, SEPSNetConfig, config_
 from sepsnet.data.transforms import normalize, pad_to, resize_shape
 from sepsnet.engines.backend import Backend
 from sepsnet.errors import BundleError, EngineError, FrameError
-from sepsnet.postprocess.pipeline import check_preselect, panoptic_inference
+from sepsnet.postprocess.pipeline import panoptic_inference
+from sepsnet.postprocess.preselect import Preselect, check_preselect
 from sepsnet.postprocess.results import PanopticResult
+from sepsnet.postprocess.timing import StageTimer
 
 PathLike = Union[str, Path]
 
@@ -49,11 +51,15 @@ class PanopticPredictor:
 
     def __init__(self, dense: Backend, instance: Backend, data: DataConfig, postprocess: PostprocessConfig,
                  classes: dict[str, Any], input_hw: tuple[int, int] | None = None,
-                 preselect: dict[str, Any] | None = None) -> None:
-        """``preselect``: the manifest's ``preselect`` when the dense engine keeps only the top-k
-        locations per level (checked against ``postprocess`` here, not at the first frame)."""
-        check_preselect(preselect, postprocess)
-        self.preselect = preselect
+                 preselect: Preselect | dict[str, Any] | None = None, timing: bool = False) -> None:
+        """``preselect``: the :class:`Preselect` (or the manifest's mapping) when the dense engine keeps
+        only the top-k locations per level (checked against ``postprocess`` here, not at the first
+        frame). ``timing``: fill ``result.timings`` per stage (on CUDA this synchronises the device
+        at every stage end; off, a frame only records its ``total``)."""
+        self.preselect = Preselect.coerce(preselect, "manifest preselect")
+        check_preselect(self.preselect, postprocess)
+        self.timing = timing
+        self.return_masks = True  # instance masks as crops per box (PanopticResult.masks)
         self.dense, self.instance = dense, instance
         self.data, self.postprocess = data, postprocess
         self.classes = classes
@@ -189,23 +195,23 @@ class PanopticPredictor:
         return {k: v.to(rois.device) for k, v in out.items()}
 
     def __call__(self, frame: np.ndarray, bgr: bool = False) -> PanopticResult:
-        """One frame (HxWx3 RGB uint8; ``bgr=True`` for OpenCV frames) -> PanopticResult with
-        ``timings`` (seconds): preprocess, dense, nms, instance, postprocess, total."""
+        """One frame (HxWx3 RGB uint8; ``bgr=True`` for OpenCV frames) -> PanopticResult. ``timings``
+        (seconds): ``total`` always (host time of the call: on CUDA the id map may still be in
+        flight); with ``timing`` on also every stage of ``FRAME_STAGES`` (preprocess, dense,
+        candidates, instances, scoring, paste, dedup, stuff, fusion)."""
         with self._lock:
             t0 = time.perf_counter()
-            image, sizes = self.preprocess(frame, bgr)
-            t1 = time.perf_counter()
-            dense = self.dense.run({"image": image})
-            if self.dense.device.type == "cuda":  # stage timings, not queue times
-                torch.cuda.synchronize(self.dense.device)
-            t2 = time.perf_counter()
+            timer = StageTimer(self.timing, self.dense.device)
+            timer.start()
+            with timer.stage("preprocess"):
+                image, sizes = self.preprocess(frame, bgr)
+            with timer.stage("dense"):
+                dense = self.dense.run({"image": image})
             result = panoptic_inference(dense, self._run_instances, [sizes], self.postprocess,
-                                        num_stuff_classes=self.num_stuff, preselect=self.preselect)[0]
-            t3 = time.perf_counter()
-        pt = result.timings
-        nms, inst = pt.get("candidates", 0.0), pt.get("instances", 0.0)
-        result.timings = {"preprocess": t1 - t0, "dense": t2 - t1, "nms": nms, "instance": inst,
-                          "postprocess": max(0.0, (t3 - t2) - nms - inst), "total": t3 - t0}
+                                        num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
+                                        preselect=self.preselect, timer=timer)[0]
+            result.timings = {**timer.snapshot(), **result.timings} if self.timing else {}
+            result.timings["total"] = time.perf_counter() - t0
         return result
 
     predict = __call__

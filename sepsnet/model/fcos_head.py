@@ -9,7 +9,6 @@ level, ReLU, then times the level stride so the head speaks input pixels).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from sepsnet.config import ModelConfig
 from sepsnet.errors import ConfigError
+from sepsnet.postprocess.preselect import Preselect
 
 
 def group_norm_groups(channels: int, max_groups: int = 32) -> int:
@@ -116,20 +116,6 @@ def _flatten(x: Tensor) -> Tensor:
 
 #: largest k of a TensorRT TopK layer
 TRT_MAX_TOPK = 3840
-
-
-@dataclass(frozen=True)
-class Preselect:
-    """Per-level location pre-selection baked into the dense engine (DESIGN "Inference split" 1:
-    attention vectors for the top-k candidates only). ``topk``/``score_thresh`` are the
-    post-processing ``pre_nms_topk``/``score_thresh`` of the export. ``padded``: every level
-    keeps exactly ``topk`` entries (levels smaller than that are padded with zero-score copies),
-    so TopK's k stays a constant under dynamic height/width (TensorRT takes only constant k);
-    otherwise a level keeps ``min(topk, h*w)``."""
-
-    topk: int
-    score_thresh: float
-    padded: bool = False
 
 
 def _gather_locations(x: Tensor, idx: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ image, class-aware NMS (:func:`torchvision.ops.batched_nms`), at most
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from sepsnet.errors import ConfigError
+from sepsnet.postprocess.preselect import Preselect
 
 
 @dataclass
@@ -48,15 +49,16 @@ def level_sizes(p3_hw: Sequence[int], num_levels: int = 5) -> list[tuple[int, in
     return sizes
 
 
-def level_entries(p3_hw: Sequence[int], preselect: Any | None = None, num_levels: int = 5) -> list[int]:
+def level_entries(p3_hw: Sequence[int], preselect: Preselect | Mapping[str, Any] | None = None,
+                  num_levels: int = 5) -> list[int]:
     """Entries per FPN level in the dense outputs: h*w of every level (``preselect`` None), or for
-    a dense engine that pre-selects the top-k locations per level (the manifest's ``preselect``
-    mapping ``{topk, score_thresh, padded}``) ``min(topk, h*w)``, or ``topk`` when padded."""
+    a dense engine that pre-selects the top-k locations per level (:class:`Preselect`; the
+    manifest's mapping is accepted too) ``min(topk, h*w)``, or ``topk`` when padded."""
     counts = [h * w for h, w in level_sizes(p3_hw, num_levels)]
-    if preselect is None:
+    sel = Preselect.coerce(preselect)
+    if sel is None:
         return counts
-    topk = int(preselect["topk"])
-    return [topk] * len(counts) if preselect.get("padded") else [min(topk, c) for c in counts]
+    return [sel.topk] * len(counts) if sel.padded else [min(sel.topk, c) for c in counts]
 
 
 def _check_shapes(boxes: torch.Tensor, scores: torch.Tensor, centerness: torch.Tensor,

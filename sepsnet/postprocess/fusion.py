@@ -11,6 +11,12 @@ Same semantics as detectron2's ``combine_semantic_and_instance_outputs``:
 Output: int32 id map (0 = void, ids 1..n in the order the segments were created) and
 ``segments_info`` (``id``, contiguous ``category_id``, ``isthing``, ``score`` (1.0 for stuff),
 ``area``, ``bbox`` [x, y, w, h]).
+
+Fast and memory-bounded form of the same rule: each instance is fused on its box crop against
+the running occupancy (the id map itself), its area and bbox taken from the pixels it kept
+(stuff never overwrites a thing); stuff areas and bboxes come from per-row and per-column
+counts of the void pixels of each class, in row bands, so no full-image plane per class or per
+instance is ever made.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import postprocess_cfg
-from sepsnet.postprocess.scoring import _mask_boxes
+from sepsnet.postprocess.paste import PastedMasks
 
 
 def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
@@ -33,27 +39,94 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
                       "(model.num_stuff_classes) so the 'thing' label S of the stuff map is known")
 
 
-def segment_stats(id_map: torch.Tensor, num_ids: int) -> tuple[list[int], list[list[int]]]:
-    """Area and [x, y, w, h] bbox of ids 1..num_ids in one vectorised pass over ``id_map``."""
+#: label pixels per band of the stuff pass (bounds the int32 scratch at any image size)
+BAND_PIXELS = 1 << 22
+
+
+def _first_last(flags: torch.Tensor) -> tuple[int, int]:
+    """First and last index of True in a 1-d bool tensor (it has at least one)."""
+    idx = flags.nonzero()
+    return int(idx[0]), int(idx[-1])
+
+
+def _fuse_things(masks: PastedMasks, scores: list[float], classes: list[int], id_map: torch.Tensor,
+                 pp: Any) -> list[dict[str, Any]]:
+    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``."""
+    segments: list[dict[str, Any]] = []
+    order = sorted(range(len(masks)), key=lambda i: -scores[i])
+    areas = None
+    for i in order:
+        if scores[i] < pp.instance_score_thresh:
+            break
+        x0, y0, x1, y1 = masks.regions[i]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        if areas is None:
+            areas = masks.areas
+        area = areas[i]
+        if area == 0:
+            continue
+        occupied = id_map[y0:y1, x0:x1]
+        kept = masks.crop(i) & (occupied == 0)
+        kept_area = int(kept.sum())
+        if (area - kept_area) / area > pp.overlap_thresh or kept_area == 0:
+            continue
+        seg_id = len(segments) + 1
+        occupied.masked_fill_(kept, seg_id)
+        ky0, ky1 = _first_last(kept.any(dim=1))
+        kx0, kx1 = _first_last(kept.any(dim=0))
+        segments.append({"id": seg_id, "category_id": int(classes[i]), "isthing": True, "score": float(scores[i]),
+                         "area": kept_area, "bbox": [x0 + kx0, y0 + ky0, kx1 - kx0 + 1, ky1 - ky0 + 1]})
+    return segments
+
+
+def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: int,
+                pp: Any) -> list[dict[str, Any]]:
+    """Step 2 of the module docstring: stuff classes take the still-void pixels, in row bands.
+    Pass 1 counts every class's void pixels per row and per column (area and bbox); pass 2 writes
+    the classes that reach ``stuff_area_limit``."""
     h, w = id_map.shape
-    ids = id_map.reshape(-1).long()
-    area = torch.bincount(ids, minlength=num_ids + 1)
-    ys = torch.arange(h, device=id_map.device).repeat_interleave(w)
-    xs = torch.arange(w, device=id_map.device).repeat(h)
-    big = max(h, w) + 1
-    stats = []
-    for coord, fill, how in ((xs, big, "amin"), (ys, big, "amin"), (xs, -1, "amax"), (ys, -1, "amax")):
-        t = torch.full((num_ids + 1,), fill, dtype=torch.long, device=id_map.device)
-        stats.append(t.scatter_reduce(0, ids, coord, reduce=how))
-    x0, y0, x1, y1 = (s.tolist() for s in stats)
-    areas = area.tolist()
-    boxes = [[x0[k], y0[k], x1[k] - x0[k] + 1, y1[k] - y0[k] + 1] if areas[k] else [0, 0, 0, 0]
-             for k in range(num_ids + 1)]
-    return areas, boxes
+    device = id_map.device
+    k = num_stuff + 1
+    band = max(1, BAND_PIXELS // max(1, w))
+    counts = torch.zeros(k, dtype=torch.long, device=device)
+    row_hits = torch.zeros((h, k), dtype=torch.bool, device=device)
+    col_hits = torch.zeros((w, k), dtype=torch.long, device=device)
+    col_key = torch.arange(w, device=device, dtype=torch.int32)[None, :] * k
+    masked = torch.empty((h, w), dtype=torch.uint8 if k <= 256 else torch.int32, device=device)
+    for s in range(0, h, band):
+        e = min(h, s + band)
+        lab = stuff_labels[s:e]
+        is_stuff = (id_map[s:e] == 0) & (lab >= 0) & (lab < num_stuff)
+        m = torch.where(is_stuff, lab.to(torch.int32), num_stuff)
+        masked[s:e] = m
+        per_row = torch.bincount((m + torch.arange(e - s, device=device, dtype=torch.int32)[:, None] * k).reshape(-1),
+                                 minlength=(e - s) * k).view(e - s, k)
+        counts += per_row.sum(0)
+        row_hits[s:e] = per_row > 0
+        col_hits += torch.bincount((m + col_key).reshape(-1), minlength=w * k).view(w, k)
+    count_list = counts[:num_stuff].tolist()
+    lut = torch.zeros(k, dtype=torch.int32)
+    segments: list[dict[str, Any]] = []
+    for c in range(num_stuff):
+        if count_list[c] > 0 and count_list[c] >= pp.stuff_area_limit:
+            seg_id = first_id + len(segments)
+            lut[c] = seg_id
+            y0, y1 = _first_last(row_hits[:, c])
+            x0, x1 = _first_last(col_hits[:, c] > 0)
+            segments.append({"id": seg_id, "category_id": c, "isthing": False, "score": 1.0,
+                             "area": int(count_list[c]), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
+    if segments:
+        lut = lut.to(device)
+        for s in range(0, h, band):
+            e = min(h, s + band)
+            m = masked[s:e].long()
+            id_map[s:e] = torch.where(m < num_stuff, lut[m], id_map[s:e])
+    return segments
 
 
 def panoptic_fusion(
-    masks: torch.Tensor,
+    masks: torch.Tensor | PastedMasks,
     scores: torch.Tensor,
     classes: torch.Tensor,
     stuff_labels: torch.Tensor,
@@ -61,64 +134,31 @@ def panoptic_fusion(
     num_stuff_classes: int | None = None,
     regions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Fuse bool instance ``masks`` (n, h, w) with the stuff argmax ``stuff_labels`` (h, w).
+    """Fuse instance masks with the stuff argmax ``stuff_labels`` (h, w) (any integer dtype).
 
-    ``cfg``: full config or postprocess section (then give ``num_stuff_classes``).
-    ``regions``: optional int (n, 4) [x0, y0, x1, y1) boxes containing each mask, used to
-    restrict per-instance work (from :func:`sepsnet.postprocess.paste.paste_masks`).
+    ``masks``: :class:`PastedMasks` (crops per box, what the pipeline passes) or bool (n, h, w)
+    planes, then ``regions`` optionally gives int (n, 4) [x0, y0, x1, y1) boxes containing each
+    mask (tight boxes when None). ``cfg``: full config or postprocess section (then give
+    ``num_stuff_classes``). Work is per box crop plus two passes over the stuff map.
     """
     pp = postprocess_cfg(cfg)
     num_stuff = _num_stuff(cfg, num_stuff_classes)
     if stuff_labels.dim() != 2:
         raise ConfigError(f"panoptic_fusion: stuff_labels must be (h,w), got {tuple(stuff_labels.shape)}")
     h, w = stuff_labels.shape
-    n = masks.shape[0]
-    if masks.dim() != 3 or tuple(masks.shape[1:]) != (h, w) or scores.shape != (n,) or classes.shape != (n,):
-        raise ConfigError(f"panoptic_fusion: masks {tuple(masks.shape)}, scores {tuple(scores.shape)}, "
-                          f"classes {tuple(classes.shape)} do not match stuff_labels ({h},{w})")
-    device = stuff_labels.device
-    id_map = torch.zeros((h, w), dtype=torch.int32, device=device)
+    if isinstance(masks, torch.Tensor):
+        if masks.dim() != 3 or tuple(masks.shape[1:]) != (h, w):
+            raise ConfigError(f"panoptic_fusion: masks {tuple(masks.shape)} do not match stuff_labels ({h},{w})")
+        masks = PastedMasks.from_dense(masks.to(device=stuff_labels.device), regions)
+    n = len(masks)
+    if tuple(masks.image_size) != (h, w) or scores.shape != (n,) or classes.shape != (n,):
+        raise ConfigError(f"panoptic_fusion: masks of {n} instances at {tuple(masks.image_size)}, scores "
+                          f"{tuple(scores.shape)}, classes {tuple(classes.shape)} do not match stuff_labels ({h},{w})")
+    id_map = torch.zeros((h, w), dtype=torch.int32, device=stuff_labels.device)
     segments: list[dict[str, Any]] = []
     if n:
-        masks = masks.to(device=device, dtype=torch.bool)
-        reg = (_mask_boxes(masks) if regions is None else regions.to(device=device, dtype=torch.long)).tolist()
-        score_list = scores.detach().float().cpu().tolist()
-        class_list = classes.detach().cpu().tolist()
-        order = sorted(range(n), key=lambda i: -score_list[i])
-        for i in order:
-            if score_list[i] < pp.instance_score_thresh:
-                break
-            x0, y0, x1, y1 = reg[i]
-            m = masks[i, y0:y1, x0:x1]
-            area = int(m.sum())
-            if area == 0:
-                continue
-            crop = id_map[y0:y1, x0:x1]
-            free = crop == 0
-            kept = m & free
-            kept_area = int(kept.sum())
-            if (area - kept_area) / area > pp.overlap_thresh or kept_area == 0:
-                continue
-            seg_id = len(segments) + 1
-            crop[kept] = seg_id
-            segments.append({"id": seg_id, "category_id": int(class_list[i]), "isthing": True,
-                             "score": float(score_list[i])})
+        segments = _fuse_things(masks, scores.detach().float().cpu().tolist(), classes.detach().cpu().tolist(),
+                                id_map, pp)
     if num_stuff > 0:
-        labels = stuff_labels.long()
-        void = id_map == 0
-        is_stuff = void & (labels >= 0) & (labels < num_stuff)
-        lab = torch.where(is_stuff, labels, torch.full_like(labels, num_stuff))
-        counts = torch.bincount(lab.reshape(-1), minlength=num_stuff + 1)[:num_stuff].tolist()
-        lut = torch.zeros(num_stuff + 1, dtype=torch.int32)
-        for c in range(num_stuff):
-            if counts[c] > 0 and counts[c] >= pp.stuff_area_limit:
-                seg_id = len(segments) + 1
-                lut[c] = seg_id
-                segments.append({"id": seg_id, "category_id": c, "isthing": False, "score": 1.0})
-        if any(not s["isthing"] for s in segments):
-            id_map = torch.where(is_stuff, lut.to(device)[lab], id_map)
-    areas, boxes = segment_stats(id_map, len(segments))
-    for seg in segments:
-        seg["area"] = int(areas[seg["id"]])
-        seg["bbox"] = boxes[seg["id"]]
+        segments += _fuse_stuff(stuff_labels, id_map, num_stuff, len(segments) + 1, pp)
     return id_map, segments

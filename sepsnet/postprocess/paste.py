@@ -6,18 +6,28 @@ over the box): the R x R mask covers the continuous box [x0, x1] x [y0, y1]; ima
 ``u = (x + 0.5 - x0) / (x1 - x0) * R - 0.5`` (mask pixel centres at integers), bilinearly,
 with zeros outside the mask. A pixel is foreground when the sampled probability is
 ``>= threshold``. Bilinear sampling is separable, so each mask is pasted as
-``Wy @ mask @ Wx^T`` with (H, R) and (W, R) interpolation matrices: exact, batched and free of
-per-pixel Python loops. Work is restricted to the pixels a mask can reach (its box grown by
-half a mask pixel, clipped to the image); instances are processed in chunks so memory is
-bounded (one instance per chunk on CPU, a memory budget on CUDA).
+``Wy @ mask @ Wx^T`` with (h, R) and (w, R) interpolation matrices: exact and free of per-pixel
+Python loops.
+
+Each mask is pasted only inside its *region* (its box grown by half a mask pixel, clipped to
+the image: outside it the sampled value is 0) and kept as a crop of that size
+(:class:`PastedMasks`), never as a full-image plane, so memory and work follow the boxes'
+areas, not instances x image pixels. Crops beyond a byte budget are not kept but pasted again
+when asked for (pasting is deterministic, the crop is the same).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from sepsnet.errors import ConfigError
 
-_CUDA_CHUNK_BYTES = 1 << 30  # float32 scratch per chunk on CUDA
+#: crops kept in memory per image (bool bytes); beyond it they are pasted again on demand
+CROP_BUDGET_BYTES = 256 << 20
+#: a larger region is pasted in row bands (bounds the float32 scratch to ~4 bytes x this)
+BAND_PIXELS = 1 << 24
 
 
 def _interp_weights(coord0: torch.Tensor, size: torch.Tensor, pix: torch.Tensor, r: int) -> torch.Tensor:
@@ -44,47 +54,171 @@ def paste_regions(boxes: torch.Tensor, out_hw: tuple[int, int], mask_size: int) 
     return torch.stack([x0, y0, x1, y1], 1).long()
 
 
+def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], threshold: float) -> torch.Tensor:
+    """Bool crop (y1-y0, x1-x0) of one mask ``probs`` (R, R) at ``box`` (4,) over ``region``."""
+    x0, y0, x1, y1 = (int(v) for v in region)
+    r = probs.shape[-1]
+    device = probs.device
+    if x1 <= x0 or y1 <= y0:
+        return torch.zeros((max(0, y1 - y0), max(0, x1 - x0)), dtype=torch.bool, device=device)
+    b = box[None]
+    p = probs[None]
+    wx = _interp_weights(b[:, 0], b[:, 2] - b[:, 0], torch.arange(x0, x1, device=device), r).transpose(1, 2)
+    band = max(1, BAND_PIXELS // (x1 - x0))
+    if y1 - y0 <= band:
+        wy = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(y0, y1, device=device), r)
+        return (wy @ p @ wx)[0] >= threshold
+    out = torch.empty((y1 - y0, x1 - x0), dtype=torch.bool, device=device)
+    for s in range(y0, y1, band):  # rows of Wy @ mask @ Wx^T are independent
+        e = min(y1, s + band)
+        wy = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(s, e, device=device), r)
+        torch.ge((wy @ p @ wx)[0], threshold, out=out[s - y0:e - y0])
+    return out
+
+
+@dataclass
+class PastedMasks:
+    """Instance masks of one image, each kept as a bool crop of its paste region.
+
+    ``regions[i] = (x0, y0, x1, y1)`` (host ints, exclusive ends); crop ``i`` is the mask on
+    ``[y0:y1, x0:x1]``, the mask is False elsewhere. Built by :func:`paste_mask_crops` (or
+    :meth:`from_dense`); :meth:`dense` materialises the (n, h, w) planes when a caller wants them.
+    """
+
+    regions: list[tuple[int, int, int, int]]
+    image_size: tuple[int, int]
+    probs: torch.Tensor | None = None  # (n, R, R) float32: crops not kept are pasted again
+    boxes: torch.Tensor | None = None  # (n, 4) float32 output pixels
+    threshold: float = 0.5
+    crops: list[torch.Tensor | None] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+    _areas: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def crop(self, i: int) -> torch.Tensor:
+        """Bool crop of mask ``i`` over its region."""
+        c = self.crops[i]
+        if c is not None:
+            return c
+        if self.probs is None or self.boxes is None:
+            raise ConfigError("PastedMasks: crop not kept and no probabilities to paste it again")
+        return paste_one(self.probs[i], self.boxes[i], self.regions[i], self.threshold)
+
+    @property
+    def areas(self) -> list[int]:
+        """Foreground pixels per mask (computed once)."""
+        if self._areas is None:
+            sums = [self.crop(i).sum() for i in range(len(self))]
+            self._areas = [int(v) for v in torch.stack(sums).tolist()] if sums else []
+        return self._areas
+
+    def select(self, keep: Sequence[int]) -> PastedMasks:
+        """The masks at indices ``keep`` (in that order)."""
+        keep = [int(k) for k in keep]
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        return PastedMasks(
+            regions=[self.regions[k] for k in keep], image_size=self.image_size,
+            probs=None if self.probs is None else self.probs[idx],
+            boxes=None if self.boxes is None else self.boxes[idx], threshold=self.threshold,
+            crops=[self.crops[k] for k in keep], device=self.device,
+            _areas=None if self._areas is None else [self._areas[k] for k in keep])
+
+    def dense(self) -> torch.Tensor:
+        """Bool (n, h, w): every mask as a full-image plane (n x h x w bytes)."""
+        h, w = self.image_size
+        out = torch.zeros((len(self), h, w), dtype=torch.bool, device=self.device)
+        for i, (x0, y0, x1, y1) in enumerate(self.regions):
+            if x1 > x0 and y1 > y0:
+                out[i, y0:y1, x0:x1] = self.crop(i)
+        return out
+
+    def to(self, device: torch.device | str) -> PastedMasks:
+        device = torch.device(device)
+        return PastedMasks(
+            regions=list(self.regions), image_size=self.image_size,
+            probs=None if self.probs is None else self.probs.to(device),
+            boxes=None if self.boxes is None else self.boxes.to(device), threshold=self.threshold,
+            crops=[None if c is None else c.to(device) for c in self.crops], device=device, _areas=self._areas)
+
+    @classmethod
+    def from_dense(cls, masks: torch.Tensor, regions: torch.Tensor | None = None) -> PastedMasks:
+        """Wrap bool (n, h, w) planes; ``regions`` (n, 4) must contain each mask (tight boxes when None)."""
+        if masks.dim() != 3:
+            raise ConfigError(f"masks must be (n,h,w), got {tuple(masks.shape)}")
+        masks = masks.to(torch.bool)
+        if regions is None:
+            regions = tight_regions(masks)
+        reg = [tuple(int(v) for v in r) for r in regions.tolist()]
+        crops = [masks[i, y0:y1, x0:x1] for i, (x0, y0, x1, y1) in enumerate(reg)]
+        return cls(regions=reg, image_size=(int(masks.shape[1]), int(masks.shape[2])), crops=crops,
+                   device=masks.device)
+
+
+def tight_regions(masks: torch.Tensor) -> torch.Tensor:
+    """Tight integer boxes [x0, y0, x1, y1) (exclusive end) of bool masks (n,h,w); empty -> 0s."""
+    n, h, w = masks.shape
+    rows = masks.any(dim=2)  # (n, h)
+    cols = masks.any(dim=1)  # (n, w)
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    if h == 0 or w == 0:
+        return torch.zeros((n, 4), dtype=torch.long, device=masks.device)
+    y0 = torch.where(rows, ar_h, h).amin(1)
+    y1 = torch.where(rows, ar_h + 1, 0).amax(1)
+    x0 = torch.where(cols, ar_w, w).amin(1)
+    x1 = torch.where(cols, ar_w + 1, 0).amax(1)
+    reg = torch.stack([x0, y0, x1, y1], 1)
+    return torch.where((x1 > x0)[:, None], reg, torch.zeros_like(reg))
+
+
+def paste_mask_crops(
+    mask_probs: torch.Tensor,
+    boxes: torch.Tensor,
+    out_hw: tuple[int, int],
+    threshold: float = 0.5,
+    budget_bytes: int = CROP_BUDGET_BYTES,
+) -> PastedMasks:
+    """Paste ``mask_probs`` (n, R, R) at ``boxes`` (n, 4) xyxy (output pixels) into an ``out_hw``
+    image -> :class:`PastedMasks` (one crop per box; boxes partly or fully outside are clipped).
+    Crops are kept up to ``budget_bytes``; the others are pasted again when used."""
+    if mask_probs.dim() != 3 or mask_probs.shape[1] != mask_probs.shape[2]:
+        raise ConfigError(f"paste_masks: mask_probs must be (n,R,R), got {tuple(mask_probs.shape)}")
+    if boxes.shape != (mask_probs.shape[0], 4):
+        raise ConfigError(f"paste_masks: boxes must be ({mask_probs.shape[0]},4), got {tuple(boxes.shape)}")
+    h, w = int(out_hw[0]), int(out_hw[1])
+    device = mask_probs.device
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    probs = mask_probs.float()
+    regions = [tuple(r) for r in paste_regions(boxes, (h, w), mask_probs.shape[-1]).tolist()]
+    crops: list[torch.Tensor | None] = []
+    used = 0
+    for i, reg in enumerate(regions):
+        size = max(0, reg[2] - reg[0]) * max(0, reg[3] - reg[1])
+        if used + size <= budget_bytes:
+            crops.append(paste_one(probs[i], boxes[i], reg, threshold))
+            used += size
+        else:
+            crops.append(None)
+    return PastedMasks(regions=regions, image_size=(h, w), probs=probs, boxes=boxes, threshold=threshold,
+                       crops=crops, device=device)
+
+
 def paste_masks(
     mask_probs: torch.Tensor,
     boxes: torch.Tensor,
     out_hw: tuple[int, int],
     threshold: float = 0.5,
-    chunk_size: int | None = None,
     return_regions: bool = False,
 ):
-    """Paste ``mask_probs`` (n, R, R) at ``boxes`` (n, 4) xyxy (output pixels) into an
-    ``out_hw`` image -> bool (n, h, w) (``mask >= threshold``); with ``return_regions`` also the
-    (n, 4) regions of :func:`paste_regions`. Boxes partly or fully outside are clipped."""
-    if mask_probs.dim() != 3 or mask_probs.shape[1] != mask_probs.shape[2]:
-        raise ConfigError(f"paste_masks: mask_probs must be (n,R,R), got {tuple(mask_probs.shape)}")
-    if boxes.shape != (mask_probs.shape[0], 4):
-        raise ConfigError(f"paste_masks: boxes must be ({mask_probs.shape[0]},4), got {tuple(boxes.shape)}")
-    n, r = mask_probs.shape[0], mask_probs.shape[1]
-    h, w = int(out_hw[0]), int(out_hw[1])
-    device = mask_probs.device
-    out = torch.zeros((n, h, w), dtype=torch.bool, device=device)
-    boxes = boxes.to(device=device, dtype=torch.float32)
-    regions = paste_regions(boxes, (h, w), r)
-    if n == 0 or h == 0 or w == 0:
-        return (out, regions) if return_regions else out
-    probs = mask_probs.float()
-    if chunk_size is None:
-        chunk_size = 1 if device.type == "cpu" else max(1, _CUDA_CHUNK_BYTES // (4 * h * w))
-    reg_list = regions.tolist()
-    for s in range(0, n, chunk_size):
-        e = min(n, s + chunk_size)
-        x0 = min(reg[0] for reg in reg_list[s:e])
-        y0 = min(reg[1] for reg in reg_list[s:e])
-        x1 = max(reg[2] for reg in reg_list[s:e])
-        y1 = max(reg[3] for reg in reg_list[s:e])
-        if x1 <= x0 or y1 <= y0:
-            continue
-        b = boxes[s:e]
-        wy = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(y0, y1, device=device), r)
-        wx = _interp_weights(b[:, 0], b[:, 2] - b[:, 0], torch.arange(x0, x1, device=device), r)
-        vals = wy @ probs[s:e] @ wx.transpose(1, 2)  # (c, y1-y0, x1-x0)
-        out[s:e, y0:y1, x0:x1] = vals >= threshold
-    return (out, regions) if return_regions else out
+    """Full-image planes: bool (n, h, w) (``mask >= threshold``); with ``return_regions`` also the
+    (n, 4) regions of :func:`paste_regions`. Prefer :func:`paste_mask_crops` (n x h x w bytes here)."""
+    pasted = paste_mask_crops(mask_probs, boxes, out_hw, threshold, budget_bytes=0)
+    out = pasted.dense()
+    if return_regions:
+        return out, torch.tensor(pasted.regions, dtype=torch.long, device=out.device).reshape(-1, 4)
+    return out
 
 
 def scale_boxes(boxes: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
@@ -93,4 +227,3 @@ def scale_boxes(boxes: torch.Tensor, resized_hw: tuple[int, int], original_hw: t
     sx = float(original_hw[1]) / float(resized_hw[1])
     scale = torch.tensor([sx, sy, sx, sy], dtype=boxes.dtype, device=boxes.device)
     return boxes * scale
-

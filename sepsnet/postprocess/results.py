@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from sepsnet.postprocess.paste import PastedMasks
+
 
 @dataclass
 class PanopticResult:
@@ -16,9 +18,10 @@ class PanopticResult:
     stuff 0..S-1), ``isthing``, ``score`` (mask score for things, 1.0 for stuff),
     ``area`` (pixels), ``bbox`` ([x, y, w, h] in pixels).
     The ``instance_*`` fields hold every instance kept after NMS and silhouette dedup
-    (before fusion; used e.g. for instance AP); boxes are xyxy in original pixels,
-    ``instance_masks`` bool (n, h, w) or None when not requested.
-    ``timings``: seconds per post-processing stage (batch stages are shared).
+    (before fusion; used e.g. for instance AP); boxes are xyxy in original pixels.
+    ``masks``: those instances' masks as crops per box (:class:`PastedMasks`) or None when not
+    requested; ``instance_masks`` materialises them as bool (n, h, w) planes on access.
+    ``timings``: seconds per stage when timing was asked for (batch stages are shared).
     """
 
     id_map: torch.Tensor
@@ -27,16 +30,21 @@ class PanopticResult:
     instance_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4))
     instance_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     instance_classes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-    instance_masks: torch.Tensor | None = None
+    masks: PastedMasks | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_instances(self) -> int:
         return int(self.instance_scores.numel())
 
+    @property
+    def instance_masks(self) -> torch.Tensor | None:
+        """Bool (n, h, w) planes of the instance masks (made now: n x h x w bytes), or None."""
+        return None if self.masks is None else self.masks.dense()
+
     def to(self, device: torch.device | str) -> PanopticResult:
         """Copy the tensors to ``device`` (e.g. ``"cpu"`` before writing)."""
-        masks = None if self.instance_masks is None else self.instance_masks.to(device)
+        masks = None if self.masks is None else self.masks.to(device)
         return PanopticResult(
             self.id_map.to(device), self.segments_info, self.image_size,
             self.instance_boxes.to(device), self.instance_scores.to(device),

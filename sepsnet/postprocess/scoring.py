@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from sepsnet.errors import ConfigError
+from sepsnet.postprocess.paste import PastedMasks
 
 
 def mask_scores(fcos_score: torch.Tensor, iou_score: torch.Tensor | None, alpha: float) -> torch.Tensor:
@@ -42,23 +43,8 @@ def mask_scores(fcos_score: torch.Tensor, iou_score: torch.Tensor | None, alpha:
     return alpha * fcos_score + (1.0 - alpha) * iou_score
 
 
-def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight integer boxes [x0, y0, x1, y1) (exclusive end) of bool masks (n,h,w); empty -> 0s."""
-    n = masks.shape[0]
-    rows = masks.any(dim=2)  # (n, h)
-    cols = masks.any(dim=1)  # (n, w)
-    h, w = masks.shape[1:]
-    ar_h = torch.arange(h, device=masks.device)
-    ar_w = torch.arange(w, device=masks.device)
-    y0 = torch.where(rows, ar_h, h).amin(1) if h else torch.zeros(n, dtype=torch.long)
-    y1 = torch.where(rows, ar_h + 1, 0).amax(1) if h else torch.zeros(n, dtype=torch.long)
-    x0 = torch.where(cols, ar_w, w).amin(1) if w else torch.zeros(n, dtype=torch.long)
-    x1 = torch.where(cols, ar_w + 1, 0).amax(1) if w else torch.zeros(n, dtype=torch.long)
-    return torch.stack([x0, y0, x1, y1], 1)
-
-
 def silhouette_dedup(
-    masks: torch.Tensor,
+    masks: torch.Tensor | PastedMasks,
     classes: torch.Tensor,
     silhouette_scores: torch.Tensor | None,
     iou_thresh: float,
@@ -67,42 +53,49 @@ def silhouette_dedup(
 ) -> torch.Tensor:
     """Indices (ascending) of the instances kept by the rule in the module docstring.
 
-    ``masks``: bool (n, h, w) pasted masks; ``classes``: (n,); ``silhouette_scores``: (n,) or
-    None (keep all). ``regions``: optional int (n, 4) [x0, y0, x1, y1) boxes that contain each
-    mask (e.g. from :func:`sepsnet.postprocess.paste.paste_regions`); computed when None.
+    ``masks``: :class:`PastedMasks` (crops per box) or bool (n, h, w) planes; ``classes``: (n,);
+    ``silhouette_scores``: (n,) or None (keep all). ``regions``: with planes, optional int (n, 4)
+    [x0, y0, x1, y1) boxes that contain each mask (tight boxes when None).
     ``eligible``: optional bool (n,); only eligible instances are compared (default: all).
     """
-    n = masks.shape[0]
-    device = masks.device
+    if isinstance(masks, torch.Tensor):
+        if masks.dim() != 3:
+            raise ConfigError(f"silhouette_dedup: expected masks (n,h,w), got {tuple(masks.shape)}")
+        masks = PastedMasks.from_dense(masks, regions)
+    n = len(masks)
+    device = classes.device
     if silhouette_scores is None or n < 2:
         return torch.arange(n, device=device)
-    if masks.dim() != 3 or classes.shape != (n,) or silhouette_scores.shape != (n,):
-        raise ConfigError(f"silhouette_dedup: expected masks (n,h,w), classes (n,), scores (n,); got "
-                          f"{tuple(masks.shape)}, {tuple(classes.shape)}, {tuple(silhouette_scores.shape)}")
-    reg = (_mask_boxes(masks) if regions is None else regions.to(device=device, dtype=torch.long))
-    areas = masks.flatten(1).sum(1) if regions is None else torch.stack(
-        [masks[i, reg[i, 1]:reg[i, 3], reg[i, 0]:reg[i, 2]].sum() for i in range(n)])
+    if classes.shape != (n,) or silhouette_scores.shape != (n,):
+        raise ConfigError(f"silhouette_dedup: expected classes ({n},), scores ({n},); got "
+                          f"{tuple(classes.shape)}, {tuple(silhouette_scores.shape)}")
+    reg = torch.tensor(masks.regions, dtype=torch.long)
+    cls = classes.detach().cpu()
     # candidate pairs: same class and intersecting regions (vectorised), upper triangle
     ix0 = torch.maximum(reg[:, None, 0], reg[None, :, 0])
     iy0 = torch.maximum(reg[:, None, 1], reg[None, :, 1])
     ix1 = torch.minimum(reg[:, None, 2], reg[None, :, 2])
     iy1 = torch.minimum(reg[:, None, 3], reg[None, :, 3])
-    pair = (ix1 > ix0) & (iy1 > iy0) & (classes[:, None] == classes[None, :])
-    pair &= torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    pair = (ix1 > ix0) & (iy1 > iy0) & (cls[:, None] == cls[None, :])
+    pair &= torch.ones(n, n, dtype=torch.bool).triu(1)
     if eligible is not None:
         if eligible.shape != (n,):
             raise ConfigError(f"silhouette_dedup: eligible must be ({n},), got {tuple(eligible.shape)}")
-        ok = eligible.to(device=device, dtype=torch.bool)
+        ok = eligible.detach().cpu().to(torch.bool)
         pair &= ok[:, None] & ok[None, :]
     ii, jj = pair.nonzero(as_tuple=True)
     dup = torch.zeros(n, n, dtype=torch.bool)
-    boxes_cpu = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
-    areas_cpu = areas.tolist()
-    for (i, j), (x0, y0, x1, y1) in zip(zip(ii.tolist(), jj.tolist()), boxes_cpu):
-        inter = int((masks[i, y0:y1, x0:x1] & masks[j, y0:y1, x0:x1]).sum())
-        union = areas_cpu[i] + areas_cpu[j] - inter
-        if union > 0 and inter / union > iou_thresh:
-            dup[i, j] = dup[j, i] = True
+    if ii.numel():
+        areas = masks.areas
+        boxes = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
+        for i, j, (x0, y0, x1, y1) in zip(ii.tolist(), jj.tolist(), boxes):
+            ri, rj = masks.regions[i], masks.regions[j]
+            a = masks.crop(i)[y0 - ri[1]:y1 - ri[1], x0 - ri[0]:x1 - ri[0]]
+            b = masks.crop(j)[y0 - rj[1]:y1 - rj[1], x0 - rj[0]:x1 - rj[0]]
+            inter = int((a & b).sum())
+            union = areas[i] + areas[j] - inter
+            if union > 0 and inter / union > iou_thresh:
+                dup[i, j] = dup[j, i] = True
     order = torch.argsort(silhouette_scores.detach().cpu(), descending=True, stable=True).tolist()
     removed = torch.zeros(n, dtype=torch.bool)
     for i in order:

@@ -1,0 +1,131 @@
+"""The fast post-processing (crops per box, fusion on crops, banded stuff pass) gives exactly the
+output of the pre-issue-13 implementation kept in ``tests/_reference_postprocess.py``: identical id
+maps, segments and instances, on randomized cases and on the real sample photos."""
+import _reference_postprocess as ref
+import pytest
+import torch
+import torch.nn.functional as F
+from _samples import COCO_IMAGES
+
+from sepsnet.config import SEPSNetConfig
+from sepsnet.postprocess.candidates import level_sizes
+from sepsnet.postprocess.pipeline import panoptic_inference
+from sepsnet.postprocess.preselect import Preselect
+from sepsnet.postprocess.timing import PIPELINE_STAGES, StageTimer
+
+T, S, K, M, R = 5, 4, 2, 4, 14
+
+
+def _random_dense(g: torch.Generator, n: int, h: int, w: int, hot: int) -> dict:
+    sizes = level_sizes((h // 8, w // 8), 5)
+    locs, strides = [], []
+    for lvl, (lh, lw) in enumerate(sizes):
+        st = 8 * 2 ** lvl
+        ys, xs = torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij")
+        locs.append(torch.stack([xs.reshape(-1) * st + st // 2, ys.reshape(-1) * st + st // 2], 1).float())
+        strides.append(torch.full((lh * lw,), float(st)))
+    loc, stride = torch.cat(locs), torch.cat(strides)
+    num_loc = loc.shape[0]
+    ext = (torch.rand(n, num_loc, 4, generator=g) * 3 + 0.5) * stride[:, None]
+    boxes = torch.cat([loc - ext[..., :2], loc + ext[..., 2:]], -1)
+    scores = torch.rand(n, num_loc, T, generator=g) * 0.06
+    for b in range(n):
+        idx = torch.randperm(num_loc, generator=g)[:hot]
+        scores[b, idx, torch.randint(0, T, (hot,), generator=g)] = 0.3 + 0.7 * torch.rand(hot, generator=g)
+    stuff = F.avg_pool2d(torch.randn(n, S + 1, h // 4, w // 4, generator=g), 5, 1, 2) * 8
+    return {"boxes": boxes, "scores": scores, "centerness": 0.5 + 0.5 * torch.rand(n, num_loc, generator=g),
+            "attention": torch.randn(n, num_loc, K * M * M, generator=g),
+            "bases": torch.zeros(n, K, h // 4, w // 4), "p3": torch.zeros(n, 8, h // 8, w // 8), "stuff_logits": stuff}
+
+
+def _random_instances(seed: int, with_scores: bool = True):
+    def run(bases, p3, rois, attention):
+        g = torch.Generator().manual_seed(seed + rois.shape[0])
+        n = rois.shape[0]
+        logits = F.interpolate(torch.randn(n, 1, 5, 5, generator=g) * 4, size=(R, R), mode="bilinear")[:, 0]
+        out = {"mask_probs": torch.sigmoid(logits + 1.0)}
+        if with_scores:
+            out["iou_score"] = torch.rand(n, generator=g)
+            out["silhouette_score"] = torch.rand(n, generator=g)
+        return out
+    return run
+
+
+def assert_same(got, want) -> None:
+    assert torch.equal(got.id_map, want.id_map)
+    assert got.segments_info == want.segments_info
+    assert torch.equal(got.instance_boxes, want.instance_boxes)
+    assert torch.equal(got.instance_scores, want.instance_scores)
+    assert torch.equal(got.instance_classes, want.instance_classes)
+    assert (got.instance_masks is None) == (want.instance_masks is None)
+    if want.instance_masks is not None:
+        assert torch.equal(got.instance_masks, want.instance_masks)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_randomized_cases_equal_reference(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    cfg = SEPSNetConfig()
+    pp = cfg.postprocess
+    pp.max_instances = [30, 60][seed % 2]
+    pp.stuff_area_limit = [1, 64, 400][seed % 3]
+    pp.instance_score_thresh = [0.0, 0.3, 0.45][seed % 3]
+    pp.overlap_thresh = [0.5, 0.2][seed % 2]
+    pp.dedup_iou = [0.3, 0.6][seed % 2]
+    pp.nms_thresh = 0.8
+    h, w = 96, 160
+    dense = _random_dense(g, 2, h, w, hot=40)
+    sizes = [((96, 152), (130, 205)), ((80, 160), (61, 122))]  # enlarged / shrunk, partial padding
+    run = _random_instances(seed, with_scores=seed != 5)
+    got = panoptic_inference(dense, run, sizes, cfg)
+    want = ref.panoptic_inference(dense, run, sizes, cfg)
+    assert sum(r.num_instances for r in want) > 10
+    assert any(s["isthing"] for r in want for s in r.segments_info)
+    for a, b in zip(got, want):
+        assert_same(a, b)
+
+
+def test_preselect_typed_or_mapping_and_timing() -> None:
+    g = torch.Generator().manual_seed(11)
+    cfg = SEPSNetConfig()
+    dense = _random_dense(g, 1, 64, 96, hot=20)
+    run = _random_instances(3)
+    timer = StageTimer(enabled=True)
+    (a,) = panoptic_inference(dense, run, [(64, 96)], cfg, timer=timer)
+    assert set(a.timings) == {*PIPELINE_STAGES, "total"}
+    (b,) = panoptic_inference(dense, run, [(64, 96)], cfg, preselect=None)
+    assert_same(a, b)
+    assert b.timings == {}
+    assert Preselect.coerce({"topk": 5, "score_thresh": 0.1}) == Preselect(5, 0.1, False)
+
+
+@pytest.mark.parametrize("photo", COCO_IMAGES, ids=[p.name for p in COCO_IMAGES])
+def test_real_photos_equal_reference(photo) -> None:
+    """A tiny model on the shipped COCO photos, resized as evaluation does; eager PyTorch."""
+    from pathlib import Path
+
+    from sepsnet.config import load_config, parse_overrides
+    from sepsnet.data.coco_panoptic import read_rgb
+    from sepsnet.data.transforms import normalize, pad_to, resize_shape
+    from sepsnet.model import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides([
+        "data.min_size_test=160", "data.max_size_test=256", "postprocess.score_thresh=0.005",
+        "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=16", "postprocess.max_instances=40"]))
+    torch.manual_seed(5)
+    model = build_model(cfg).eval()
+    rgb = read_rgb(photo)
+    h, w = rgb.shape[:2]
+    rh, rw = resize_shape(h, w, cfg.data.min_size_test, cfg.data.max_size_test)
+    import cv2
+
+    img = normalize(cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR), cfg.data)
+    x = torch.zeros(1, 3, pad_to(rh, cfg.data.size_divisibility), pad_to(rw, cfg.data.size_divisibility))
+    x[0, :, :rh, :rw] = img
+    with torch.inference_mode():
+        dense = model.forward_dense(x)
+        got = panoptic_inference(dense, model.forward_instances, [((rh, rw), (h, w))], cfg)[0]
+        want = ref.panoptic_inference(dense, model.forward_instances, [((rh, rw), (h, w))], cfg)[0]
+    assert want.num_instances > 0 and got.id_map.shape == (h, w)
+    assert_same(got, want)
