@@ -289,8 +289,10 @@ def test_raw_pickle_and_zip_impostors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("obj", [[1, 2], {"state_dict": {}}, {"model": 5}, {"model": [torch.zeros(2)]},
-                                 {"model": {}, "format": "other/9"}, torch.zeros(3)],
-                         ids=["list", "no_model", "model_int", "model_list", "format", "tensor"])
+                                 {"model": {}, "format": "other/9"}, torch.zeros(3), {"model": {}, "config": "x"},
+                                 {"model": {}, "iteration": "7"}, {"model": {}, "meta": [1]}],
+                         ids=["list", "no_model", "model_int", "model_list", "format", "tensor", "config_str",
+                              "iteration_str", "meta_list"])
 def test_foreign_checkpoints(tmp_path: Path, obj: Any) -> None:
     p = tmp_path / "foreign.pt"
     torch.save(obj, p)

@@ -33,6 +33,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path} is not a sepsnet checkpoint ('model' is a {type(ckpt['model']).__name__}, "
                               "not a state dict)")
+    for key, kinds in (("config", dict), ("meta", (dict, type(None))), ("iteration", int)):
+        if key in ckpt and (not isinstance(ckpt[key], kinds) or isinstance(ckpt[key], bool)):
+            raise CheckpointError(f"{path}: malformed checkpoint: {key!r} is a {type(ckpt[key]).__name__}")
     if ckpt.get("format", FORMAT) != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {ckpt.get('format')!r}, expected {FORMAT}")
     for name, tensor in ckpt["model"].items():
