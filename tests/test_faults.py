@@ -96,6 +96,15 @@ def test_non_utf8_base_names_the_base(tmp_path: Path) -> None:
         load_config(top)
 
 
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "a: 1\n\tb: 2\n", "solver: {lr: 0.1\n", "- just\n- a list\n",
+                                  "'unterminated\n", "solver:\n  lr: &x 1\n  momentum: *y\n"])
+def test_malformed_yaml_is_one_line_naming_the_file(tmp_path: Path, text: str) -> None:
+    p = _write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value).startswith(str(p)) and "\n" not in str(err.value)
+
+
 def test_config_that_is_a_folder_or_mapping_of_odd_keys(tmp_path: Path) -> None:
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(ConfigError, match="not found"):
