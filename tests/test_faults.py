@@ -310,7 +310,7 @@ def test_foreign_checkpoints(tmp_path: Path, obj: Any) -> None:
 
 
 def test_checkpoint_path_is_a_folder(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="is a folder"):
         load_checkpoint(tmp_path)
 
 
