@@ -321,6 +321,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SE
     return cfg
 
 
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C: <problem>`` of a PyYAML error, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read one YAML file and, first, its ``_base_`` chain. ConfigError naming the file for a
     missing or unreadable file, text that is not UTF-8, invalid YAML and a ``_base_`` cycle."""
@@ -341,7 +349,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: invalid YAML{_yaml_where(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = raw.pop("_base_", None)
@@ -376,7 +384,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: invalid value: {exc}") from None
+            raise ConfigError(f"override {item!r}: invalid value{_yaml_where(exc)}") from None
         node = out
         for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})

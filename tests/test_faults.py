@@ -96,6 +96,15 @@ def test_non_utf8_base_names_the_base(tmp_path: Path) -> None:
         load_config(top)
 
 
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "a: 1\n\tb: 2\n", "solver: {lr: 0.1\n", "- just\n- a list\n",
+                                  "'unterminated\n", "solver:\n  lr: &x 1\n  momentum: *y\n"])
+def test_malformed_yaml_is_one_line_naming_the_file(tmp_path: Path, text: str) -> None:
+    p = _write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value).startswith(str(p)) and "\n" not in str(err.value)
+
+
 def test_config_that_is_a_folder_or_mapping_of_odd_keys(tmp_path: Path) -> None:
     (tmp_path / "dir.yaml").mkdir()
     with pytest.raises(ConfigError, match="not found"):
@@ -289,8 +298,10 @@ def test_raw_pickle_and_zip_impostors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("obj", [[1, 2], {"state_dict": {}}, {"model": 5}, {"model": [torch.zeros(2)]},
-                                 {"model": {}, "format": "other/9"}, torch.zeros(3)],
-                         ids=["list", "no_model", "model_int", "model_list", "format", "tensor"])
+                                 {"model": {}, "format": "other/9"}, torch.zeros(3), {"model": {}, "config": "x"},
+                                 {"model": {}, "iteration": "7"}, {"model": {}, "meta": [1]}],
+                         ids=["list", "no_model", "model_int", "model_list", "format", "tensor", "config_str",
+                              "iteration_str", "meta_list"])
 def test_foreign_checkpoints(tmp_path: Path, obj: Any) -> None:
     p = tmp_path / "foreign.pt"
     torch.save(obj, p)
@@ -299,7 +310,7 @@ def test_foreign_checkpoints(tmp_path: Path, obj: Any) -> None:
 
 
 def test_checkpoint_path_is_a_folder(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="is a folder"):
         load_checkpoint(tmp_path)
 
 

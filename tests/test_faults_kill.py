@@ -255,6 +255,16 @@ def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path: Path, capsys: p
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_resume_with_a_binary_torn_metrics_log(tmp_path: Path) -> None:
+    _run_to(tmp_path, 2)
+    with open(tmp_path / "metrics.jsonl", "ab") as f:  # a kill mid-append left bytes that are not UTF-8
+        f.write(b'{"iteration": 3, "loss_\xff\xfe\x00')
+    t = _trainer(tmp_path, max_iter=4)
+    t.resume_or_load(resume=True)
+    t.run()
+    assert [r["iteration"] for r in _metrics(tmp_path)] == [1, 2, 3, 4]
+
+
 def test_restart_from_zero_keeps_old_metrics(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 1, "loss_total": 5.0}\n')  # killed before any save
     _run_to(tmp_path, 2)

@@ -52,7 +52,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except SEPSNetError as exc:
         if os.environ.get("SEPSNET_TRACEBACK"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
         if os.environ.get("SEPSNET_TRACEBACK") or exc.errno not in _USER_ERRNOS:
@@ -62,6 +62,11 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(text: str) -> str:
+    """A message on one line: its lines, stripped, joined by spaces."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def describe_os_error(exc: OSError) -> str:

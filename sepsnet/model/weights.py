@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``) with clear errors."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -33,6 +35,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path} is not a sepsnet checkpoint ('model' is a {type(ckpt['model']).__name__}, "
                               "not a state dict)")
+    for key, kinds in (("config", dict), ("meta", (dict, type(None))), ("iteration", int)):
+        if key in ckpt and (not isinstance(ckpt[key], kinds) or isinstance(ckpt[key], bool)):
+            raise CheckpointError(f"{path}: malformed checkpoint: {key!r} is a {type(ckpt[key]).__name__}")
     if ckpt.get("format", FORMAT) != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {ckpt.get('format')!r}, expected {FORMAT}")
     for name, tensor in ckpt["model"].items():

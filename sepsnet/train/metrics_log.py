@@ -17,7 +17,7 @@ def trim_metrics(path: str | Path, last_iteration: int) -> int:
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # a torn write may be binary
         try:
             record = json.loads(line)
             keep = int(record["iteration"]) <= last_iteration
