@@ -1,33 +1,40 @@
-"""Time sepsnet's PQ evaluator against the COCO panoptic API (panopticapi-lite) on the same files.
+"""Whole-process speed of ``sepsnet-pq`` against the COCO panoptic API (panopticapi-lite) and
+hotcoco (Rust, ``pip install hotcoco==1.3.0``) on the same files, plus ``sepsnet-pq --boundary``.
 
-Generates ``--n`` COCO-panoptic ground-truth images (``--height`` x ``--width``: stuff bands,
-overlapping things, crowd regions (some split into several of one class), void; segments_info
-in shuffled order) and perturbed predictions (dropped, relabelled, shifted,
-split, merged segments; extra segments in void / crowd), writes them as PNG + JSON, then times
-(a) both with ``--workers`` processes (the reference: its own ``pq_compute`` multi-core split with
-that many processes) and (b) both in one process, interleaved, best of ``--repeats`` (the machine
-may be shared). Reports the largest difference of any number, prints the ratios, writes JSON (``--out``).
+Generates ``--n`` COCO-panoptic ground-truth images (``--height`` x ``--width``, default 1024x2048,
+~80 segments each: stuff bands, overlapping things, crowd regions (some split into several of one
+class), void; segments_info in shuffled order) and perturbed predictions (dropped, relabelled,
+shifted, split, merged segments; extra ones), written as PNG + JSON (reused from ``--data-dir`` when
+it already holds the same set). Then, ``--repeats`` rounds, each running every tool once as its own
+process, one after the other (so that load from others on a shared machine hits all alike):
 
-    python benchmarks/pq_speed.py --n 200 --height 512 --width 1024 --workers 2 --out pq_speed.json
+- panopticapi: ``pq_compute`` (its own multi-core split over all CPUs);
+- hotcoco: ``hotcoco.panoptic.pq_compute`` (Rust threads over all CPUs);
+- sepsnet-pq: ``python -m sepsnet.cli.pq --workers W`` (W processes, default all CPUs), with and
+  without ``--boundary``.
+
+Wall time and CPU time (user + sys of the process and its children) per run; best (min) and
+median per tool, the ratios, the machine load, and the largest difference of any PQ/SQ/RQ number
+(All, Things, Stuff, per class) against panopticapi. JSON to ``--out``.
+
+    python benchmarks/pq_speed.py --n 200 --repeats 3 --data-dir /tmp/pq_data --out pq_speed.json
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import multiprocessing
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import cv2
 import numpy as np
-from panopticapi import evaluation as ref
 
-from sepsnet.eval.pq import pq_compute_files
 from sepsnet.fileio import atomic_write_json
 
 CATS = [{"id": i, "name": f"thing{i}", "isthing": 1} for i in range(1, 9)] + \
@@ -50,15 +57,15 @@ def make_pair(rng: np.random.Generator, h: int, w: int) -> tuple:
     """One ground truth and one perturbed prediction (id maps + segments_info)."""
     gt = np.zeros((h, w), np.int64)
     cat_of, crowd, nxt = {}, set(), int(rng.integers(1, 1000))
-    cuts = [0, *sorted(rng.choice(np.arange(16, h - 16), 4, replace=False).tolist()), h]
+    cuts = [0, *sorted(rng.choice(np.arange(16, h - 16), 7, replace=False).tolist()), h]
     for a, b in zip(cuts[:-1], cuts[1:]):
         nxt += int(rng.integers(1, 5000))
         gt[a:b] = nxt
         cat_of[nxt] = int(rng.choice(STUFF))
-    for _ in range(int(rng.integers(10, 40))):
+    for _ in range(int(rng.integers(60, 90))):
         nxt += int(rng.integers(1, 5000))
         y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
-        ry, rx = int(rng.integers(4, h // 6)), int(rng.integers(4, w // 8))
+        ry, rx = int(rng.integers(4, h // 10)), int(rng.integers(4, w // 14))
         if rng.random() < 0.5:
             gt[max(0, y - ry):y + ry, max(0, x - rx):x + rx] = nxt
         else:
@@ -116,9 +123,13 @@ def make_pair(rng: np.random.Generator, h: int, w: int) -> tuple:
     return (gt, gt_segs), (pred, pred_segs)
 
 
-def write_data(root: str, n: int, h: int, w: int, seed: int) -> dict:
+def write_data(root: str, n: int, h: int, w: int, seed: int) -> None:
+    """The image set, unless ``root`` already holds the same one (same n, size and seed)."""
+    meta = {"n": n, "height": h, "width": w, "seed": seed, "generator": 2}
+    meta_path = os.path.join(root, "meta.json")
+    if os.path.isfile(meta_path) and json.load(open(meta_path)) == meta:
+        return
     rng = np.random.default_rng(seed)
-    paths = {}
     for name in ("gt", "pred"):
         os.makedirs(os.path.join(root, name), exist_ok=True)
     anns = {"gt": [], "pred": []}
@@ -128,88 +139,138 @@ def write_data(root: str, n: int, h: int, w: int, seed: int) -> dict:
             cv2.imwrite(os.path.join(root, name, fn), _bgr(ids))
             anns[name].append({"image_id": i, "file_name": fn, "segments_info": segs})
     for name in ("gt", "pred"):
-        paths[name] = os.path.join(root, f"{name}.json")
-        atomic_write_json({"annotations": anns[name], "categories": CATS}, paths[name], indent=None)
-    return paths
+        atomic_write_json({"annotations": anns[name], "categories": CATS}, os.path.join(root, f"{name}.json"),
+                          indent=None)
+    atomic_write_json(meta, meta_path)
 
 
-def reference_run(root: str, workers: int) -> dict:
-    """The reference API: its multi-core split over ``workers`` processes, or one process."""
-    gt_json, pred_json = os.path.join(root, "gt.json"), os.path.join(root, "pred.json")
-    with contextlib.redirect_stdout(io.StringIO()):
-        if workers == multiprocessing.cpu_count():
-            return ref.pq_compute(gt_json, pred_json, os.path.join(root, "gt"), os.path.join(root, "pred"))
-        gt, pred = json.load(open(gt_json)), json.load(open(pred_json))
-        cats = {c["id"]: c for c in gt["categories"]}
-        preds = {a["image_id"]: a for a in pred["annotations"]}
-        pairs = [(g, preds[g["image_id"]]) for g in gt["annotations"]]
-        args = (os.path.join(root, "gt"), os.path.join(root, "pred"), cats)
-        if workers == 1:
-            stat = ref.pq_compute_single_core(0, pairs, *args)
-        else:
-            stat = ref.PQStat()
-            with multiprocessing.Pool(workers) as pool:
-                parts = [pool.apply_async(ref.pq_compute_single_core, (i, chunk, *args))
-                         for i, chunk in enumerate(np.array_split(pairs, workers))]
-                for p in parts:
-                    stat += p.get()
-        out = {}
-        for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
-            out[name], per = stat.pq_average(cats, isthing)
-            if name == "All":
-                out["per_class"] = per
-        return out
+# each tool: a whole process that writes {"All", "Things", "Stuff", "per_class"} to argv[-1]
+_PANOPTICAPI = """
+import contextlib, io, json, sys
+from panopticapi.evaluation import pq_compute
+with contextlib.redirect_stdout(io.StringIO()):
+    r = pq_compute(*sys.argv[1:5])
+json.dump(r, open(sys.argv[5], "w"))
+"""
+_HOTCOCO = """
+import contextlib, io, json, sys
+from hotcoco.panoptic import pq_compute
+with contextlib.redirect_stdout(io.StringIO()):
+    r = pq_compute(*sys.argv[1:5])
+json.dump(r, open(sys.argv[5], "w"))
+"""
+
+
+def _commands(root: str, workers: int, out: str) -> dict[str, list[str]]:
+    """The command line of every tool (``*_before``: the same CLI, run from ``--before``)."""
+    files = [os.path.join(root, "gt.json"), os.path.join(root, "pred.json"), os.path.join(root, "gt"),
+             os.path.join(root, "pred")]
+    ours = [sys.executable, "-m", "sepsnet.cli.pq", "--gt-json", files[0], "--pred-json", files[1],
+            "--gt-folder", files[2], "--pred-folder", files[3], "--workers", str(workers), "--json-out"]
+    return {"panopticapi": [sys.executable, "-c", _PANOPTICAPI, *files, out],
+            "hotcoco": [sys.executable, "-c", _HOTCOCO, *files, out],
+            "sepsnet": [*ours, out], "sepsnet_before": [*ours, out],
+            "sepsnet_boundary": [*ours, out, "--boundary"], "sepsnet_boundary_before": [*ours, out, "--boundary"]}
+
+
+def _run(cmd: list[str], cwd: str, pythonpath: str | None = None) -> tuple[float, float]:
+    """(wall s, CPU s of the child and its children); ``pythonpath`` replaces PYTHONPATH. Run in
+    ``cwd`` (not the repository root, whose sepsnet ``python -m`` would put first on the path)."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{proc.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def max_diff(a: dict, b: dict) -> float:
+    """Largest |difference| of PQ/SQ/RQ (All, Things, Stuff, and per class where both have it)."""
     d = max(abs(a[n][k] - b[n][k]) for n in ("All", "Things", "Stuff") for k in ("pq", "sq", "rq"))
-    return max(d, max(abs(a["per_class"][c][k] - v[k]) for c, v in b["per_class"].items() for k in v))
+    pa, pb = a.get("per_class") or {}, b.get("per_class") or {}
+    common = set(map(str, pa)) & set(map(str, pb))
+    pa, pb = {str(k): v for k, v in pa.items()}, {str(k): v for k, v in pb.items()}
+    return max([d] + [abs(pa[c][k] - pb[c][k]) for c in common for k in ("pq", "sq", "rq")])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=multiprocessing.cpu_count())
-    p.add_argument("--repeats", type=int, default=3, help="timed runs each; best (min) and median reported")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sepsnet-pq --workers")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; best (min) and median reported")
+    p.add_argument("--tools", default="panopticapi,hotcoco,sepsnet,sepsnet_boundary")
+    p.add_argument("--before", default=None,
+                   help="a checkout of an older sepsnet (its root folder): also time its sepsnet-pq "
+                        "(tools sepsnet_before, sepsnet_boundary_before) in the same rounds")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None, help="keep the generated data here (default: temp)")
+    p.add_argument("--data-dir", default=None, help="keep / reuse the generated data here (default: temp)")
     p.add_argument("--out", default="pq_speed.json")
     args = p.parse_args()
+    if args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
+    # the sepsnet under test is this checkout's (also when it is not installed)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])
+    tools = args.tools.split(",")
+    if args.before:
+        tools += [f"{t}_before" for t in tools if t in ("sepsnet", "sepsnet_boundary")]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir or tmp
         t0 = time.perf_counter()
         write_data(root, args.n, args.height, args.width, args.seed)
-        print(f"generated {args.n} images {args.height}x{args.width} in {time.perf_counter() - t0:.1f} s")
-        gt_json, pred_json = os.path.join(root, "gt.json"), os.path.join(root, "pred.json")
-        rows = {}
-        for w in sorted({1, args.workers}):
-            times = {"sepsnet": [], "reference": []}
-            for _ in range(args.repeats):  # interleaved so machine load hits both alike
-                t = time.perf_counter()
-                ours = pq_compute_files(gt_json, pred_json, os.path.join(root, "gt"),
-                                        os.path.join(root, "pred"), workers=w)
-                times["sepsnet"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                theirs = reference_run(root, w)
-                times["reference"].append(time.perf_counter() - t)
-            best = {k: min(v) for k, v in times.items()}
-            med = {k: statistics.median(v) for k, v in times.items()}
-            rows[f"workers={w}"] = {
-                "sepsnet_s": best["sepsnet"], "reference_s": best["reference"],
-                "speedup": best["reference"] / best["sepsnet"],
-                "speedup_median": med["reference"] / med["sepsnet"], "max_abs_diff": max_diff(ours, theirs),
-                "sepsnet_ms_per_image": 1000 * best["sepsnet"] / args.n,
-                "reference_ms_per_image": 1000 * best["reference"] / args.n, "runs": times}
-            r = rows[f"workers={w}"]
-            print(f"workers={w}: sepsnet {r['sepsnet_s']:.2f} s ({r['sepsnet_ms_per_image']:.1f} ms/img), "
-                  f"reference {r['reference_s']:.2f} s ({r['reference_ms_per_image']:.1f} ms/img), "
-                  f"speedup x{r['speedup']:.2f} (median x{r['speedup_median']:.2f}), "
-                  f"max |diff| {r['max_abs_diff']:.1e}, PQ {100 * ours['All']['pq']:.2f}")
+        print(f"data: {args.n} images {args.height}x{args.width} in {root} ({time.perf_counter() - t0:.1f} s)")
+        outs = {t: os.path.join(tmp, f"{t}.json") for t in tools}
+        runs: dict[str, dict[str, list[float]]] = {t: {"wall": [], "cpu": []} for t in tools}
+        load = [os.getloadavg()[0]]
+        for r in range(args.repeats):
+            for tool in tools:  # alternated: every round runs each tool once
+                path = os.path.abspath(args.before) if tool.endswith("_before") else None
+                wall, cpu = _run(_commands(root, args.workers, outs[tool])[tool], tmp, path)
+                runs[tool]["wall"].append(wall)
+                runs[tool]["cpu"].append(cpu)
+            load.append(os.getloadavg()[0])
+            print(f"round {r + 1}: " + ", ".join(f"{t} {runs[t]['wall'][-1]:.2f} s" for t in tools)
+                  + f" (load {load[-1]:.1f})")
+        results = {t: json.load(open(outs[t])) for t in tools}
+    ref = results.get("panopticapi")
+    rows = {}
+    for tool in tools:
+        best = {k: min(v) for k, v in runs[tool].items()}
+        med = {k: statistics.median(v) for k, v in runs[tool].items()}
+        rows[tool] = {"wall_s": best["wall"], "cpu_s": best["cpu"], "wall_median_s": med["wall"],
+                      "cpu_median_s": med["cpu"], "cpu_ms_per_image": 1000 * best["cpu"] / args.n, "runs": runs[tool]}
+        if ref is not None and not tool.startswith("sepsnet_boundary"):
+            rows[tool]["max_abs_diff_vs_panopticapi"] = max_diff(results[tool], ref)
+    ratios = {}
+    for a, b in (("sepsnet", "hotcoco"), ("sepsnet", "panopticapi"), ("hotcoco", "panopticapi"),
+                 ("sepsnet_boundary", "hotcoco"), ("sepsnet_boundary", "sepsnet"),
+                 ("sepsnet_before", "sepsnet"), ("sepsnet_boundary_before", "sepsnet_boundary"),
+                 ("sepsnet_before", "hotcoco")):
+        if a in rows and b in rows:
+            ratios[f"{a}/{b}"] = {k: rows[a][k] / rows[b][k] for k in ("wall_s", "cpu_s", "wall_median_s")}
+    for tool, r in rows.items():
+        diff = r.get("max_abs_diff_vs_panopticapi")
+        print(f"{tool:17s} wall {r['wall_s']:6.2f} s (median {r['wall_median_s']:6.2f})  cpu {r['cpu_s']:6.2f} s "
+              f"({r['cpu_ms_per_image']:.1f} ms/img)" + ("" if diff is None else f"  max|diff| {diff:.1e}"))
+    for name, v in ratios.items():
+        print(f"{name:28s} wall x{v['wall_s']:.2f} (median x{v['wall_median_s']:.2f})  cpu x{v['cpu_s']:.2f}")
+    if "sepsnet_boundary" in results:
+        b = results["sepsnet_boundary"]["boundary"]
+        print(f"Boundary PQ {100 * b['All']['pq']:.2f} (mask PQ {100 * results['sepsnet_boundary']['All']['pq']:.2f})")
+        if "sepsnet_boundary_before" in results:
+            rows["sepsnet_boundary"]["boundary_max_abs_diff_vs_before"] = max_diff(
+                b, results["sepsnet_boundary_before"]["boundary"])
+            print(f"Boundary PQ max|diff| vs before {rows['sepsnet_boundary']['boundary_max_abs_diff_vs_before']:.1e}")
     result = {"n": args.n, "height": args.height, "width": args.width, "repeats": args.repeats,
-              "cpu_count": os.cpu_count(), "machine": platform.platform(),
-              "processor": platform.processor(), "results": rows}
+              "workers": args.workers, "cpu_count": os.cpu_count(), "loadavg_1min": load,
+              "machine": platform.platform(), "processor": platform.processor(), "tools": rows, "ratios": ratios}
     atomic_write_json(result, args.out)
     print(f"wrote {args.out}")
 
