@@ -446,6 +446,18 @@ def test_output_file_that_is_a_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     assert rc == 2 and len(err) == 1 and flag in err[0] and "is a folder" in err[0], err
 
 
+def test_output_file_that_is_an_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gt = _write(tmp_path / "gt.json", "{}")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    manifest = _write(bundle / "manifest.json", "{}")
+    for command, argv in [("pq", ["--gt-json", str(gt), "--pred-json", str(gt), "--json-out", str(gt)]),
+                          ("bench", [str(bundle), "--json", str(manifest)])]:
+        rc, err = _cli(command, argv, capsys)
+        assert rc == 2 and len(err) == 1 and "refusing to overwrite" in err[0], err
+    assert gt.read_text() == "{}" and manifest.read_text() == "{}"
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
 @pytest.mark.parametrize("command, flag", OUT_DIR_FLAGS + OUT_FILE_FLAGS)
 def test_read_only_output_location(tmp_path: Path, capsys: pytest.CaptureFixture, command: str, flag: str) -> None:

@@ -19,8 +19,8 @@ from typing import NoReturn
 
 from sepsnet.errors import SEPSNetError, UsageError
 
-__all__ = ["UsageError", "check_device", "check_output_dir", "check_output_file", "nonnegative_int", "open_ratio",
-           "positive_float", "positive_int", "run_cli"]
+__all__ = ["UsageError", "check_device", "check_not_input", "check_output_dir", "check_output_file", "nonnegative_int",
+           "open_ratio", "positive_float", "positive_int", "preflight", "run_cli"]
 
 # OSError numbers that describe the user's environment (disk, permissions, paths), not a bug
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
@@ -209,12 +209,32 @@ def check_device(spec: str | None, what: str = "--device") -> str | None:
                      "expected cpu, cuda or cuda:N")
 
 
+def check_not_input(path: str | Path | None, what: str, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output file that is one of the inputs, or an existing file inside an input folder
+    (``sepsnet-pq --json-out gt.json``, ``sepsnet-bench BUNDLE --json BUNDLE/manifest.json``)."""
+    if path is None or not Path(path).is_file():
+        return
+    target = Path(path).resolve()
+    for flag, given in inputs.items():
+        if given is None or not Path(given).exists():
+            continue
+        src = Path(given).resolve()
+        if target == src or (src.is_dir() and src in target.parents):
+            where = "is" if target == src else "lies inside"
+            raise UsageError(f"{what} {path} {where} the input {flag} {given}: refusing to overwrite it; "
+                             "write the output elsewhere")
+
+
 def preflight(*, device: str | None = None, out_dirs: dict[str, str | Path | None] | None = None,
-              out_files: dict[str, str | Path | None] | None = None) -> None:
+              out_files: dict[str, str | Path | None] | None = None,
+              inputs: dict[str, str | Path | None] | None = None) -> None:
     """The checks a command runs right after parsing its arguments, before any long work:
     ``device`` (:func:`check_device`), each ``{flag: folder}`` (:func:`check_output_dir`) and each
-    ``{flag: file}`` (:func:`check_output_file`); ``None`` values are skipped."""
+    ``{flag: file}`` (:func:`check_output_file`, and :func:`check_not_input` against ``inputs``);
+    ``None`` values are skipped."""
     check_device(device)
+    for flag, file in (out_files or {}).items():
+        check_not_input(file, flag, inputs or {})
     for flag, folder in (out_dirs or {}).items():
         check_output_dir(folder, flag)
     for flag, file in (out_files or {}).items():

@@ -184,7 +184,7 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--cuda-graph", action="store_true",
                    help="TensorRT: replay the static dense engine from a captured CUDA graph")
     a = p.parse_args(argv)
-    preflight(out_files={"--json": a.json_out})  # before anything is loaded or timed
+    preflight(out_files={"--json": a.json_out}, inputs={"PATH": a.path})  # before anything is loaded or timed
     from sepsnet.engines.predictor import PanopticPredictor
 
     path = Path(a.path)

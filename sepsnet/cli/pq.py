@@ -38,7 +38,9 @@ def _jsonable(results: dict) -> dict:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    preflight(out_files={"--json-out": args.json_out})  # before the PNGs are read
+    preflight(out_files={"--json-out": args.json_out},  # before the PNGs are read
+              inputs={"--gt-json": args.gt_json, "--pred-json": args.pred_json, "--gt-folder": args.gt_folder,
+                      "--pred-folder": args.pred_folder})
     t0 = time.perf_counter()
     ratios = (None, args.dilation_ratio) if args.boundary else (None,)
     summaries = pq_compute_files_multi(args.gt_json, args.pred_json, args.gt_folder, args.pred_folder,
