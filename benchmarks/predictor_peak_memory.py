@@ -48,7 +48,7 @@ def main() -> int:
               "rss_before_frame_mib": round(before, 1), "peak_rss_mib": round(peak, 1),
               "seconds": round(seconds, 2), "instances": res.num_instances, "segments": len(res.segments_info),
               "mask_crop_mpx": round(sum(max(0, x1 - x0) * max(0, y1 - y0) for x0, y0, x1, y1 in res.masks.regions)
-                                     / 1e6, 1) if res.masks is not None else 0}
+                                     / 1e6, 1) if getattr(res, "masks", None) is not None else 0}
     print(json.dumps(result, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2))
