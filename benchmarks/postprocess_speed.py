@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ from sepsnet.config import SEPSNetConfig, load_config
 from sepsnet.fileio import atomic_write_json
 from sepsnet.postprocess.candidates import level_sizes
 from sepsnet.postprocess.pipeline import panoptic_inference
+from sepsnet.postprocess.timing import StageTimer
 
 
 def make_dense(h: int, w: int, num_instances: int, device: str, seed: int = 0) -> dict:
@@ -68,8 +70,6 @@ def blob_instances(bases, p3, rois, attention):
 
 def time_r50_model(h: int, w: int, num_instances: int, repeats: int) -> dict:
     """Median CPU seconds of the SE-PSNet R-50 deploy model: dense graph and instance graph."""
-    from pathlib import Path
-
     from sepsnet.model.sepsnet import SEPSNet
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco_r101.yaml")
@@ -110,26 +110,53 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip timing the SE-PSNet R-50 model (the 10%% target needs it)")
     p.add_argument("--reference-repeats", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--compare-before", action="store_true",
+                   help="also time the pre-issue-13 implementation (tests/_reference_postprocess.py) side by side")
     a = p.parse_args(argv)
     cfg = SEPSNetConfig()
     cfg.postprocess.max_instances = a.instances
     dense = make_dense(a.height, a.width, a.instances, a.device)
     sizes = [((a.height, a.width), (a.height, a.width))]
-    panoptic_inference(dense, blob_instances, sizes, cfg)  # warm-up
+
+    def timed_run() -> tuple:
+        timer = StageTimer(enabled=True, device=a.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        (res,) = panoptic_inference(dense, blob_instances, sizes, cfg, timer=timer)
+        return res, {**res.timings, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+    timed_run()  # warm-up
     runs = []
     for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        (res,) = panoptic_inference(dense, blob_instances, sizes, cfg)
-        wall = time.perf_counter() - t0
-        runs.append({**res.timings, "wall": wall})
+        res, t = timed_run()
+        runs.append(t)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med["postprocess_excl_instance_engine"] = med["wall"] - med["instances"]
+    before = None
+    if a.compare_before:  # the pre-issue-13 implementation (tests/_reference_postprocess.py), same inputs
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import _reference_postprocess as old
+
+        (ref,) = old.panoptic_inference(dense, blob_instances, sizes, cfg)  # warm-up
+        same = bool(torch.equal(ref.id_map.cpu(), res.id_map.cpu()) and ref.segments_info == res.segments_info)
+        walls = []
+        for _ in range(a.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            (ref,) = old.panoptic_inference(dense, blob_instances, sizes, cfg)
+            walls.append({**ref.timings, "wall": time.perf_counter() - t0, "cpu": time.process_time() - c0})
+        bmed = {k: statistics.median(r[k] for r in walls) for k in walls[0]}
+        bpost = bmed["wall"] - bmed["instances"]
+        before = {"median_seconds": {k: round(v, 5) for k, v in bmed.items()},
+                  "postprocess_excl_instance_engine": round(bpost, 5), "identical_output": same,
+                  "speedup": round(bpost / med["postprocess_excl_instance_engine"], 2),
+                  "cpu_seconds_ratio": round(bmed["cpu"] / med["cpu"], 2)}
     report = {
         "size": [a.height, a.width], "device": a.device, "torch_threads": torch.get_num_threads(),
         "instances_kept": res.num_instances, "segments": len(res.segments_info), "repeats": a.repeats,
         "median_seconds": {k: round(v, 5) for k, v in med.items()},
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
     }
+    if before is not None:
+        report["before_issue13"] = before
     if not a.no_reference:
         ref = time_r50_model(a.height, a.width, a.instances, a.reference_repeats)
         post = med["postprocess_excl_instance_engine"]

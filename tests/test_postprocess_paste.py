@@ -30,7 +30,8 @@ def _reference(prob, box, h, w, thr):
 
 
 def test_ones_mask_fills_integer_box_exactly():
-    boxes = torch.tensor([[3.0, 5.0, 40.0, 17.0], [0.0, 0.0, 64.0, 48.0], [60.0, 40.0, 200.0, 90.0], [10, 10, 11, 12.0]])
+    boxes = torch.tensor([[3.0, 5.0, 40.0, 17.0], [0.0, 0.0, 64.0, 48.0], [60.0, 40.0, 200.0, 90.0],
+                          [10, 10, 11, 12.0]])
     m = paste_masks(torch.ones(4, 56, 56), boxes, (48, 64), 0.5)
     for k, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
         ref = torch.zeros(48, 64, dtype=torch.bool)

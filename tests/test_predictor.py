@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _samples import COCO_IMAGES
 
 from sepsnet.config import load_config, parse_overrides
 from sepsnet.data.coco_panoptic import read_rgb
 from sepsnet.engines.predictor import PanopticPredictor
 from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.model import build_model
+from sepsnet.postprocess.preselect import Preselect
 from sepsnet.train.checkpoint import save_checkpoint
 
 from _compare import match_detections
@@ -46,7 +48,7 @@ def test_ort_bundle_equals_eager_on_real_photos(artifacts: tuple[Path, Path]) ->
     torch_pred = PanopticPredictor.from_checkpoint(ckpt)
     torch_pred.input_hw = ort_pred.input_hw  # same letterboxing as the static bundle
     assert ort_pred.dense.name.startswith("onnxruntime")
-    assert ort_pred.preselect == {"topk": 60, "score_thresh": 0.005, "padded": False}
+    assert ort_pred.preselect == Preselect(topk=60, score_thresh=0.005, padded=False)  # typed, from the manifest
     attention = next(o for o in ort_pred.dense.outputs if o.name == "attention")
     assert attention.shape[1] == 60 + 60 + 28 + 8 + 2  # of 448 + 112 + 28 + 8 + 2 locations at 128x224
     instances = 0
@@ -66,7 +68,15 @@ def test_ort_bundle_equals_eager_on_real_photos(artifacts: tuple[Path, Path]) ->
         assert (a.id_map != b.id_map).float().mean() < 0.005
         assert sorted((s["category_id"], s["isthing"]) for s in a.segments_info) == sorted(
             (s["category_id"], s["isthing"]) for s in b.segments_info)
-        assert set(a.timings) >= {"preprocess", "dense", "nms", "instance", "postprocess", "total"}
+        assert set(a.timings) == {"total"}  # stage timing is opt-in
+    ort_pred.timing = True
+    from sepsnet.postprocess.timing import FRAME_STAGES
+
+    frame = np.random.default_rng(1).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    timed = ort_pred(frame)
+    assert set(timed.timings) == {*FRAME_STAGES, "total"}
+    ort_pred.timing = False
+    assert torch.equal(ort_pred(frame).id_map, timed.id_map)
     assert instances > 0  # the comparison covered the instance engine
 
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from sepsnet.cli._common import nonnegative_int, positive_int, preflight, run_cli
 from sepsnet.errors import SEPSNetError
+from sepsnet.postprocess.timing import FRAME_STAGES
 
-STAGES = ("preprocess", "dense", "nms", "instance", "postprocess")
+STAGES = FRAME_STAGES  # one name per stage, as the pipeline and the predictor record them
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 DEFAULT_ONNX_HW = (512, 1024)
 ONNX_INSTANCES = 8  # instance count fed to a dynamic instance graph
@@ -210,6 +211,7 @@ def _main(argv: Sequence[str] | None) -> int:
             kind = "bundle"
             default = predictor.input_hw or (predictor.data.min_size_test, predictor.data.max_size_test)
         frame = _random_frame(a.size, default)
+        predictor.timing = True  # per-stage figures (on CUDA: a sync at each stage end)
         totals, stages = bench_loop(lambda: predictor(frame).timings, a.iters, a.warmup)
         backend = predictor.dense.name
     result = {"path": str(path), "kind": kind, **summarize(totals, stages), **environment(backend), **extra}

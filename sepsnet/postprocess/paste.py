@@ -32,13 +32,20 @@ BAND_PIXELS = 1 << 24
 
 def _interp_weights(coord0: torch.Tensor, size: torch.Tensor, pix: torch.Tensor, r: int) -> torch.Tensor:
     """(n, P, r) bilinear weights of pixels ``pix`` (P,) for boxes starting at ``coord0`` with
-    extent ``size`` (n,), zero padding outside the r mask cells."""
+    extent ``size`` (n,), zero padding outside the r mask cells: ``1 - f`` at cell ``floor(u)``,
+    ``f`` at the next one (written by scatter into zeros; the same values as the one-hot sum
+    ``(1 - f) * [cell == u0] + f * [cell == u0 + 1]``)."""
     u = (pix[None, :].to(coord0.dtype) + 0.5 - coord0[:, None]) / size.clamp(min=1e-6)[:, None] * r - 0.5  # (n, P)
     u0 = torch.floor(u)
-    f = (u - u0)[..., None]
-    u0 = u0.long()[..., None]
-    cells = torch.arange(r, device=u.device)
-    return (1.0 - f) * (cells == u0) + f * (cells == u0 + 1)
+    f = u - u0
+    u0 = u0.long()
+    # two padding cells (index 0 and r + 1) absorb taps outside the mask, then are cut off
+    out = torch.zeros((*u.shape, r + 2), dtype=u.dtype, device=u.device)
+    lo = (u0 + 1).clamp(0, r + 1)
+    hi = (u0 + 2).clamp(0, r + 1)
+    out.scatter_(2, lo[..., None], (1.0 - f)[..., None])
+    out.scatter_add_(2, hi[..., None], f[..., None])
+    return out[..., 1:r + 1]
 
 
 def paste_regions(boxes: torch.Tensor, out_hw: tuple[int, int], mask_size: int) -> torch.Tensor:

@@ -36,7 +36,9 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
         x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
         up = F.interpolate(x, scale_factor=(stride * oh / rh, stride * ow / rw), mode="bilinear",
                            align_corners=False, recompute_scale_factor=False)
-        return up[0, :, :oh, :ow].argmax(0).to(dtype)
+        # argmax over the contiguous channel axis of the channels-last result (same values, same
+        # first-maximum rule as ``up[0, :, :oh, :ow].argmax(0)``, about twice as fast)
+        return up[0].permute(1, 2, 0)[:oh, :ow].argmax(-1).to(dtype)
     # logit-map coordinate u of original pixel y: u = (y + 0.5) * (rh / oh) / stride - 0.5
     gx = (torch.arange(ow, device=dev, dtype=torch.float32) + 0.5) * (2.0 * rw / (ow * stride * ws)) - 1.0
     gy_all = (torch.arange(oh, device=dev, dtype=torch.float32) + 0.5) * (2.0 * rh / (oh * stride * hs)) - 1.0
