@@ -21,7 +21,7 @@ def _cfg(name: str = "resnet18", freeze_at: int = 0, pretrained: str | None = No
                        fpn_channels=c, num_thing_classes=3)
 
 
-def BackboneFPN(cfg: ModelConfig) -> _BackboneFPN:  # noqa: N802 - the model built from a config
+def BackboneFPN(cfg: ModelConfig) -> _BackboneFPN:
     return _BackboneFPN.from_config(cfg)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
@@ -97,9 +96,10 @@ class BackboneFPN(nn.Module):
         self.input_convention: InputConvention | None = None
         if pretrained:
             self.input_convention = load_trunk_weights(trunk, pretrained)
-            if self.input_convention.stride_in_1x1 != stride_in_1x1:
+            expected = self.input_convention.stride_in_1x1
+            if expected is not None and expected != stride_in_1x1:
                 raise ConfigError(
-                    f"{pretrained} expects model.backbone.stride_in_1x1={self.input_convention.stride_in_1x1}, "
+                    f"{pretrained} expects model.backbone.stride_in_1x1={expected}, "
                     f"the config says {stride_in_1x1}")
         self.body = trunk
         self.out_channels = int(out_channels)

@@ -45,15 +45,16 @@ FROZEN_BN_EPS = 1e-5
 
 @dataclass(frozen=True)
 class InputConvention:
-    """What a trunk's weights expect: channel order, mean/std (that order, 0..255), stride placement."""
+    """What a trunk's weights expect: channel order, mean/std (that order, 0..255), stride placement
+    (None: the file does not say, e.g. a torchvision-named state dict)."""
 
     input_format: str
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
-    stride_in_1x1: bool
+    stride_in_1x1: bool | None
 
 
-TORCHVISION = InputConvention("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), False)
+TORCHVISION = InputConvention("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), None)
 MSRA = InputConvention("BGR", (103.53, 116.28, 123.675), (1.0, 1.0, 1.0), True)
 FAIR_RESNEXT = InputConvention("BGR", (103.53, 116.28, 123.675), (57.375, 57.12, 58.395), False)
 
@@ -90,7 +91,8 @@ def safe_unpickle(data: bytes, path: str = "pickle") -> Any:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        msg = str(exc) if str(exc).startswith("refusing") else f"not a readable pickle ({exc})"
+        raise CheckpointError(f"{path}: {msg}") from None
     except Exception as exc:  # truncated or not a pickle
         raise CheckpointError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     _check_plain(obj)
@@ -248,10 +250,11 @@ def apply_input_convention(cfg: Any) -> list[str]:
     for key, value in wanted.items():
         if current[key] != value:
             changes.append(f"{key}: {current[key]} -> {value} (expected by {os.path.basename(path)})")
-    if b.stride_in_1x1 != conv.stride_in_1x1:
+    if conv.stride_in_1x1 is not None and b.stride_in_1x1 != conv.stride_in_1x1:
         changes.append(f"model.backbone.stride_in_1x1: {b.stride_in_1x1} -> {conv.stride_in_1x1} "
                        f"(expected by {os.path.basename(path)})")
     cfg.data = replace(d, input_format=conv.input_format, pixel_mean=list(conv.pixel_mean),
                        pixel_std=list(conv.pixel_std))
-    cfg.model.backbone = replace(b, stride_in_1x1=conv.stride_in_1x1)
+    if conv.stride_in_1x1 is not None:
+        cfg.model.backbone = replace(b, stride_in_1x1=conv.stride_in_1x1)
     return changes

@@ -84,8 +84,9 @@ class Trainer:
                   f"{cfg.solver.batch_size // self.dist.world_size} images per process on {self.device.type}")
 
     # -- state -------------------------------------------------------------------------
-    def resume_or_load(self, resume: bool, weights: str | None = None) -> None:
-        """``resume``: continue from ``out_dir/last_checkpoint``; ``weights``: init only.
+    def resume_or_load(self, resume: bool, weights: str | None = None, partial: bool = False) -> None:
+        """``resume``: continue from ``out_dir/last_checkpoint``; ``weights``: init only, strict
+        unless ``partial`` (then missing/unexpected/reshaped weights are listed and skipped).
 
         On resume, ``metrics.jsonl`` lines past the resumed iteration (written after the last
         checkpoint by a run that crashed) are dropped, and TensorBoard purges those steps.
@@ -97,7 +98,7 @@ class Trainer:
             self._load_state(path)
         elif weights:
             ckpt = load_checkpoint(weights)
-            load_model_weights(self.model, ckpt["model"], weights, strict=False)
+            load_model_weights(self.model, ckpt["model"], weights, strict=not partial)
         if resume:
             self._purge_step = self.iteration + 1
             if self.dist.is_main:
