@@ -298,3 +298,51 @@ def test_cli_convert_then_strict_load_and_meta(tmp_path: Path) -> None:
     bad.write_text(json.dumps(cats[:4]))
     assert convert_main([str(path), "--out", str(tmp_path / "x.pt"), "--meta", str(bad)]) == 2
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_converted_model_exports_and_runtime_follows_bgr(tmp_path: Path) -> None:
+    """The converted checkpoint exports like any other; the bundle carries BGR / std 1 and the
+    predictor's preprocessing (both paths) feeds BGR, mean-subtracted pixels; ORT matches eager."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from sepsnet.cli.export import main as export_main
+    from sepsnet.engines.predictor import PanopticPredictor
+    from sepsnet.export.strip import build_deploy_model
+    from sepsnet.model.fcos_head import Preselect
+
+    src = blendmask_r50_panoptic_state(11)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": dict(src)}, path)
+    ckpt_path = tmp_path / "converted.pt"
+    assert convert_main([str(path), "--out", str(ckpt_path)]) == 0
+    out = tmp_path / "bundle"
+    assert export_main([str(ckpt_path), "--out", str(out), "--onnx-only", "--height", "64", "--width", "64"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["input_format"] == "BGR" and manifest["input"]["pixel_std"] == [1.0, 1.0, 1.0]
+
+    pred = PanopticPredictor.from_bundle(out, backend="ort")
+    frame = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # RGB
+    expect = (torch.from_numpy(frame[..., ::-1].copy()).permute(2, 0, 1).float()
+              - torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1))
+    for where in ("opencv", "device"):
+        pred.preprocess_on = where
+        got, _ = pred.preprocess(frame)
+        torch.testing.assert_close(got[0], expect, atol=1e-4, rtol=0, msg=where)
+        got_bgr, _ = pred.preprocess(np.ascontiguousarray(frame[..., ::-1]), bgr=True)
+        torch.testing.assert_close(got_bgr[0], expect, atol=1e-4, rtol=0, msg=where)
+
+    ckpt = load_checkpoint(ckpt_path)
+    model, _ = build_deploy_model(checkpoint_config(ckpt, ckpt_path), ckpt["model"], str(ckpt_path))
+    image = expect[None]
+    preselect = Preselect(**manifest["preselect"]) if manifest.get("preselect") else None
+    with torch.no_grad():
+        ref = model.eval().forward_dense(image, preselect)
+    session = ort.InferenceSession(str(out / "dense.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for name, value in zip(names, session.run(names, {"image": image.numpy()})):
+        if name in ref:
+            got, want = torch.from_numpy(value), ref[name]
+            assert got.shape == want.shape, name
+            scale = want.abs().max().item()
+            assert (got - want).abs().max().item() <= 1e-4 * scale + 1e-5, (name, (got - want).abs().max(), scale)
