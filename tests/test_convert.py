@@ -45,25 +45,29 @@ class Source(dict):
             self[name + ".running_var"] = 0.5 + torch.rand(c, generator=self.g)
 
 
-def detectron2_r50_fpn(src: Source, with_p2: bool = True) -> None:
-    """build_fcos_resnet_fpn_backbone: ResNet (FrozenBN, stats stored) + FPN + top_block p6/p7 from P5."""
+def detectron2_r50_fpn(src: Source, with_p2: bool = True, basic: bool = False) -> None:
+    """build_fcos_resnet_fpn_backbone: ResNet (FrozenBN, stats stored) + FPN + top_block p6/p7 from P5.
+    ``basic``: the R-18 layout (BasicBlock conv1/conv2, shortcut where the shape changes)."""
     bu = "backbone.bottom_up."
     src.conv(bu + "stem.conv1", 64, 3, 7)
     src.norm(bu + "stem.conv1.norm", 64, stats=True)
     cin = 64
     for stage in (2, 3, 4, 5):
         w = WIDTH[stage]
-        for i in range(BLOCKS[stage]):
+        cout = w if basic else 4 * w
+        for i in range(2 if basic else BLOCKS[stage]):
             p = f"{bu}res{stage}.{i}."
-            if i == 0:
-                src.conv(p + "shortcut", 4 * w, cin, 1)
-                src.norm(p + "shortcut.norm", 4 * w, stats=True)
-            for k, (co, ci, ks) in enumerate(((w, cin if i == 0 else 4 * w, 1), (w, w, 3), (4 * w, w, 1)), 1):
+            if i == 0 and cin != cout:
+                src.conv(p + "shortcut", cout, cin, 1)
+                src.norm(p + "shortcut.norm", cout, stats=True)
+            first = cin if i == 0 else cout
+            convs = ((w, first, 3), (w, w, 3)) if basic else ((w, first, 1), (w, w, 3), (cout, w, 1))
+            for k, (co, ci, ks) in enumerate(convs, 1):
                 src.conv(f"{p}conv{k}", co, ci, ks)
                 src.norm(f"{p}conv{k}.norm", co, stats=True)
-        cin = 4 * w
+        cin = cout
     for level in (2, 3, 4, 5) if with_p2 else (3, 4, 5):
-        src.conv(f"backbone.fpn_lateral{level}", FPN, 4 * WIDTH[level], 1, bias=True)
+        src.conv(f"backbone.fpn_lateral{level}", FPN, WIDTH[level] * (1 if basic else 4), 1, bias=True)
         src.conv(f"backbone.fpn_output{level}", FPN, FPN, 3, bias=True)
     src.conv("backbone.top_block.p6", FPN, FPN, 3, bias=True)
     src.conv("backbone.top_block.p7", FPN, FPN, 3, bias=True)
@@ -111,7 +115,7 @@ def blendmask_panoptic(src: Source, num_bases: int, basis_norm: str, sepsnet: bo
     src.conv("panoptic_module.predictor", STUFF_CLASSES + 1, STUFF, 1, bias=True)
     if sepsnet:
         src.conv("panoptic_module.contour_predictor", 1, STUFF, 3, bias=True)
-        for i, (co, ci, s) in enumerate(((256, FPN + num_bases + 1, 1), (128, 256, 1), (32, 128, 1), (8, 32, 2))):
+        for i, (co, ci) in enumerate(((256, FPN + num_bases + 1), (128, 256), (32, 128), (8, 32))):  # last: stride 2
             src.conv(f"blender.iou_head.tower.{i}.0", co, ci, 3, bias=True)
         src["blender.iou_head.tower.5.weight"] = src._r(56, 8 * 7 * 7)
         src["blender.iou_head.tower.5.bias"] = src._r(56)
@@ -121,10 +125,11 @@ def blendmask_panoptic(src: Source, num_bases: int, basis_norm: str, sepsnet: bo
         src.conv("blender.contour_aux_head.tower.1", 1, 1, 1, bias=True)
 
 
-def blendmask_r50_panoptic_state(seed: int = 0) -> Source:
-    """AdelaiDet configs/BlendMask/Panoptic/R_50_3x.yaml layout (USE_SCALE False, SyncBN basis module)."""
+def blendmask_r50_panoptic_state(seed: int = 0, basic: bool = False) -> Source:
+    """AdelaiDet configs/BlendMask/Panoptic/R_50_3x.yaml layout (USE_SCALE False, SyncBN basis module);
+    ``basic``: with a detectron2 R-18 trunk instead (fast export test)."""
     src = Source(seed)
-    detectron2_r50_fpn(src)
+    detectron2_r50_fpn(src, basic=basic)
     adelaidet_fcos_head(src, use_scale=False)
     blendmask_panoptic(src, num_bases=4, basis_norm="BN", sepsnet=False)
     return src
@@ -301,8 +306,8 @@ def test_cli_convert_then_strict_load_and_meta(tmp_path: Path) -> None:
 
 
 def test_converted_model_exports_and_runtime_follows_bgr(tmp_path: Path) -> None:
-    """The converted checkpoint exports like any other; the bundle carries BGR / std 1 and the
-    predictor's preprocessing (both paths) feeds BGR, mean-subtracted pixels; ORT matches eager."""
+    """The converted checkpoint (detectron2 R-18 names) exports like any other; the bundle carries
+    BGR / std 1 and the predictor's preprocessing (both paths) feeds BGR, mean-subtracted pixels; ORT matches eager."""
     import numpy as np
     import onnxruntime as ort
 
@@ -311,7 +316,7 @@ def test_converted_model_exports_and_runtime_follows_bgr(tmp_path: Path) -> None
     from sepsnet.export.strip import build_deploy_model
     from sepsnet.model.fcos_head import Preselect
 
-    src = blendmask_r50_panoptic_state(11)
+    src = blendmask_r50_panoptic_state(11, basic=True)  # R-18 trunk keeps the export quick
     path = tmp_path / "model_final.pth"
     torch.save({"model": dict(src)}, path)
     ckpt_path = tmp_path / "converted.pt"
@@ -333,6 +338,8 @@ def test_converted_model_exports_and_runtime_follows_bgr(tmp_path: Path) -> None
         torch.testing.assert_close(got_bgr[0], expect, atol=1e-4, rtol=0, msg=where)
 
     ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["config"]["model"]["backbone"]["name"] == "resnet18"
+    assert ckpt["config"]["model"]["backbone"]["stride_in_1x1"] is False
     model, _ = build_deploy_model(checkpoint_config(ckpt, ckpt_path), ckpt["model"], str(ckpt_path))
     image = expect[None]
     preselect = Preselect(**manifest["preselect"]) if manifest.get("preselect") else None

@@ -46,7 +46,7 @@ from torch import Tensor
 from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import CheckpointError, ConfigError
 from sepsnet.model.pretrained import MSRA, InputConvention, d2_to_torchvision, safe_unpickle
-from sepsnet.model.registry import backbone_for
+from sepsnet.model.registry import BACKBONES, backbone_for
 
 
 @dataclass
@@ -201,7 +201,7 @@ def config_for(layout: Layout, base: SEPSNetConfig, convention: InputConvention 
     else:
         num_bases, attn = int(layout.num_bases or 0), int(layout.attn_size or 0)
     if stride_in_1x1 is None:  # detectron2 MSRA ResNets: on the 1x1; the ResNeXt configs set it False
-        stride_in_1x1 = not layout.backbone.startswith("resnext")
+        stride_in_1x1 = BACKBONES[layout.backbone].bottleneck and BACKBONES[layout.backbone].groups == 1
     conv = convention or MSRA  # detectron2 defaults (INPUT.FORMAT BGR, PIXEL_STD 1), kept by the authors' configs
     heads = m.heads
     if not layout.is_detector:
