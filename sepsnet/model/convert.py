@@ -360,8 +360,9 @@ def convert_state(state: dict[str, Tensor], base: SEPSNetConfig, *, partial: boo
         validate(cfg, "converted config")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    torch.manual_seed(0)
-    model = build_model(cfg)  # train layout: the train-only parts are converted too
+    with torch.random.fork_rng(devices=[]):  # reproducible initialisation of uncovered parts, caller's RNG kept
+        torch.manual_seed(0)
+        model = build_model(cfg)  # train layout: the train-only parts are converted too
     own = model.state_dict()
     out: dict[str, Tensor] = {}
     result = Conversion(state={}, config=cfg)
