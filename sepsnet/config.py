@@ -23,9 +23,16 @@ from sepsnet.errors import ConfigError
 class BackboneConfig:
     """ResNet/ResNeXt trunk (torchvision) with frozen BatchNorm."""
 
-    name: str = "resnet50"  # resnet18 | resnet50 | resnet101 | resnext101_32x8d
-    pretrained: str | None = None  # local path to a torchvision state dict; never downloaded
+    name: str = "resnet50"  # one of sepsnet.model.registry.BACKBONES
+    # local weights file, never downloaded: a torchvision state dict (.pth/.pt) or a detectron2
+    # model-zoo backbone (R-50.pkl, R-101.pkl, X-101-32x8d.pkl); see README "Pretrained backbones"
+    pretrained: str | None = None
     freeze_at: int = 2  # 0 = train everything, 1 = freeze stem, 2 = stem + res2
+    # stride-2 on the 1x1 conv of each bottleneck (MSRA/caffe2 ResNets, detectron2 STRIDE_IN_1X1);
+    # false = on the 3x3 conv (torchvision, FAIR ResNeXt)
+    stride_in_1x1: bool = False
+    # freeze_at > 0 with no pretrained weights freezes random layers; refused unless this is true
+    allow_random_frozen: bool = False
 
 
 @dataclass
@@ -57,10 +64,10 @@ class BlenderConfig:
 class HeadsConfig:
     """Widths and depths of the dense heads."""
 
-    stuff_channels: int = 128
-    stuff_num_convs: int = 2
+    stuff_channels: int = 128  # Panoptic FPN semantic head width (one conv per 2x upsampling)
     basis_channels: int = 128
     basis_num_convs: int = 3
+    basis_norm: str = "GN"  # GN (SE-PSNet) | BN (AdelaiDet BlendMask's SyncBN basis module)
     confidence_roi_size: int = 14
 
 
@@ -120,7 +127,10 @@ class DataConfig:
     max_size_test: int = 1333
     size_divisibility: int = 32
     random_flip: bool = True
-    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0..255
+    # channel order the network expects; pixel_mean/std are given in that order (0..255 scale).
+    # RGB + ImageNet values for torchvision weights; BGR, std 1 for detectron2 MSRA weights
+    input_format: str = "RGB"  # RGB | BGR
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     num_workers: int = 2
     skip_bad: bool = False
@@ -243,32 +253,19 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 def validate(cfg: SEPSNetConfig, where: str = "config") -> SEPSNetConfig:
     """Semantic checks that types alone cannot express."""
-    m = cfg.model
-    backbones = {"resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d"}
-    if m.backbone.name not in backbones:
-        raise ConfigError(f"{where}: model.backbone.name {m.backbone.name!r} not in {sorted(backbones)}")
-    if m.backbone.pretrained and not os.path.isfile(m.backbone.pretrained):
-        raise ConfigError(f"{where}: model.backbone.pretrained file not found: {m.backbone.pretrained}")
-    if len(m.fcos.strides) != 5 or len(m.fcos.sizes_of_interest) != 4:
-        raise ConfigError(f"{where}: model.fcos needs 5 strides (P3..P7) and 4 sizes_of_interest")
-    if m.num_thing_classes < 1 or m.num_stuff_classes < 0:
-        raise ConfigError(f"{where}: model.num_thing_classes must be >= 1, num_stuff_classes >= 0")
-    if m.blender.num_bases < 1 or m.blender.attn_size < 1 or m.blender.mask_size < 1:
-        raise ConfigError(f"{where}: model.blender sizes must be positive")
+    validate_model(cfg.model, where)
     if cfg.data.format not in ("coco_panoptic", "cityscapes"):
         raise ConfigError(f"{where}: data.format must be coco_panoptic or cityscapes, got {cfg.data.format!r}")
     if len(cfg.data.min_size_train) not in (1, 2):
         raise ConfigError(f"{where}: data.min_size_train must be [size] or [lo, hi]")
     if len(cfg.data.pixel_mean) != 3 or len(cfg.data.pixel_std) != 3:
         raise ConfigError(f"{where}: data.pixel_mean/pixel_std need 3 values")
+    if cfg.data.input_format not in ("RGB", "BGR"):
+        raise ConfigError(f"{where}: data.input_format must be RGB or BGR, got {cfg.data.input_format!r}")
+    if any(v <= 0 for v in cfg.data.pixel_std):
+        raise ConfigError(f"{where}: data.pixel_std values must be > 0, got {cfg.data.pixel_std}")
     if cfg.solver.warmup_method not in ("constant", "linear"):
         raise ConfigError(f"{where}: solver.warmup_method must be constant or linear")
-    sizes = m.fcos.sizes_of_interest
-    if any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise ConfigError(f"{where}: model.fcos.sizes_of_interest must be strictly increasing, got {sizes}")
-    if m.blender.sampling_ratio < 0:
-        raise ConfigError(f"{where}: model.blender.sampling_ratio must be >= 0 (0 = adaptive), "
-                          f"got {m.blender.sampling_ratio}")
     s = cfg.solver
     for key in ("weight_decay", "weight_decay_norm", "weight_decay_bias"):
         value = getattr(s, key)
@@ -279,6 +276,58 @@ def validate(cfg: SEPSNetConfig, where: str = "config") -> SEPSNetConfig:
 
     check_values(cfg, where)  # finite numbers everywhere, solver/data/model ranges
     return cfg
+
+
+def validate_model(m: ModelConfig, where: str = "config", training: bool = False) -> ModelConfig:
+    """Every model-section check in one place (the modules themselves only take explicit values).
+    The backbone names come from the one registry, :data:`sepsnet.model.registry.BACKBONES`.
+    ``training``: also the checks for starting a training run (the pretrained file exists; no frozen
+    random layers); a config stored in a checkpoint does not need its pretrained file."""
+    from sepsnet.model.registry import BACKBONES  # torch-free module
+
+    b = m.backbone
+    if b.name not in BACKBONES:
+        raise ConfigError(f"{where}: model.backbone.name {b.name!r} not in {sorted(BACKBONES)}")
+    if b.freeze_at not in (0, 1, 2):
+        raise ConfigError(f"{where}: model.backbone.freeze_at must be 0, 1 or 2, got {b.freeze_at}")
+    if training and b.pretrained and not os.path.isfile(b.pretrained):
+        raise ConfigError(f"{where}: model.backbone.pretrained file not found: {b.pretrained}")
+    if training and b.freeze_at > 0 and not b.pretrained and not b.allow_random_frozen:
+        raise ConfigError(
+            f"{where}: model.backbone.freeze_at={b.freeze_at} freezes randomly initialised layers because "
+            f"model.backbone.pretrained is not set; point model.backbone.pretrained at local ImageNet weights "
+            f"(e.g. R-101.pkl), or set model.backbone.freeze_at=0, or model.backbone.allow_random_frozen=true")
+    if b.stride_in_1x1 and not BACKBONES[b.name].bottleneck:
+        raise ConfigError(f"{where}: model.backbone.stride_in_1x1 needs a bottleneck trunk, not {b.name}")
+    positive = {"fpn_channels": m.fpn_channels, "heads.stuff_channels": m.heads.stuff_channels,
+                "heads.basis_channels": m.heads.basis_channels, "blender.num_bases": m.blender.num_bases,
+                "blender.attn_size": m.blender.attn_size, "blender.mask_size": m.blender.mask_size,
+                "blender.max_train_instances": m.blender.max_train_instances}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{where}: model.{key} must be >= 1, got {value}")
+    if m.heads.basis_num_convs < 0 or m.fcos.num_convs < 0:
+        raise ConfigError(f"{where}: model.heads.basis_num_convs and model.fcos.num_convs must be >= 0")
+    if m.heads.basis_norm not in ("GN", "BN"):
+        raise ConfigError(f"{where}: model.heads.basis_norm must be GN or BN, got {m.heads.basis_norm!r}")
+    if m.heads.confidence_roi_size < 2:
+        raise ConfigError(f"{where}: model.heads.confidence_roi_size must be >= 2, got {m.heads.confidence_roi_size}")
+    if len(m.fcos.strides) != 5 or len(m.fcos.sizes_of_interest) != 4:
+        raise ConfigError(f"{where}: model.fcos needs 5 strides (P3..P7) and 4 sizes_of_interest")
+    if list(m.fcos.strides) != [8, 16, 32, 64, 128]:
+        raise ConfigError(f"{where}: model.fcos.strides must be [8, 16, 32, 64, 128] (the P3..P7 strides of "
+                          f"the backbone), got {m.fcos.strides}")
+    if not 0.0 < m.fcos.prior_prob < 1.0:
+        raise ConfigError(f"{where}: model.fcos.prior_prob must be in (0, 1), got {m.fcos.prior_prob}")
+    if m.num_thing_classes < 1 or m.num_stuff_classes < 0:
+        raise ConfigError(f"{where}: model.num_thing_classes must be >= 1, num_stuff_classes >= 0")
+    sizes = m.fcos.sizes_of_interest
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(f"{where}: model.fcos.sizes_of_interest must be strictly increasing, got {sizes}")
+    if m.blender.sampling_ratio < 0:
+        raise ConfigError(f"{where}: model.blender.sampling_ratio must be >= 0 (0 = adaptive), "
+                          f"got {m.blender.sampling_ratio}")
+    return m
 
 
 _UNIT_INTERVAL = ("score_thresh", "nms_thresh", "alpha", "dedup_iou", "mask_thresh", "overlap_thresh",

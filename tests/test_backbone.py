@@ -11,7 +11,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sepsnet.config import BackboneConfig, ModelConfig
 from sepsnet.errors import CheckpointError, ConfigError, FrameError
-from sepsnet.model.backbone import BackboneFPN
+from sepsnet.model.backbone import BackboneFPN as _BackboneFPN
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6", "p7")
 
@@ -21,8 +21,12 @@ def _cfg(name: str = "resnet18", freeze_at: int = 0, pretrained: str | None = No
                        fpn_channels=c, num_thing_classes=3)
 
 
+def BackboneFPN(cfg: ModelConfig) -> _BackboneFPN:
+    return _BackboneFPN.from_config(cfg)
+
+
 @pytest.fixture(scope="module")
-def r18() -> BackboneFPN:
+def r18() -> _BackboneFPN:
     torch.manual_seed(0)
     return BackboneFPN(_cfg())
 
@@ -36,7 +40,7 @@ def _expected_sizes(h: int, w: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 128, 256), (2, 3, 480, 640), (1, 3, 97, 130)])
-def test_level_shapes(r18: BackboneFPN, shape: tuple[int, int, int, int]) -> None:
+def test_level_shapes(r18: _BackboneFPN, shape: tuple[int, int, int, int]) -> None:
     with torch.no_grad():
         feats = r18(torch.randn(*shape))
     assert list(feats) == list(LEVELS)
@@ -56,7 +60,7 @@ def test_bottleneck_trunk_channels() -> None:
     assert feats["p2"].shape == (1, 32, 16, 24) and feats["p7"].shape == (1, 32, 1, 1)
 
 
-def test_frozen_batchnorm_really_frozen(r18: BackboneFPN) -> None:
+def test_frozen_batchnorm_really_frozen(r18: _BackboneFPN) -> None:
     bns = [m for m in r18.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert len(bns) > 10
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in r18.modules())
@@ -126,7 +130,7 @@ def test_pretrained_errors(tmp_path: Path) -> None:
         BackboneFPN(_cfg(pretrained=str(garbage)))
 
 
-def test_bad_inputs(r18: BackboneFPN) -> None:
+def test_bad_inputs(r18: _BackboneFPN) -> None:
     with pytest.raises(FrameError, match=r"\(N,3,H,W\)"):
         r18(torch.randn(1, 1, 64, 64))
     with pytest.raises(ConfigError, match="backbone.name"):

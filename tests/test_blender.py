@@ -73,14 +73,14 @@ def test_blender_matches_loop_reference(k, m, r):
                          [1, 70.0, 50.0, 110.0, 90.0],  # past the bottom-right border
                          [0, 33.3, 40.0, 34.0, 41.0]])  # tiny
     attn = torch.randn(4, k * m * m, generator=g)
-    got = Blender(_cfg(k, m, r))(bases, rois, attn)
+    got = Blender.from_config(_cfg(k, m, r))(bases, rois, attn)
     assert got.shape == (4, r, r) and got.dtype == torch.float32
     ref = reference_blend(bases, rois, attn, k, m, r)
     assert torch.allclose(got.double(), ref, atol=1e-5), (got.double() - ref).abs().max()
 
 
 def test_blender_zero_instances():
-    out = Blender(_cfg())(torch.randn(1, 3, 8, 8), torch.zeros(0, 5), torch.zeros(0, 75))
+    out = Blender.from_config(_cfg())(torch.randn(1, 3, 8, 8), torch.zeros(0, 5), torch.zeros(0, 75))
     assert out.shape == (0, 12, 12)
 
 
@@ -93,10 +93,10 @@ def test_fused_flag_falls_back_with_a_warning_when_unavailable():
         available = False
     bases, rois = torch.randn(1, 3, 8, 8), torch.tensor([[0, 1.0, 2.0, 20.0, 25.0]])
     attn = torch.randn(1, 75)
-    plain = Blender(_cfg())(bases, rois, attn)
+    plain = Blender.from_config(_cfg())(bases, rois, attn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused = Blender(_cfg(fused=True))(bases, rois, attn)
+        fused = Blender.from_config(_cfg(fused=True))(bases, rois, attn)
     assert torch.allclose(plain, fused, atol=1e-5)
     if not available:
         assert any("roi_blend" in str(w.message) for w in caught)

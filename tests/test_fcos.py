@@ -42,7 +42,7 @@ def test_group_norm_groups() -> None:
     assert group_norm_groups(256) == 32 and group_norm_groups(64) == 32
     assert group_norm_groups(24) == 12 and group_norm_groups(48) == 24 and group_norm_groups(16) == 8
     assert group_norm_groups(7) == 1
-    FCOSHead(_cfg(c=24))(_features(1, 64, 64, c=24))  # narrow FPN, 1x1 P7, batch 1, train mode
+    FCOSHead.from_config(_cfg(c=24))(_features(1, 64, 64, c=24))  # narrow FPN, 1x1 P7, batch 1, train mode
 
 
 def test_compute_locations_formula() -> None:
@@ -55,7 +55,7 @@ def test_compute_locations_formula() -> None:
 def test_head_outputs_and_init() -> None:
     torch.manual_seed(0)
     cfg = _cfg()
-    head = FCOSHead(cfg)
+    head = FCOSHead.from_config(cfg)
     feats = _features(2, 100, 130)
     out = head(feats)
     for level, f in enumerate(feats):
@@ -174,7 +174,7 @@ def test_empty_and_bad_targets() -> None:
 
 def _run_head(cfg: ModelConfig, n: int, h: int, w: int) -> tuple[FCOSHead, dict, list[torch.Tensor]]:
     torch.manual_seed(0)
-    head = FCOSHead(cfg)
+    head = FCOSHead.from_config(cfg)
     feats = _features(n, h, w)
     return head, head(feats), compute_locations(feats, STRIDES)
 
@@ -231,7 +231,7 @@ def test_losses_without_positives() -> None:
 def test_small_overfit_lowers_loss() -> None:
     torch.manual_seed(0)
     cfg = _cfg(c=32)
-    backbone, head = BackboneFPN(cfg), FCOSHead(cfg)
+    backbone, head = BackboneFPN.from_config(cfg), FCOSHead.from_config(cfg)
     params = [p for p in list(backbone.parameters()) + list(head.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     image = torch.zeros(1, 3, 128, 128)
@@ -257,7 +257,7 @@ def test_small_overfit_lowers_loss() -> None:
 class _Dense(torch.nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.backbone, self.head = BackboneFPN(cfg), FCOSHead(cfg)
+        self.backbone, self.head = BackboneFPN.from_config(cfg), FCOSHead.from_config(cfg)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.backbone(images)

@@ -13,7 +13,7 @@ from sepsnet.model.stuff_head import StuffHead
 
 def _cfg(**components) -> ModelConfig:
     return ModelConfig(fpn_channels=16, num_thing_classes=3, num_stuff_classes=4,
-                       heads=HeadsConfig(stuff_channels=16, stuff_num_convs=1, basis_channels=16,
+                       heads=HeadsConfig(stuff_channels=16, basis_channels=16,
                                          basis_num_convs=1),
                        components=ComponentsConfig(**components))
 
@@ -28,15 +28,15 @@ def test_head_shapes(hw):
     h, w = hw
     cfg = _cfg()
     p2, p3, p4, p5 = _fpn(h, w)
-    logits, sil = StuffHead(cfg)([p2, p3, p4, p5])
+    logits, sil = StuffHead.from_config(cfg)([p2, p3, p4, p5])
     assert logits.shape == (1, 5, p2.shape[2], p2.shape[3]) and logits.dtype == torch.float32
     assert sil.shape == (1, 1, p2.shape[2], p2.shape[3])
-    bases, sem = BasisHead(cfg)([p3, p4, p5], p2)
+    bases, sem = BasisHead.from_config(cfg)([p3, p4, p5], p2)
     assert bases.shape == (1, 5, p2.shape[2], p2.shape[3])  # K=4 + silhouette basis
     assert sem.shape == (1, 4, p3.shape[2], p3.shape[3])
     rois = torch.tensor([[0, 10.0, 20.0, 200.0, 120.0], [0, 0.0, 0.0, 32.0, 32.0]])
     probs = torch.rand(2, 56, 56)
-    raw = ConfidenceHead(cfg)(p3, bases, rois, probs)
+    raw = ConfidenceHead.from_config(cfg)(p3, bases, rois, probs)
     assert raw.shape == (2, 2)
     iou, s = ConfidenceHead.scores(raw)
     assert ((iou > 0) & (iou < 1)).all() and torch.allclose(s * s, torch.sigmoid(raw[:, 1]))
@@ -45,11 +45,11 @@ def test_head_shapes(hw):
 def test_deploy_and_components_off_build_no_aux():
     cfg = _cfg(silhouette_stuff=False, silhouette_feature=False)
     p2, p3, p4, p5 = _fpn(64, 64)
-    assert StuffHead(cfg)([p2, p3, p4, p5])[1] is None
-    bases, _ = BasisHead(cfg)([p3, p4, p5], p2)
+    assert StuffHead.from_config(cfg)([p2, p3, p4, p5])[1] is None
+    bases, _ = BasisHead.from_config(cfg)([p3, p4, p5], p2)
     assert bases.shape[1] == 4
-    assert StuffHead(_cfg(), deploy=True).silhouette is None
-    assert BasisHead(_cfg(), deploy=True).semantic is None
+    assert StuffHead.from_config(_cfg(), deploy=True).silhouette is None
+    assert BasisHead.from_config(_cfg(), deploy=True).semantic is None
 
 
 def test_stuff_and_basis_losses():
@@ -61,13 +61,13 @@ def test_stuff_and_basis_losses():
     stuff[40:] = 2
     stuff[masks[0].bool()] = 4
     stuff[60:] = 255
-    head = StuffHead(cfg)
+    head = StuffHead.from_config(cfg)
     logits, sil = head([p2, p3, p4, p5])
     losses = head.losses(logits, sil, stuff[None])
     assert set(losses) == {"loss_stuff", "loss_stuff_silhouette"}
     all_ignored = head.losses(logits, sil, torch.full((1, 64, 64), 255))
     assert all_ignored["loss_stuff"].item() == 0.0
-    basis = BasisHead(cfg)
+    basis = BasisHead.from_config(cfg)
     bases, sem = basis([p3, p4, p5], p2)
     tg = [dict(masks=masks, classes=torch.tensor([2]), stuff=stuff)]
     bl = basis.losses(bases, sem, tg)
@@ -196,7 +196,7 @@ def test_mask_loss_values_by_hand():
 
 def test_confidence_head_architecture():
     cfg = _cfg()
-    head = ConfidenceHead(cfg)
+    head = ConfidenceHead.from_config(cfg)
     convs = [m for m in head.convs if isinstance(m, torch.nn.Conv2d)]
     # input: FPN channels + K bases + silhouette basis + mask probabilities
     assert convs[0].in_channels == cfg.fpn_channels + cfg.blender.num_bases + 1 + 1
@@ -205,4 +205,4 @@ def test_confidence_head_architecture():
     fcs = [m for m in head.fc if isinstance(m, torch.nn.Linear)]
     assert [(f.in_features, f.out_features) for f in fcs] == [(8 * 7 * 7, 56), (56, 2)]
     # without the silhouette basis there is one channel less
-    assert ConfidenceHead(_cfg(silhouette_feature=False)).convs[0].in_channels == cfg.fpn_channels + 4 + 1
+    assert ConfidenceHead.from_config(_cfg(silhouette_feature=False)).convs[0].in_channels == cfg.fpn_channels + 4 + 1

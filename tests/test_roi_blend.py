@@ -162,13 +162,13 @@ def test_blender_module_uses_fused_op(monkeypatch):
     wrapper = _spy(monkeypatch, rb, "roi_blend")
     native = _spy(monkeypatch, torch.ops.sepsnet, "roi_blend")
     with torch.no_grad():
-        got = Blender(cfg)(extra, rois, attention.flatten(1))
+        got = Blender.from_config(cfg)(extra, rois, attention.flatten(1))
     assert len(wrapper) == 1 and len(native) == 1, "blender.fused=True must run the native op"
     assert native[0][0].shape == bases.shape  # only the K blend bases, not the silhouette basis
     torch.testing.assert_close(got, blend(bases, rois, attention, 56, 0.25, 1), atol=TOL, rtol=0)
     cfg.blender.fused = False
     with torch.no_grad():
-        Blender(cfg)(extra, rois, attention.flatten(1))
+        Blender.from_config(cfg)(extra, rois, attention.flatten(1))
     assert len(wrapper) == 1 and len(native) == 1, "blender.fused=False must not use the native op"
 
 
@@ -243,11 +243,11 @@ def test_fused_blender_trains_through_the_pytorch_path(monkeypatch):
     attn = attention.flatten(1).clone().requires_grad_(True)
     wrapper = _spy(monkeypatch, rb, "roi_blend")
     native = _spy(monkeypatch, torch.ops.sepsnet, "roi_blend")
-    out = Blender(cfg)(bases, rois, attn)
+    out = Blender.from_config(cfg)(bases, rois, attn)
     out.sum().backward()
     assert not wrapper and not native, "the inference-only fused op ran although gradients were needed"
     assert bases.grad is not None and attn.grad is not None and torch.isfinite(attn.grad).all()
     with torch.no_grad():  # the same module, no gradients needed: now it is fused
-        Blender(cfg)(bases, rois, attn)
+        Blender.from_config(cfg)(bases, rois, attn)
     assert len(native) == 1
     torch.testing.assert_close(out.detach(), blend(bases.detach(), rois, attention, 56, 0.25, 1), atol=TOL, rtol=0)

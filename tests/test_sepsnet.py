@@ -20,7 +20,7 @@ def _cfg(**components) -> ModelConfig:
                        num_thing_classes=3, num_stuff_classes=2,
                        fcos=FCOSConfig(num_convs=1, sizes_of_interest=[32, 64, 128, 256]),
                        blender=BlenderConfig(max_train_instances=12),
-                       heads=HeadsConfig(stuff_channels=16, stuff_num_convs=1, basis_channels=16,
+                       heads=HeadsConfig(stuff_channels=16, basis_channels=16,
                                          basis_num_convs=1),
                        components=ComponentsConfig(**components))
 

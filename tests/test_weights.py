@@ -46,7 +46,7 @@ def test_shape_mismatch_non_strict_drops_with_warning(caplog: pytest.LogCaptureF
 
 
 def test_weights_from_another_config() -> None:
-    """--weights (strict=False) from a model with other class counts: the heads are dropped."""
+    """--weights-partial (strict=False) from a model with other class counts: the heads are dropped."""
     base = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
     other = load_config(ROOT / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides(
         [f"model.num_thing_classes={base.model.num_thing_classes + 2}",
@@ -58,3 +58,33 @@ def test_weights_from_another_config() -> None:
     own = dst.state_dict()
     same = [k for k, v in src.state_dict().items() if v.shape == own[k].shape]
     assert len(same) < len(own) and all(torch.equal(own[k], src.state_dict()[k]) for k in same)
+
+
+def test_train_weights_strict_names_unrelated_keys(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """sepsnet-train --weights refuses a checkpoint whose names match nothing (even with
+    --weights-partial) and one with extra keys unless --weights-partial, naming them."""
+    from sepsnet.cli.train import main
+    from sepsnet.data.synthetic import generate
+    from sepsnet.model.weights import FORMAT
+
+    generate(tmp_path / "syn", 2, 0, seed=1, size=64)
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"format": FORMAT, "model": {"encoder.block0.weight": torch.zeros(3),
+                                            "decoder.head.bias": torch.zeros(2)}}, unrelated)
+    args = ["--config", str(ROOT / "configs" / "tiny_synthetic.yaml"), "--data", str(tmp_path / "syn"),
+            "--max-iter", "1", "--no-progress", "--set", "solver.batch_size=2", "data.num_workers=0",
+            "data.min_size_train=[64, 64]"]
+    for extra in ([], ["--weights-partial"]):
+        assert main([*args, "--out", str(tmp_path / "a"), "--weights", str(unrelated), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "matches none" in err and "decoder.head.bias" in err and "encoder.block0.weight" in err
+
+    cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
+    state = build_model(cfg).state_dict()
+    state["legacy.extra.weight"] = torch.zeros(1)
+    extra = tmp_path / "extra.pt"
+    torch.save({"format": FORMAT, "model": state}, extra)
+    assert main([*args, "--out", str(tmp_path / "b"), "--weights", str(extra)]) == 2
+    err = capsys.readouterr().err
+    assert "1 unexpected keys [legacy.extra.weight]" in err and "--weights-partial" in err
+    assert main([*args, "--out", str(tmp_path / "c"), "--weights", str(extra), "--weights-partial"]) == 0

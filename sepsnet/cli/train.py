@@ -19,7 +19,11 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     p.add_argument("--out", default="runs/train", help="output folder (checkpoints, metrics.jsonl, tb/)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last_checkpoint")
-    p.add_argument("--weights", default=None, help="initialise the model from this checkpoint")
+    p.add_argument("--weights", default=None,
+                   help="initialise the model from this sepsnet checkpoint (every weight must match; "
+                        "detectron2/AdelaiDet models: convert with sepsnet-convert first)")
+    p.add_argument("--weights-partial", action="store_true",
+                   help="with --weights: load only the weights whose name and shape match, listing the rest")
     p.add_argument("--data", default=None, help="dataset root (overrides data.train_root/val_root)")
     p.add_argument("--max-iter", type=positive_int, default=None, help="override solver.max_iter")
     p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (and save) after this wall time")
@@ -38,7 +42,9 @@ def _main(argv: Sequence[str] | None) -> int:
     from sepsnet.config import load_config, parse_overrides
     from sepsnet.data.loader import build_dataset
     from sepsnet.data.transforms import Collate
+    from sepsnet.errors import ConfigError
     from sepsnet.model import build_model
+    from sepsnet.model.pretrained import apply_input_convention
     from sepsnet.train.trainer import Trainer
 
     overrides = parse_overrides(list(a.set))
@@ -49,9 +55,14 @@ def _main(argv: Sequence[str] | None) -> int:
     if a.max_iter is not None:
         overrides.setdefault("solver", {})["max_iter"] = a.max_iter
     cfg = load_config(a.config, overrides=overrides)
+    if a.weights_partial and not a.weights:
+        raise ConfigError("--weights-partial needs --weights")
+    for change in apply_input_convention(cfg):  # the pretrained trunk decides channel order and mean/std
+        print(f"config: {change}")
     torch.manual_seed(cfg.solver.seed)
     dataset = build_dataset(cfg, train=True)
-    model = build_model(cfg)
+    # the pretrained trunk is read unless a strict --weights load replaces every weight anyway
+    model = build_model(cfg, pretrained=not (a.weights and not a.weights_partial))
     evaluate_fn = None
     if cfg.solver.eval_period and cfg.data.val_root:
         from sepsnet.eval.evaluator import evaluate_model
@@ -62,7 +73,7 @@ def _main(argv: Sequence[str] | None) -> int:
         trainer = Trainer(cfg, model, dataset, Collate(cfg.data.size_divisibility), a.out,
                           meta=dataset.meta.to_dict(), device=a.device, evaluate_fn=evaluate_fn,
                           progress=not a.no_progress)
-        trainer.resume_or_load(a.resume, a.weights)
+        trainer.resume_or_load(a.resume, a.weights, partial=a.weights_partial)
         last = trainer.run(max_seconds=a.max_minutes * 60 if a.max_minutes else None)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

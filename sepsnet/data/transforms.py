@@ -55,8 +55,11 @@ def target_size(h: int, w: int, cfg: DataConfig, train: bool, short: int | None 
 
 
 def normalize(image_rgb: np.ndarray, cfg: DataConfig) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> (3,H,W) float32 normalised with ``pixel_mean/std`` (0..255 scale)."""
+    """HxWx3 uint8 RGB -> (3,H,W) float32 in ``cfg.input_format`` channel order, normalised with
+    ``pixel_mean/std`` (given in that order, 0..255 scale)."""
     t = torch.from_numpy(np.ascontiguousarray(image_rgb)).permute(2, 0, 1).float()
+    if cfg.input_format == "BGR":
+        t = t.flip(0)
     mean = torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(cfg.pixel_std, dtype=torch.float32).view(3, 1, 1)
     return (t - mean) / std

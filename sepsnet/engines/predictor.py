@@ -167,7 +167,7 @@ class PanopticPredictor:
             self._std = torch.tensor(self.data.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._staging.numpy()[...] = frame
         img = self._staging.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
-        if bgr:
+        if bgr != (self.data.input_format == "BGR"):  # to the channel order the network expects
             img = img.flip(1)
         if (rh, rw) != tuple(frame.shape[:2]):
             img = torch.nn.functional.interpolate(img, size=(rh, rw), mode="bilinear", align_corners=False)

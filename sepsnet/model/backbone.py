@@ -1,9 +1,10 @@
 """Shared backbone (paper Sec. III-A): ResNet/ResNeXt trunk with frozen BatchNorm + FPN P2..P7.
 
 The trunk is a torchvision ResNet built with ``weights=None`` (nothing is ever downloaded)
-and :class:`torchvision.ops.misc.FrozenBatchNorm2d`. ``cfg.backbone.pretrained`` may name
-a *local* torchvision state dict (e.g. ImageNet weights saved by the user); it is loaded
-with ``torch.load(weights_only=True)``.
+and :class:`torchvision.ops.misc.FrozenBatchNorm2d`; the list of trunks is
+:data:`sepsnet.model.registry.BACKBONES`. ``pretrained`` may name a *local* torchvision state dict
+or a detectron2 model-zoo ``.pkl`` (:mod:`sepsnet.model.pretrained`); ``stride_in_1x1`` moves the
+stride-2 of each stage's first bottleneck to its 1x1 conv (MSRA/caffe2 ResNets).
 
 FPN: :class:`torchvision.ops.FeaturePyramidNetwork` on C2..C5 gives P2..P5; P6 and P7
 come from P5 as in FCOS (``LastLevelP6P7`` with P5 as input, ReLU before P7).
@@ -16,12 +17,8 @@ top-down path resizes the coarser map to the lateral's size, so odd sizes work t
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
@@ -30,15 +27,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sepsnet.config import ModelConfig
 from sepsnet.errors import CheckpointError, ConfigError, FrameError
-
-_TRUNKS: dict[str, Callable[..., torchvision.models.ResNet]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnext50_32x4d": torchvision.models.resnext50_32x4d,
-    "resnext101_32x8d": torchvision.models.resnext101_32x8d,
-}
+from sepsnet.model.pretrained import InputConvention, read_trunk_weights
+from sepsnet.model.registry import BACKBONES
 
 #: stride of each output level
 STRIDES: dict[str, int] = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64, "p7": 128}
@@ -54,26 +44,29 @@ def _stage_channels(trunk: torchvision.models.ResNet) -> list[int]:
     return out
 
 
-def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """Load a local torchvision ResNet state dict into ``trunk`` (``fc.*`` keys ignored).
+def build_trunk(name: str, stride_in_1x1: bool = False) -> torchvision.models.ResNet:
+    """The registry's torchvision trunk with FrozenBatchNorm2d, no weights, no ``fc``/``avgpool``."""
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone.name {name!r} not in {sorted(BACKBONES)}")
+    trunk = getattr(torchvision.models, BACKBONES[name].torchvision_fn)(weights=None, norm_layer=FrozenBatchNorm2d)
+    del trunk.fc
+    del trunk.avgpool
+    if stride_in_1x1:
+        for layer in (trunk.layer2, trunk.layer3, trunk.layer4):
+            first = layer[0]
+            if not hasattr(first, "conv3"):
+                raise ConfigError(f"model.backbone.stride_in_1x1 needs a bottleneck trunk, not {name}")
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    return trunk
 
-    Raises :class:`CheckpointError` for a missing/unreadable file or mismatching keys/shapes.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"backbone weights file not found: {path} (model.backbone.pretrained)")
-    try:
-        state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickled objects, ...
-        raise CheckpointError(f"cannot read backbone weights {path}: {exc}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"backbone weights {path}: expected a state dict of tensors")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    # FrozenBatchNorm2d has no num_batches_tracked; it drops that key itself on load
-    own = {k: v for k, v in trunk.state_dict().items() if not k.startswith("fc.")}
-    wanted = set(own)
-    given = {k for k in state if not k.endswith("num_batches_tracked")}
+
+def load_trunk_weights(trunk: nn.Module, path: str) -> InputConvention:
+    """Load a local torchvision state dict or detectron2 ``.pkl`` into ``trunk``; returns the input
+    convention the weights expect. Raises :class:`CheckpointError` for a missing/unreadable file or
+    mismatching keys/shapes."""
+    own = dict(trunk.state_dict())
+    state, convention = read_trunk_weights(path, set(own))
+    wanted, given = set(own), set(state)
     missing, unexpected = sorted(wanted - given), sorted(given - wanted)
     if missing or unexpected:
         raise CheckpointError(
@@ -85,36 +78,46 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> None:
            for k in sorted(wanted) if state[k].shape != own[k].shape]
     if bad:
         raise CheckpointError(f"backbone weights {path}: shape mismatch: {'; '.join(bad[:5])}")
-    trunk.load_state_dict(state, strict=False)
+    trunk.load_state_dict(state, strict=True)
+    return convention
 
 
 class BackboneFPN(nn.Module):
     """ResNet/ResNeXt + FPN -> ``{"p2": .., ..., "p7": ..}``, ``out_channels`` channels each."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, name: str, out_channels: int, freeze_at: int = 2, pretrained: str | None = None,
+                 stride_in_1x1: bool = False) -> None:
         super().__init__()
-        bcfg = cfg.backbone
-        if bcfg.name not in _TRUNKS:
-            raise ConfigError(f"model.backbone.name {bcfg.name!r} not in {sorted(_TRUNKS)}")
-        if bcfg.freeze_at not in (0, 1, 2):
-            raise ConfigError(f"model.backbone.freeze_at must be 0, 1 or 2, got {bcfg.freeze_at}")
-        if cfg.fpn_channels < 1:
-            raise ConfigError(f"model.fpn_channels must be positive, got {cfg.fpn_channels}")
-        trunk = _TRUNKS[bcfg.name](weights=None, norm_layer=FrozenBatchNorm2d)
-        if bcfg.pretrained:
-            load_trunk_weights(trunk, bcfg.pretrained)
-        del trunk.fc
-        del trunk.avgpool
+        if freeze_at not in (0, 1, 2):
+            raise ConfigError(f"model.backbone.freeze_at must be 0, 1 or 2, got {freeze_at}")
+        if out_channels < 1:
+            raise ConfigError(f"model.fpn_channels must be positive, got {out_channels}")
+        trunk = build_trunk(name, stride_in_1x1)
+        self.input_convention: InputConvention | None = None
+        if pretrained:
+            self.input_convention = load_trunk_weights(trunk, pretrained)
+            expected = self.input_convention.stride_in_1x1
+            if expected is not None and expected != stride_in_1x1:
+                raise ConfigError(
+                    f"{pretrained} expects model.backbone.stride_in_1x1={expected}, "
+                    f"the config says {stride_in_1x1}")
         self.body = trunk
-        self.out_channels = int(cfg.fpn_channels)
+        self.out_channels = int(out_channels)
         self.strides = dict(STRIDES)
         self.fpn = FeaturePyramidNetwork(
             _stage_channels(trunk),
             self.out_channels,
             extra_blocks=LastLevelP6P7(self.out_channels, self.out_channels),  # P6 from P5
         )
-        self.freeze_at = bcfg.freeze_at
-        self._freeze(bcfg.freeze_at)
+        self.freeze_at = freeze_at
+        self._freeze(freeze_at)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, load_pretrained: bool = True) -> BackboneFPN:
+        """``load_pretrained=False``: ignore ``backbone.pretrained`` (weights come from a checkpoint)."""
+        b = cfg.backbone
+        return cls(b.name, cfg.fpn_channels, b.freeze_at, b.pretrained if load_pretrained else None,
+                   b.stride_in_1x1)
 
     def _freeze(self, freeze_at: int) -> None:
         """freeze_at: 0 nothing, 1 the stem, 2 the stem and res2 (detectron2 convention)."""

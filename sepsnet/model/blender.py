@@ -41,13 +41,18 @@ class Blender(nn.Module):
     through the blend (training, or any input requiring grad) the PyTorch path runs instead.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, num_bases: int, attn_size: int, mask_size: int, sampling_ratio: int = 1,
+                 fused: bool = False) -> None:
         super().__init__()
-        b = cfg.blender
-        self.num_bases, self.attn_size, self.mask_size = b.num_bases, b.attn_size, b.mask_size
-        self.sampling_ratio = b.sampling_ratio
-        self.fused = b.fused
+        self.num_bases, self.attn_size, self.mask_size = num_bases, attn_size, mask_size
+        self.sampling_ratio = sampling_ratio
+        self.fused = fused
         self._warned = False
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Blender:
+        b = cfg.blender
+        return cls(b.num_bases, b.attn_size, b.mask_size, b.sampling_ratio, b.fused)
 
     def _fused_op(self):  # -> module or None
         if not self.fused or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():

@@ -22,14 +22,14 @@ from sepsnet.model.silhouette import dice_score
 class ConfidenceHead(nn.Module):
     """Predicts (IoU, silhouette) logits (n,2) for each instance mask."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, fpn_channels: int, num_bases_out: int, roi_size: int = 14, mask_size: int = 56,
+                 sampling_ratio: int = 1, loss_weight: float = 1.0) -> None:
+        """``num_bases_out``: channels of the basis head's output (K blend bases + silhouette basis)."""
         super().__init__()
-        b = cfg.blender
-        self.roi = cfg.heads.confidence_roi_size
-        self.mask_size = b.mask_size
-        self.sampling_ratio = b.sampling_ratio
-        n_bases = b.num_bases + (1 if cfg.components.silhouette_feature else 0)
-        cin = cfg.fpn_channels + n_bases + 1
+        self.roi = roi_size
+        self.mask_size = mask_size
+        self.sampling_ratio = sampling_ratio
+        cin = fpn_channels + num_bases_out + 1
         self.convs = nn.Sequential(
             nn.Conv2d(cin, 256, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(256, 128, 3, padding=1), nn.ReLU(inplace=True),
@@ -37,7 +37,14 @@ class ConfidenceHead(nn.Module):
             nn.Conv2d(32, 8, 3, stride=2, padding=1), nn.ReLU(inplace=True))
         side = (self.roi + 1) // 2
         self.fc = nn.Sequential(nn.Linear(8 * side * side, 56), nn.ReLU(inplace=True), nn.Linear(56, 2))
-        self.w = cfg.loss_weights.confidence
+        self.w = loss_weight
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ConfidenceHead:
+        b = cfg.blender
+        n_bases = b.num_bases + (1 if cfg.components.silhouette_feature else 0)
+        return cls(cfg.fpn_channels, n_bases, cfg.heads.confidence_roi_size, b.mask_size, b.sampling_ratio,
+                   cfg.loss_weights.confidence)
 
     def forward(self, p3: Tensor, bases: Tensor, rois: Tensor, mask_probs: Tensor) -> Tensor:
         """p3 (N,C,H/8,W/8), bases (N,K+B,H/4,W/4), rois (n,5), mask_probs (n,R,R) -> raw (n,2)."""

@@ -53,21 +53,19 @@ def _tower(channels: int, num_convs: int) -> nn.Sequential:
 class FCOSHead(nn.Module):
     """FCOS head with the BlendMask attention output; see module docstring."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, in_channels: int, num_classes: int, num_convs: int = 4, prior_prob: float = 0.01,
+                 num_bases: int = 4, attn_size: int = 14, strides: tuple[int, ...] = (8, 16, 32, 64, 128)) -> None:
         super().__init__()
-        fc = cfg.fcos
-        if fc.num_convs < 0:
-            raise ConfigError(f"model.fcos.num_convs must be >= 0, got {fc.num_convs}")
-        if not 0.0 < fc.prior_prob < 1.0:
-            raise ConfigError(f"model.fcos.prior_prob must be in (0, 1), got {fc.prior_prob}")
-        c = int(cfg.fpn_channels)
-        self.num_classes = int(cfg.num_thing_classes)
-        self.strides = [int(s) for s in fc.strides]
-        self.num_bases = int(cfg.blender.num_bases)
-        self.attn_size = int(cfg.blender.attn_size)
+        if not 0.0 < prior_prob < 1.0:
+            raise ConfigError(f"model.fcos.prior_prob must be in (0, 1), got {prior_prob}")
+        c = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.strides = [int(s) for s in strides]
+        self.num_bases = int(num_bases)
+        self.attn_size = int(attn_size)
         self.attn_len = self.num_bases * self.attn_size * self.attn_size
-        self.cls_tower = _tower(c, fc.num_convs)
-        self.bbox_tower = _tower(c, fc.num_convs)
+        self.cls_tower = _tower(c, num_convs)
+        self.bbox_tower = _tower(c, num_convs)
         self.cls_logits = nn.Conv2d(c, self.num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(c, 4, 3, padding=1)
         self.ctrness = nn.Conv2d(c, 1, 3, padding=1)
@@ -77,7 +75,13 @@ class FCOSHead(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.constant_(m.bias, 0.0)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - fc.prior_prob) / fc.prior_prob))
+        nn.init.constant_(self.cls_logits.bias, -math.log((1.0 - prior_prob) / prior_prob))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> FCOSHead:
+        fc = cfg.fcos
+        return cls(cfg.fpn_channels, cfg.num_thing_classes, fc.num_convs, fc.prior_prob, cfg.blender.num_bases,
+                   cfg.blender.attn_size, tuple(fc.strides))
 
     def forward(self, features: list[Tensor]) -> dict[str, list[Tensor]]:
         """features P3..P7 -> per-level lists ``cls_logits`` (N,T,h,w), ``bbox_reg`` (N,4,h,w)

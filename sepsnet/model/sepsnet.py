@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sepsnet.config import ModelConfig
-from sepsnet.errors import ConfigError
+from sepsnet.config import ModelConfig, validate_model
 from sepsnet.model.backbone import BackboneFPN
 from sepsnet.model.basis_head import BasisHead
 from sepsnet.model.blender import Blender
@@ -32,20 +31,21 @@ _AUX = ("stuff_head.silhouette", "basis_head.semantic", "mask_aux")
 class SEPSNet(nn.Module):
     """The full network; see the module docstring and docs/INTERFACES.md."""
 
-    def __init__(self, cfg: ModelConfig, deploy: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, deploy: bool = False, load_pretrained: bool = False) -> None:
+        """Every part is built from the (validated) config here, in one place; the parts themselves
+        take explicit arguments (``from_config`` maps the config keys to them)."""
         super().__init__()
-        if cfg.heads.confidence_roi_size < 2:
-            raise ConfigError("model.heads.confidence_roi_size must be >= 2")
+        validate_model(cfg, "model config", training=load_pretrained)
         self.cfg = cfg
         self.deploy = deploy
-        self.backbone = BackboneFPN(cfg)
-        self.fcos_head = FCOSHead(cfg)
-        self.stuff_head = StuffHead(cfg, deploy)
-        self.basis_head = BasisHead(cfg, deploy)
-        self.blender = Blender(cfg)
+        self.backbone = BackboneFPN.from_config(cfg, load_pretrained)
+        self.fcos_head = FCOSHead.from_config(cfg)
+        self.stuff_head = StuffHead.from_config(cfg, deploy)
+        self.basis_head = BasisHead.from_config(cfg, deploy)
+        self.blender = Blender.from_config(cfg)
         self.mask_aux: nn.Module | None = MaskAux() if cfg.components.mask_aux and not deploy else None
         self.confidence_head: ConfidenceHead | None = (
-            ConfidenceHead(cfg) if cfg.components.mask_score else None)
+            ConfidenceHead.from_config(cfg) if cfg.components.mask_score else None)
         self.strides = list(cfg.fcos.strides)
 
     # ------------------------------------------------------------------ helpers

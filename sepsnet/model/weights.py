@@ -87,46 +87,65 @@ def check_compatible(ckpt: dict[str, Any], cfg: SEPSNetConfig, path: str | Path 
         return
     current = cfg.to_dict()["model"]
     diffs = _diff(stored, current)
-    # a different pretrained path or fused flag does not change the weights
-    diffs = [d for d in diffs if not d.startswith(("backbone.pretrained", "blender.fused", "loss_weights", "components.mask_loss"))]
+    # a different pretrained path, fused flag or loss setting does not change the weights
+    ignored = ("backbone.pretrained", "backbone.allow_random_frozen", "blender.fused", "loss_weights",
+               "components.mask_loss")
+    diffs = [d for d in diffs if not d.startswith(ignored)]
     if diffs:
         raise CheckpointError(
             f"{path} was trained with another model config; differing keys: " + ", ".join(diffs[:8])
         )
 
 
-def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint",
-                       strict: bool = True) -> None:
-    """``load_state_dict`` with a readable error instead of a wall of key names.
+def _names(keys: list[str], limit: int = 8) -> str:
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
-    Weights whose shape differs from the model's (e.g. ``--weights`` from a config with other
-    class counts): ``strict`` raises CheckpointError naming them with both shapes; otherwise they
-    are left out with a warning naming them (the model keeps its own initialisation there, as in
-    detectron2), and missing / unexpected keys are tolerated."""
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path = "checkpoint",
+                       strict: bool = True) -> dict[str, list[str]]:
+    """``load_state_dict`` with readable errors; returns ``{"missing", "unexpected", "mismatched"}``.
+
+    ``strict`` (the default, and what ``--weights`` does): any missing or unexpected key, or any
+    shape difference, raises :class:`CheckpointError` naming them. ``strict=False`` (``--weights-partial``):
+    they are listed in a warning and left out (the model keeps its own initialisation there, as in
+    detectron2). A state that matches none of the model's weights is always an error."""
     module = model.module if hasattr(model, "module") else model
     own = module.state_dict()
+    ignorable = ("num_batches_tracked",)
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
                   if k in own and torch.is_tensor(v) and torch.is_tensor(own[k]) and v.shape != own[k].shape]
-    if mismatched:
-        desc = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:8])
-        more = f" (and {len(mismatched) - 8} more)" if len(mismatched) > 8 else ""
-        if strict:
-            raise CheckpointError(f"{path} does not fit this model: {len(mismatched)} weights differ in "
-                                  f"shape: {desc}{more}")
-        log.warning("%s: not loading %d weights whose shape differs from the model's: %s%s",
-                    path, len(mismatched), desc, more)
-        dropped = {k for k, _, _ in mismatched}
-        state = {k: v for k, v in state.items() if k not in dropped}
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # anything the checks above did not foresee, still named
-        raise CheckpointError(f"{path} does not fit this model: {exc}") from None
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    missing = sorted(k for k in own if k not in state and not k.endswith(ignorable))
+    unexpected = sorted(k for k in state if k not in own and not k.endswith(ignorable))
+    matched = [k for k in state if k in own and k not in {m[0] for m in mismatched}]
+    if not matched:
+        raise CheckpointError(
+            f"{path} matches none of this model's {len(own)} weights ({len(unexpected)} unexpected keys, e.g. "
+            f"{_names(unexpected, 5)}); is it a sepsnet checkpoint? (detectron2/AdelaiDet models: sepsnet-convert)")
+    desc = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched[:8])
+    if mismatched and len(mismatched) > 8:
+        desc += f" (and {len(mismatched) - 8} more)"
+    if strict and mismatched:
+        raise CheckpointError(f"{path} does not fit this model: {len(mismatched)} weights differ in "
+                              f"shape: {desc}")
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{path} does not fit this model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-        )
+            f"{path} does not fit this model: {len(missing)} missing keys [{_names(missing)}], "
+            f"{len(unexpected)} unexpected keys [{_names(unexpected)}]; pass --weights-partial to load only "
+            f"the matching ones")
+    if mismatched:
+        log.warning("%s: not loading %d weights whose shape differs from the model's: %s", path, len(mismatched),
+                    desc)
+    if missing or unexpected:
+        log.warning("%s: partial load, %d of %d model weights loaded; left at their initialisation: %s; "
+                    "ignored: %s", path, len(matched), len(own), _names(missing), _names(unexpected))
+    dropped = {k for k, _, _ in mismatched}
+    state = {k: v for k, v in state.items() if k not in dropped}
+    try:
+        module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # anything the checks above did not foresee, still named
+        raise CheckpointError(f"{path} does not fit this model: {exc}") from None
+    return {"missing": missing, "unexpected": unexpected, "mismatched": sorted(dropped)}
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

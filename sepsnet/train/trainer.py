@@ -104,7 +104,7 @@ class Trainer:
                   f"{cfg.solver.batch_size // self.dist.world_size} images per process on {self.device.type}")
 
     # -- state -------------------------------------------------------------------------
-    def resume_or_load(self, resume: bool, weights: str | None = None) -> None:
+    def resume_or_load(self, resume: bool, weights: str | None = None, partial: bool = False) -> None:
         """Prepare the output folder and the start state (DESIGN: nothing is lost on a restart).
 
         Temp files left by saves killed mid-write are removed first. ``resume``: continue from the
@@ -114,7 +114,8 @@ class Trainer:
         lines past its iteration (a crashed run's) dropped, and TensorBoard purges those steps.
         Without ``resume``, a folder that already holds checkpoints is refused (they would be
         overwritten). Starting at 0 over an old ``metrics.jsonl`` moves it aside, never deletes it.
-        ``weights``: initialise the model only."""
+        ``weights``: initialise the model only, strictly unless ``partial`` (then missing, unexpected
+        and reshaped weights are listed and skipped)."""
         if self.dist.is_main:
             for p in remove_stale_temp_files(self.out_dir):
                 print(f"removed {p.name} (temp file of a save that was killed)")
@@ -144,7 +145,7 @@ class Trainer:
         self._set_aside_metrics()
         if weights:
             ckpt = load_checkpoint(weights)
-            load_model_weights(self.model, ckpt["model"], weights, strict=False)
+            load_model_weights(self.model, ckpt["model"], weights, strict=not partial)
 
     def _set_aside_metrics(self) -> None:
         """A start from iteration 0 over an old ``metrics.jsonl``: rename it to
