@@ -196,6 +196,15 @@ def default_classes(num_things: int, num_stuff: int) -> dict[str, Any]:
                       for i in range(num_stuff)]}
 
 
+def input_spec(cfg: Any, ranges: dict[str, list[int]], dynamic: bool) -> dict[str, Any]:
+    """The manifest ``input`` block: engine input size and ranges, normalisation, test-time resize."""
+    d = cfg.data
+    return {"height": ranges["height"][1], "width": ranges["width"][1], "batch": ranges["batch"][1],
+            "dynamic": dynamic, "ranges": ranges, "pixel_mean": list(d.pixel_mean), "pixel_std": list(d.pixel_std),
+            "size_divisibility": d.size_divisibility, "min_size_test": d.min_size_test,
+            "max_size_test": d.max_size_test}
+
+
 def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[str, list[int]],
                      dynamic: bool, instances: dict[str, int], precision: str, opset: int,
                      graphs: dict[str, dict[str, Any]], plugin: str | None = None,
@@ -203,7 +212,7 @@ def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[s
     """Everything the runtime needs besides the files (see the module docstring)."""
     from dataclasses import asdict
 
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     return {
         "precision": precision,
         "opset": opset,
@@ -213,10 +222,7 @@ def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[s
                   "mask_size": m.blender.mask_size, "sampling_ratio": m.blender.sampling_ratio,
                   "strides": list(m.fcos.strides), "fpn_channels": m.fpn_channels,
                   "mask_score": m.components.mask_score, "silhouette_feature": m.components.silhouette_feature},
-        "input": {"height": ranges["height"][1], "width": ranges["width"][1], "batch": ranges["batch"][1],
-                  "dynamic": dynamic, "ranges": ranges, "pixel_mean": list(d.pixel_mean),
-                  "pixel_std": list(d.pixel_std), "size_divisibility": d.size_divisibility,
-                  "min_size_test": d.min_size_test, "max_size_test": d.max_size_test},
+        "input": input_spec(cfg, ranges, dynamic),
         "instances": instances,
         "postprocess": asdict(cfg.postprocess),
         "alpha": cfg.postprocess.alpha,

@@ -17,6 +17,7 @@ run the plan, not device 0) and names expected, found and the command that rebui
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -93,7 +94,7 @@ def rebuild_command(where: str, manifest: dict[str, Any]) -> str:
         flags.append("--hardware-compatible")
     if engine.get("version_compatible"):
         flags.append("--version-compatible")
-    return f"sepsnet-export --from-onnx {where} {' '.join(flags)}"
+    return f"sepsnet-export --from-onnx {shlex.quote(where)} {' '.join(flags)}"
 
 
 def _fallback(where: str) -> str:
