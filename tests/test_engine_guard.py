@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
+from test_bundle import _make_bundle  # tests/ is on sys.path (pytest rootdir-less test modules)
 
 from sepsnet.cli.export import parse_args
 from sepsnet.errors import BundleError, EngineError
 from sepsnet.export import engine_guard, trt_build
 from sepsnet.export.engine_guard import EngineTarget, Runtime, check_plan_compatible
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_bundle import _make_bundle  # noqa: E402
 
 
 def _manifest(precision: str = "fp16", **engine) -> dict:
