@@ -137,10 +137,14 @@ class _OldTrt:
 
 def test_apply_compatibility_sets_what_tensorrt_offers(tmp_path: Path) -> None:
     both = EngineTarget("10.16.1", "8.6", "x", "ampere_plus", True)
+    class Parser:
+        def get_used_vc_plugin_libraries(self) -> list[str]:
+            return ["libnvinfer_vc_plugin.so.10"]  # what the parser used for RoiAlign
+
     cfg = _Config()
-    trt_build.apply_compatibility(_Trt, cfg, both, tmp_path / "libsepsnet_plugins.so")
+    trt_build.apply_compatibility(_Trt, cfg, both, tmp_path / "libsepsnet_plugins.so", Parser())
     assert cfg.hardware_compatibility_level == "AMPERE_PLUS" and cfg.flags == ["VERSION_COMPATIBLE"]
-    assert cfg.plugins_to_serialize == [str(tmp_path / "libsepsnet_plugins.so")]
+    assert cfg.plugins_to_serialize == [str(tmp_path / "libsepsnet_plugins.so"), "libnvinfer_vc_plugin.so.10"]
     plain = _Config()
     trt_build.apply_compatibility(_Trt, plain, EngineTarget("10.16.1", "8.6", "x"), None)
     assert plain.hardware_compatibility_level == "NONE" and plain.flags == []

@@ -172,10 +172,13 @@ class BuildResult:
     precision: str
 
 
-def apply_compatibility(trt: Any, config: Any, target: EngineTarget, plugin_library: str | Path | None) -> None:
+def apply_compatibility(trt: Any, config: Any, target: EngineTarget, plugin_library: str | Path | None,
+                        parser: Any = None) -> None:
     """Hardware- / version-compatible build settings on the builder ``config`` (TensorRT >= 8.6 API:
     ``hardware_compatibility_level``, ``BuilderFlag.VERSION_COMPATIBLE``, ``plugins_to_serialize``);
-    EngineError when this TensorRT does not offer the one asked for."""
+    EngineError when this TensorRT does not offer the one asked for. A version-compatible plan carries
+    the plugin libraries it uses: ours and those the ONNX parser used (``get_used_vc_plugin_libraries``,
+    e.g. for RoiAlign)."""
     if target.hardware_compatibility == "ampere_plus":
         level = getattr(getattr(trt, "HardwareCompatibilityLevel", None), "AMPERE_PLUS", None)
         if level is None or not hasattr(config, "hardware_compatibility_level"):
@@ -188,8 +191,11 @@ def apply_compatibility(trt: Any, config: Any, target: EngineTarget, plugin_libr
             raise EngineError(f"TensorRT {trt.__version__} offers no version-compatible builds; "
                               "build without --version-compatible")
         config.set_flag(flag)
-        if plugin_library is not None and hasattr(config, "plugins_to_serialize"):
-            config.plugins_to_serialize = [str(plugin_library)]  # the plan carries the plugin for later runtimes
+        libraries = [str(plugin_library)] if plugin_library is not None else []
+        used = getattr(parser, "get_used_vc_plugin_libraries", None)
+        libraries += [str(lib) for lib in (used() if used is not None else []) if str(lib) not in libraries]
+        if libraries and hasattr(config, "plugins_to_serialize"):
+            config.plugins_to_serialize = libraries  # the plan carries them for later runtimes
 
 
 def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed: bool,
@@ -244,7 +250,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str
         load_plugin_library(trt, plugin_library)
     builder = trt.Builder(logger)
     strongly_typed = major >= 11  # 11: always strongly typed (flag kept where it still exists)
-    network, _parser = _parse(trt, builder, Path(onnx_path), logger, strongly_typed, plugin_library)
+    network, parser = _parse(trt, builder, Path(onnx_path), logger, strongly_typed, plugin_library)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if major < 11:
@@ -252,7 +258,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ graph: explicit scales, no calibrator
-    apply_compatibility(trt, config, target, plugin_library)
+    apply_compatibility(trt, config, target, plugin_library, parser)
     dynamic_inputs = []
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
