@@ -193,6 +193,9 @@ def test_truncated_or_non_object_manifest(tmp_path: Path) -> None:
     (root / "manifest.json").write_text(text[: len(text) // 2])
     with pytest.raises(BundleError, match="unreadable manifest"):
         bundle.verify_bundle(root)
+    (root / "manifest.json").write_text(text.replace('"alpha": 0.8', '"alpha": NaN'))
+    with pytest.raises(BundleError, match="non-finite number NaN"):
+        bundle.verify_bundle(root)
     (root / "manifest.json").write_text("[1, 2]")
     with pytest.raises(BundleError, match="must be a JSON object, got list"):
         bundle.verify_bundle(root)

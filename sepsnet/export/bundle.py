@@ -126,9 +126,12 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         path = path / MANIFEST
     if not path.is_file():
         raise BundleError(f"no {MANIFEST} at {path}: not an export bundle (run sepsnet-export first)")
+    def refuse_constant(name: str) -> Any:  # NaN / Infinity: Python's json accepts them, JSON does not
+        raise ValueError(f"non-finite number {name} (JSON has none)")
+
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise BundleError(f"{path}: unreadable manifest: {exc}") from None
     try:
         manifest_schema.validate(manifest)
