@@ -686,3 +686,18 @@ def test_parser_plugin_error_names_library(tmp_path: Path) -> None:
     assert "SEPSNetRoiBlend_0" in text and str(lib) in text and "version 1" in text
     with pytest.raises(EngineError, match="no plugin library was loaded"):
         trt_build._parse(FakeTrt, Builder(), tmp_path / "instance.plugin.onnx", None, True, None)
+
+
+@pytest.mark.skipif(NO_TRT is None, reason="checks the message where TensorRT is missing")
+def test_cli_rebuild_hint_keeps_compatibility_flags(fp16_bundle, capsys) -> None:
+    """--from-onnx with --hardware-compatible / --version-compatible stops at the missing TensorRT with a rebuild
+    command that carries them (every flag of it exists); --fp32 exists; the bundle stays untouched."""
+    src, _, _ = fp16_bundle
+    before = (src / bundle.MANIFEST).read_bytes()
+    rc = export_main(["--from-onnx", str(src), "--hardware-compatible", "--version-compatible"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_NEEDS_TRT
+    assert f"sepsnet-export --from-onnx {src} --fp16 --hardware-compatible --version-compatible" in err
+    assert (src / bundle.MANIFEST).read_bytes() == before
+    assert export_main(["--from-onnx", str(src), "--fp32", "--calib", "x"]) == 2
+    assert "--calib only applies with --int8" in capsys.readouterr().err
