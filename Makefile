@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench plugins clean
 
 install: $(STAMP)
 
@@ -47,6 +47,18 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/model_forward.py
+
+# TensorRT plugin library build/plugins/libsepsnet_plugins.so (sepsnet-export --plugin finds it there).
+# Needs the TensorRT SDK (TENSORRT_ROOT=/path/to/TensorRT) and nvcc; CUDA_ARCHS overrides the GPU list.
+TENSORRT_ROOT ?=
+CUDA_ARCHS    ?=
+plugins:
+	cmake -S cpp_plugins/roi_blend -B build/plugins -DCMAKE_BUILD_TYPE=Release \
+	    $(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) \
+	    $(if $(CUDA_ARCHS),-DCMAKE_CUDA_ARCHITECTURES="$(CUDA_ARCHS)")
+	cmake --build build/plugins -j
+	@test -f build/plugins/libsepsnet_plugins.so || { echo "libsepsnet_plugins.so was not built: see the cmake \
+	messages above (TensorRT headers/libraries via TENSORRT_ROOT, a CUDA compiler)"; exit 1; }
 
 clean:
 	rm -rf $(DEMO) build *.egg-info

@@ -21,7 +21,8 @@ def _tiny_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
-def _make_bundle(root: Path, *, plans: bool = False, trt: str | None = None, gpu: str | None = None) -> Path:
+def _make_bundle(root: Path, *, plans: bool = False, trt: str | None = None, gpu: str | None = None,
+                 engine: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _tiny_onnx(root / "dense.onnx")
     _tiny_onnx(root / "instance.onnx")
@@ -37,6 +38,7 @@ def _make_bundle(root: Path, *, plans: bool = False, trt: str | None = None, gpu
                                       instances={"min": 0, "opt": 8, "max": 100}, precision="fp16", opset=18,
                                       graphs=graphs, gpu=gpu)
     content["versions"]["tensorrt"] = trt
+    content["engine"] = engine
     bundle.write_manifest(root, content)
     return root
 
@@ -98,24 +100,6 @@ def test_corrupt_manifest(tmp_path: Path) -> None:
         bundle.load_manifest(root)
 
 
-def test_foreign_tensorrt_version(tmp_path: Path) -> None:
-    root = _make_bundle(tmp_path / "b", plans=True, trt="10.3.0", gpu="NVIDIA Jetson Orin")
-    # without the TensorRT check (ORT backend) the bundle is fine
-    assert bundle.has_plans(bundle.verify_bundle(root))
-    with pytest.raises(BundleError, match=r"TensorRT 10\.3\.0.*TensorRT 11\.0\.1"):
-        bundle.verify_bundle(root, check_trt=True, trt_version="11.0.1", gpu_name="NVIDIA Jetson Orin")
-    with pytest.raises(BundleError, match=r"cannot be imported"):
-        bundle.verify_bundle(root, check_trt=True, trt_version=None, gpu_name=None)
-
-
-def test_foreign_gpu(tmp_path: Path) -> None:
-    root = _make_bundle(tmp_path / "b", plans=True, trt="10.3.0", gpu="NVIDIA Jetson Orin")
-    with pytest.raises(BundleError, match=r"'NVIDIA Jetson Orin'.*'NVIDIA H100 80GB HBM3'"):
-        bundle.verify_bundle(root, check_trt=True, trt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3")
-    m = bundle.verify_bundle(root, check_trt=True, trt_version="10.3.0", gpu_name="NVIDIA Jetson Orin")
-    assert m["graphs"]["dense"]["plan"] == "dense.plan"
-
-
 def test_unlisted_plan_is_refused(tmp_path: Path) -> None:
     root = _make_bundle(tmp_path / "b")
     data = json.loads((root / "manifest.json").read_text())
@@ -133,3 +117,118 @@ def test_unlisted_trt10_engine_graph_is_refused(tmp_path: Path) -> None:
     (root / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match=r"engine_onnx_trt10 file 'dense.int8.onnx' is not listed"):
         bundle.verify_bundle(root)
+
+
+# ---------------------------------------------------------------- the manifest schema (issue 16 item 5)
+def _edit(root: Path, change) -> None:
+    data = json.loads((root / "manifest.json").read_text())
+    change(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
+def _set(path: str | tuple, value):
+    def change(data: dict) -> None:
+        *parents, last = path.split(".") if isinstance(path, str) else path
+        for p in parents:
+            data = data[p]
+        data[last] = value
+    return change
+
+
+def _del(path: str):
+    def change(data: dict) -> None:
+        *parents, last = path.split(".")
+        for p in parents:
+            data = data[p]
+        del data[last]
+    return change
+
+
+BAD_MANIFESTS = [  # (edit, the key the error must name)
+    (_del("input"), "'input' is missing"),
+    (_del("config"), "'config' is missing"),
+    (_del("classes.stuff"), "'classes.stuff' is missing"),
+    (_del("model.num_bases"), "'model.num_bases' is missing"),
+    (_del("postprocess.alpha"), "'postprocess.alpha' is missing"),
+    (_del("graphs.instance"), "'graphs.instance' is missing"),
+    (_del("graphs.dense.onnx"), "'graphs.dense.onnx' is missing"),
+    (_set("postprocess.fancy_thresh", 0.3), "'postprocess.fancy_thresh' is not a known key"),
+    (_set("enigne", None), "'enigne' is not a known key"),
+    (_set("input.height", -64), "'input.height'"),
+    (_set("input.height", "64"), "'input.height'"),
+    (_set("input.pixel_std", [58.0, 0.0, 57.0]), "'input.pixel_std[1]'"),
+    (_set("input.ranges.width", [96, 128, 96]), "'input.ranges.width'"),
+    (_set("input.ranges.batch", [1, 1]), "'input.ranges.batch'"),
+    (_set("instances.min", 500), "'instances'"),
+    (_set("precision", "int4"), "'precision'"),
+    (_set("opset", 17.5), "'opset'"),
+    (_set("alpha", 0.5), "'alpha'"),
+    (_set("postprocess.score_thresh", 2.0), "postprocess.score_thresh"),
+    (_set("postprocess.max_instances", "many"), "'postprocess.max_instances'"),
+    (_set("config.model.num_bases", "four"), "config"),
+    (_set("classes.things", [{"name": "car"}]), "'classes.things[0].id' is missing"),
+    (_set("graphs.dense.plan", 5), "'graphs.dense.plan'"),
+    (_set("graphs.dense.onnx", "../../other/dense.onnx"), "'graphs.dense.onnx': '../../other/dense.onnx'"),
+    (_set("graphs.dense.engine_onnx", "/etc/passwd"), "'graphs.dense.engine_onnx': '/etc/passwd'"),
+    (_set("plugin", "..\\lib.so"), "'plugin'"),
+    (_set(("files", "sub/../../x.onnx"), {"sha256": "0" * 64, "bytes": 1}), "'files.sub/../../x.onnx'"),
+    (_set(("files", "dense.onnx"), {"sha256": "not-hex", "bytes": 1}), "'files.dense.onnx.sha256'"),
+    (_set("engine", {"tensorrt": "10.3", "compute_capability": "Orin"}), "'engine"),
+]
+
+
+@pytest.mark.parametrize("change,key", BAD_MANIFESTS, ids=[k for _, k in BAD_MANIFESTS])
+def test_bad_manifest_names_the_key(tmp_path: Path, change, key: str) -> None:
+    root = _make_bundle(tmp_path / "b")
+    _edit(root, change)
+    with pytest.raises(BundleError) as err:
+        bundle.verify_bundle(root)
+    msg = str(err.value)
+    assert key in msg and "manifest.json" in msg and "\n" not in msg, msg
+
+
+def test_truncated_or_non_object_manifest(tmp_path: Path) -> None:
+    root = _make_bundle(tmp_path / "b")
+    text = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(BundleError, match="unreadable manifest"):
+        bundle.verify_bundle(root)
+    (root / "manifest.json").write_text(text.replace('"alpha": 0.8', '"alpha": NaN'))
+    with pytest.raises(BundleError, match="non-finite number NaN"):
+        bundle.verify_bundle(root)
+    (root / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="must be a JSON object, got list"):
+        bundle.verify_bundle(root)
+
+
+def test_symlinked_file_leading_outside_is_refused(tmp_path: Path) -> None:
+    root = _make_bundle(tmp_path / "b")
+    outside = tmp_path / "outside.onnx"
+    (root / "dense.onnx").rename(outside)
+    (root / "dense.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="'dense.onnx'.*outside the bundle"):
+        bundle.verify_bundle(root)
+
+
+def test_valid_manifest_passes_schema_and_old_key_order(tmp_path: Path) -> None:
+    """The manifest sepsnet writes passes; optional keys (preselect, engine, engine_onnx_trt10) may be absent."""
+    root = _make_bundle(tmp_path / "b")
+    _edit(root, lambda d: (d.pop("preselect"), d.pop("engine")))
+    assert bundle.verify_bundle(root)["precision"] == "fp16"
+
+
+def test_from_bundle_and_bench_report_the_key(tmp_path: Path, capsys) -> None:
+    """The runtime entry points give the same one-line BundleError (no KeyError/TypeError)."""
+    from sepsnet.cli.bench import main as bench_main
+    from sepsnet.engines.predictor import PanopticPredictor
+
+    root = _make_bundle(tmp_path / "b")
+    _edit(root, _set("postprocess.unknown_knob", 1))
+    with pytest.raises(BundleError, match="'postprocess.unknown_knob' is not a known key"):
+        PanopticPredictor.from_bundle(root, backend="ort")
+    assert bench_main([str(root), "--iters", "1", "--warmup", "0", "--backend", "ort"]) == 2
+    err = capsys.readouterr().err
+    assert "'postprocess.unknown_knob' is not a known key" in err and "Traceback" not in err
+    _edit(root, _del("input"))
+    assert bench_main([str(root / "manifest.json"), "--iters", "1", "--backend", "ort"]) == 2
+    assert "'input' is missing" in capsys.readouterr().err

@@ -336,8 +336,11 @@ def test_cli_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
 def test_trt_build_from_onnx(fp16_bundle) -> None:  # pragma: no cover - needs TensorRT + GPU
     out, rc, _ = fp16_bundle
     assert rc == 0
-    m = bundle.verify_bundle(out, check_trt=True, trt_version=trt_build.trt_version(), gpu_name=trt_build.gpu_name())
+    from sepsnet.export.engine_guard import current_runtime
+
+    m = bundle.verify_bundle(out, runtime=current_runtime())
     assert m["graphs"]["dense"]["plan"] == "dense.plan" and m["gpu"]
+    assert m["engine"]["tensorrt"] == trt_build.trt_version() and m["engine"]["hardware_compatibility"] == "none"
 
 
 @pytest.mark.skipif(NO_TRT is not None, reason=f"TensorRT runtime needs tensorrt + GPU: {NO_TRT}")
@@ -597,24 +600,64 @@ def test_has_creator_uses_get_creator_with_fallback() -> None:
 
 
 def test_plugin_not_found_names_library_and_op(tmp_path: Path) -> None:
-    """A library that registers no SEPSNetRoiBlend creator (here libc10, already loaded by torch)."""
-    lib = Path(torch.__file__).parent / "lib" / "libc10.so"
-    if not lib.is_file():
-        pytest.skip(f"{lib} not present")
+    """A library that registers no SEPSNetRoiBlend creator: loaded once through IPluginRegistry.load_library (the
+    only registration path; no ctypes dlopen that would register a second time), then a message naming both."""
+    lib = tmp_path / "libother_plugins.so"
+    lib.write_bytes(b"\x7fELF")
+
+    class Registry(_Registry):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.loaded: list[str] = []
+
+        def load_library(self, path: str) -> object:
+            self.loaded.append(path)
+            return object()
 
     class FakeTrt:
         __version__ = "10.3.0"
-        registry = _Registry([])
+        registry = Registry()
 
         @classmethod
         def get_plugin_registry(cls):
             return cls.registry
 
     with pytest.raises(EngineError) as err:
-        trt_build.load_plugin_library(FakeTrt, lib, None)
+        trt_build.load_plugin_library(FakeTrt, lib)
     assert str(lib) in str(err.value) and trt_build.PLUGIN_OP in str(err.value) and "10.3.0" in str(err.value)
-    with pytest.raises(EngineError, match=f"{trt_build.PLUGIN_OP}.*{tmp_path / 'none.so'}"):
-        trt_build.load_plugin_library(FakeTrt, tmp_path / "none.so", None)
+    assert FakeTrt.registry.loaded == [str(lib.resolve())]
+    with pytest.raises(EngineError, match=f"{trt_build.PLUGIN_OP}.*{tmp_path / 'none.so'}.*make plugins"):
+        trt_build.load_plugin_library(FakeTrt, tmp_path / "none.so")
+
+
+def test_plugin_library_registered_once(tmp_path: Path) -> None:
+    """load_library is called once per library; a creator already registered is not registered again."""
+    lib = tmp_path / "libsepsnet_plugins.so"
+    lib.write_bytes(b"\x7fELF")
+
+    class Registry(_Registry):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.loaded: list[str] = []
+
+        def load_library(self, path: str) -> object:
+            if self._names:
+                raise RuntimeError("plugin creators already registered")  # what TensorRT does on a second load
+            self.loaded.append(path)
+            self._names.append(trt_build.PLUGIN_OP)
+            return object()
+
+    class FakeTrt:
+        __version__ = "11.1.0"
+        registry = Registry()
+
+        @classmethod
+        def get_plugin_registry(cls):
+            return cls.registry
+
+    for _ in range(3):
+        trt_build.load_plugin_library(FakeTrt, lib)
+    assert FakeTrt.registry.loaded == [str(lib.resolve())]
 
 
 def test_parser_plugin_error_names_library(tmp_path: Path) -> None:
@@ -657,3 +700,18 @@ def test_parser_plugin_error_names_library(tmp_path: Path) -> None:
     assert "SEPSNetRoiBlend_0" in text and str(lib) in text and "version 1" in text
     with pytest.raises(EngineError, match="no plugin library was loaded"):
         trt_build._parse(FakeTrt, Builder(), tmp_path / "instance.plugin.onnx", None, True, None)
+
+
+@pytest.mark.skipif(NO_TRT is None, reason="checks the message where TensorRT is missing")
+def test_cli_rebuild_hint_keeps_compatibility_flags(fp16_bundle, capsys) -> None:
+    """--from-onnx with --hardware-compatible / --version-compatible stops at the missing TensorRT with a rebuild
+    command that carries them (every flag of it exists); --fp32 exists; the bundle stays untouched."""
+    src, _, _ = fp16_bundle
+    before = (src / bundle.MANIFEST).read_bytes()
+    rc = export_main(["--from-onnx", str(src), "--hardware-compatible", "--version-compatible"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_NEEDS_TRT
+    assert f"sepsnet-export --from-onnx {src} --fp16 --hardware-compatible --version-compatible" in err
+    assert (src / bundle.MANIFEST).read_bytes() == before
+    assert export_main(["--from-onnx", str(src), "--fp32", "--calib", "x"]) == 2
+    assert "--calib only applies with --int8" in capsys.readouterr().err

@@ -263,40 +263,40 @@ def test_ortvalue_to_torch_uses_dlpack_without_a_host_copy() -> None:
 
 
 def test_trt_plugin_library_must_register_its_creator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without TensorRT here: a fake registry stands in for ``trt.get_plugin_registry()``."""
+    """Without TensorRT here: a fake registry stands in for ``trt.get_plugin_registry()``. The library is
+    registered only through ``load_library`` (getCreators), once; a library without the creator is refused."""
     import types
 
-    from sepsnet.engines import trt_backend
+    from sepsnet.export import trt_build
 
     class Registry:
-        def __init__(self, creators):
-            self.creators, self.loaded = creators, []
+        def __init__(self, creators, registers=None):
+            self.creators, self.loaded, self.registers = creators, [], registers
 
         def get_creator(self, name, version, namespace):
             return self.creators.get((name, version, namespace))
 
         def load_library(self, path):
             self.loaded.append(path)
+            if self.registers:
+                self.creators[self.registers] = object()
+            return object()
 
     lib = tmp_path / "libsepsnet_plugins.so"
     lib.write_bytes(b"\x7fELF")
-    opened: list[str] = []
-    monkeypatch.setattr(trt_backend.ctypes, "CDLL", lambda path, mode=0: opened.append(path))
-    monkeypatch.setattr(trt_backend, "_PLUGINS_LOADED", set())
+    monkeypatch.setattr(trt_build, "_PLUGIN_HANDLES", {})
     empty = Registry({})
-    monkeypatch.setattr(trt_backend, "import_tensorrt",
-                        lambda: types.SimpleNamespace(__version__="10.9", get_plugin_registry=lambda: empty))
-    with pytest.raises(EngineError, match=r"libsepsnet_plugins\.so.*'SEPSNetRoiBlend'.*TensorRT 10\.9"):
-        trt_backend.load_plugin_library(lib)
-    assert opened == [str(lib.resolve())] and empty.loaded == [str(lib.resolve())]  # getCreators() tried too
-    assert not trt_backend._PLUGINS_LOADED
-    good = Registry({("SEPSNetRoiBlend", "1", ""): object()})
-    monkeypatch.setattr(trt_backend, "import_tensorrt",
-                        lambda: types.SimpleNamespace(__version__="11.0", get_plugin_registry=lambda: good))
-    trt_backend.load_plugin_library(lib)
-    assert str(lib.resolve()) in trt_backend._PLUGINS_LOADED and not good.loaded
+    fake = types.SimpleNamespace(__version__="10.9", get_plugin_registry=lambda: empty)
+    with pytest.raises(EngineError, match=r"SEPSNetRoiBlend.*libsepsnet_plugins\.so.*TensorRT 10\.9"):
+        trt_build.load_plugin_library(fake, lib)
+    assert empty.loaded == [str(lib.resolve())] and not trt_build._PLUGIN_HANDLES
+    good = Registry({}, registers=("SEPSNetRoiBlend", "1", ""))
+    fake = types.SimpleNamespace(__version__="11.0", get_plugin_registry=lambda: good)
+    trt_build.load_plugin_library(fake, lib)
+    trt_build.load_plugin_library(fake, lib)  # a second load would make TensorRT refuse the library
+    assert good.loaded == [str(lib.resolve())] and str(lib.resolve()) in trt_build._PLUGIN_HANDLES
     with pytest.raises(EngineError, match="not found"):
-        trt_backend.load_plugin_library(tmp_path / "missing.so")
+        trt_build.load_plugin_library(fake, tmp_path / "missing.so")
 
 
 def _bench_json(main, args: list, out: Path) -> dict:

@@ -88,15 +88,18 @@ class PanopticPredictor:
         graphs = manifest["graphs"]
         if backend == "trt":
             from sepsnet.engines.trt_backend import TrtBackend
-            from sepsnet.export.bundle import check_trt_compatible
+            from sepsnet.export.engine_guard import check_plan_compatible, current_runtime
 
             if not has_plans(manifest):
                 raise BundleError(f"{root} has no TensorRT plans; build them with `sepsnet-export --from-onnx {root}`")
-            check_trt_compatible(manifest, _trt_version(), torch.cuda.get_device_name(0)
-                                 if torch.cuda.is_available() else None, str(root))
+            runtime = current_runtime()  # TensorRT here + the compute capability of the device that will run
+            check_plan_compatible(manifest, runtime, str(root))
             plugin = root / manifest["plugin"] if manifest.get("plugin") else None
-            dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin, cuda_graph=cuda_graph)
-            instance: Backend = TrtBackend(root / graphs["instance"]["plan"], plugin)
+            vc = bool(manifest["engine"]["version_compatible"])
+            dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin, device=runtime.device,
+                                        cuda_graph=cuda_graph, version_compatible=vc)
+            instance: Backend = TrtBackend(root / graphs["instance"]["plan"], plugin, device=runtime.device,
+                                           version_compatible=vc)
         elif backend == "ort":
             from sepsnet.engines.ort_backend import OrtBackend
 

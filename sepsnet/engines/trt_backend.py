@@ -2,11 +2,11 @@
 and run ``execute_async_v3`` on the current torch stream. No pycuda: torch owns the memory.
 
 Cannot run on machines without TensorRT and an NVIDIA GPU; every entry point raises
-:class:`EngineError` there, naming what is missing.
+:class:`EngineError` there, naming what is missing. Both static and dynamic engines enqueue on the
+backend's own CUDA stream, ordered against the caller's current stream with events (``wait_stream``).
 """
 from __future__ import annotations
 
-import ctypes
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,57 +17,18 @@ import torch
 from sepsnet.engines.backend import TensorSpec
 from sepsnet.errors import EngineError
 
-_PLUGINS_LOADED: set[str] = set()
-
 
 def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except Exception as exc:
-        raise EngineError(f"TensorRT is not available ({type(exc).__name__}: {exc}); install TensorRT 10/11 "
-                          "for this CUDA version, or run the bundle with backend='ort'") from None
-    return trt
+    """The one TensorRT import (:func:`sepsnet.export.trt_build.import_tensorrt`)."""
+    from sepsnet.export.trt_build import import_tensorrt as _import
+
+    return _import()
 
 
 def tensorrt_version() -> str | None:
-    try:
-        return import_tensorrt().__version__
-    except EngineError:
-        return None
+    from sepsnet.export.trt_build import trt_version
 
-
-def load_plugin_library(path: str | Path, op: str | None = None, version: str | None = None,
-                        namespace: str = "") -> None:
-    """dlopen the plugin library once so its creators register before deserialisation, then check
-    that the ``SEPSNetRoiBlend`` creator (``op``/``version``/``namespace``) really is in TensorRT's
-    plugin registry; EngineError naming the library and the op otherwise (rather than a generic
-    "could not deserialize" later)."""
-    from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION
-    from sepsnet.export.trt_build import has_plugin_creator
-
-    op = op or PLUGIN_OP
-    version = version or PLUGIN_VERSION
-    path = str(Path(path).resolve())
-    if path in _PLUGINS_LOADED:
-        return
-    if not Path(path).is_file():
-        raise EngineError(f"TensorRT plugin library not found: {path}")
-    trt = import_tensorrt()
-    try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # REGISTER_TENSORRT_PLUGIN runs at load time
-    except OSError as exc:
-        raise EngineError(f"cannot load TensorRT plugin library {path}: {exc}") from None
-    registry = trt.get_plugin_registry()
-    if not has_plugin_creator(registry, op, version, namespace) and hasattr(registry, "load_library"):
-        try:  # libraries that only export getCreators() (IPluginRegistry::loadLibrary)
-            registry.load_library(path)
-        except Exception:
-            pass
-    if not has_plugin_creator(registry, op, version, namespace):
-        raise EngineError(f"TensorRT plugin library {path} loaded, but no {op!r} (version {version!r}, namespace "
-                          f"{namespace!r}) plugin creator is registered: was it built against another TensorRT "
-                          f"version (this is TensorRT {getattr(trt, '__version__', '?')}) or from other sources?")
-    _PLUGINS_LOADED.add(path)
+    return trt_version()
 
 
 def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
@@ -87,12 +48,17 @@ class TrtBackend:
     """
 
     def __init__(self, plan_path: str | Path, plugin_library: str | Path | None = None,
-                 device: int = 0, cuda_graph: bool = False) -> None:
+                 device: int = 0, cuda_graph: bool = False, version_compatible: bool = False) -> None:
+        """``version_compatible``: the plan was built with ``VERSION_COMPATIBLE`` (manifest ``engine``
+        block), so it carries TensorRT's lean runtime as host code that the runtime must be allowed to run
+        (trust the bundle: its files are sha256-checked against the manifest)."""
+        from sepsnet.export.trt_build import load_plugin_library
+
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise EngineError("TensorRT engines need an NVIDIA GPU, and torch sees none")
         if plugin_library:
-            load_plugin_library(plugin_library)
+            load_plugin_library(trt, plugin_library)
         path = Path(plan_path)
         if not path.is_file():
             raise EngineError(f"TensorRT plan not found: {path}")
@@ -102,6 +68,8 @@ class TrtBackend:
         if hasattr(trt, "init_libnvinfer_plugins"):
             trt.init_libnvinfer_plugins(self.logger, "")  # ROIAlign_TRT and friends
         self.runtime = trt.Runtime(self.logger)
+        if version_compatible:
+            self.runtime.engine_host_code_allowed = True
         with torch.cuda.device(self.device):  # TensorRT works on the current CUDA device
             self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
@@ -124,7 +92,8 @@ class TrtBackend:
 
     def _spec(self, name: str) -> TensorSpec:
         shape = tuple(int(d) if d >= 0 else "dynamic" for d in self.engine.get_tensor_shape(name))
-        return TensorSpec(name, shape, str(_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).replace("torch.", ""))
+        dtype = _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))
+        return TensorSpec(name, shape, str(dtype).replace("torch.", ""))
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:
@@ -193,8 +162,8 @@ class TrtBackend:
             else:
                 self._enqueue(self._stream)
             # copies, because the next frame overwrites the static buffers
-            outputs = {n: self._buffers[n].float() if self._buffers[n].dtype == torch.float16 else self._buffers[n].clone()
-                       for n in self._outputs}
+            outputs = {n: b.float() if b.dtype == torch.float16 else b.clone()
+                       for n, b in ((n, self._buffers[n]) for n in self._outputs)}
         caller.wait_stream(self._stream)
         for t in outputs.values():
             t.record_stream(caller)
@@ -215,8 +184,19 @@ class TrtBackend:
             out = torch.empty(shape, dtype=self._dtype(name), device=self.device)
             outputs[name] = out
             self.context.set_tensor_address(name, out.data_ptr())
-        self._enqueue(torch.cuda.current_stream(self.device))
-        return {k: v.float() if v.dtype == torch.float16 else v for k, v in outputs.items()}
+        # a dedicated stream (the default/legacy stream would add implicit device syncs), ordered after the
+        # caller's stream that produced the inputs, and the caller's stream after it for the outputs
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            self._enqueue(self._stream)
+            result = {k: v.float() if v.dtype == torch.float16 else v for k, v in outputs.items()}
+        caller.wait_stream(self._stream)
+        for t in list(outputs.values()) + keep:
+            t.record_stream(self._stream)  # made on the caller's stream, used on ours
+        for t in result.values():
+            t.record_stream(caller)  # fp32 copies made on ours, used on the caller's
+        return result
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named tensors (any device/dtype) -> named CUDA tensors (fp16 outputs as fp32)."""

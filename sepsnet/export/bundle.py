@@ -20,6 +20,9 @@ Manifest schema (``format`` = ``sepsnet-bundle/1``)::
     versions      torch, torchvision, onnx, onnxruntime, tensorrt (null when absent), sepsnet
     gpu           GPU name the plans were built on (null for an ONNX-only bundle)
     plugin        file name of the TensorRT plugin library or null
+    engine        null, or what the plans need (``engine_guard``): {tensorrt: exact version,
+                  compute_capability: "8.6", gpu, hardware_compatibility: none | ampere_plus,
+                  version_compatible: bool}
     graphs        {"dense": G, "instance": G}; G = {onnx: fp32 graph file (ORT runs it),
                   engine_onnx: graph a TensorRT 11 (strongly typed) engine is built from
                   (fp32/fp16/int8 file), engine_onnx_trt10: graph TensorRT 10 builds with
@@ -28,7 +31,10 @@ Manifest schema (``format`` = ``sepsnet-bundle/1``)::
                   (shape entries are ints or dim names such as "instances")
     files         {relative path: {sha256, bytes}} for every other file in the bundle
 
-The manifest is written last and atomically, so a bundle with a manifest is complete.
+Every file path is relative and stays inside the bundle. ``load_manifest`` validates the whole
+manifest against this schema (``manifest_schema``), so a hand-edited or truncated one fails with a
+BundleError naming the key. The manifest is written last and atomically, so a bundle with a manifest
+is complete.
 """
 from __future__ import annotations
 
@@ -41,8 +47,9 @@ from typing import Any
 from sepsnet.errors import BundleError
 from sepsnet.fileio import atomic_write_text
 
-FORMAT = "sepsnet-bundle/1"
+FORMAT = "sepsnet-bundle/1"  # schema: sepsnet.export.manifest_schema.SCHEMAS
 MANIFEST = "manifest.json"
+WRITTEN_KEYS = ("format", "created", "files")  # added by write_manifest
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -110,26 +117,33 @@ def write_manifest(bundle_dir: str | Path, content: dict[str, Any]) -> Path:
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read a manifest (``path`` = bundle folder or manifest file); check its format version."""
+    """Read a manifest (``path`` = bundle folder or manifest file) and validate it as a whole against the
+    schema of its format version (:mod:`sepsnet.export.manifest_schema`): BundleError naming the key."""
+    from sepsnet.export import manifest_schema
+
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
     if not path.is_file():
         raise BundleError(f"no {MANIFEST} at {path}: not an export bundle (run sepsnet-export first)")
+    def refuse_constant(name: str) -> Any:  # NaN / Infinity: Python's json accepts them, JSON does not
+        raise ValueError(f"non-finite number {name} (JSON has none)")
+
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise BundleError(f"{path}: unreadable manifest: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: manifest must be a JSON object")
-    fmt = manifest.get("format")
-    if fmt != FORMAT:
-        raise BundleError(f"{path}: unknown bundle format version {fmt!r}; this sepsnet reads {FORMAT!r}. "
-                          "Re-export the bundle with this version of sepsnet-export.")
-    for key in ("graphs", "files", "precision"):
-        if key not in manifest:
-            raise BundleError(f"{path}: manifest has no {key!r} entry")
+    try:
+        manifest_schema.validate(manifest)
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     return manifest
+
+
+def manifest_body(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A loaded manifest without the keys :func:`write_manifest` adds (format, created, files): the
+    content to update and write again."""
+    return {k: v for k, v in manifest.items() if k not in WRITTEN_KEYS}
 
 
 def has_plans(manifest: dict[str, Any]) -> bool:
@@ -137,32 +151,15 @@ def has_plans(manifest: dict[str, Any]) -> bool:
     return any(g.get("plan") for g in manifest.get("graphs", {}).values())
 
 
-def check_trt_compatible(manifest: dict[str, Any], trt_version: str | None, gpu_name: str | None,
-                         where: str = "bundle") -> None:
-    """Refuse plans built for another TensorRT version or GPU, naming both sides."""
-    built_trt = manifest.get("versions", {}).get("tensorrt")
-    built_gpu = manifest.get("gpu")
-    if trt_version is None:
-        raise BundleError(f"{where}: its TensorRT engines were built with TensorRT {built_trt} on {built_gpu}, "
-                          "but tensorrt cannot be imported here; use the ONNX graphs (backend='ort')")
-    if built_trt != trt_version:
-        raise BundleError(f"{where}: TensorRT engines were built with TensorRT {built_trt}, this machine has "
-                          f"TensorRT {trt_version}; rebuild them with `sepsnet-export --from-onnx {where} "
-                          f"--{manifest.get('precision', 'fp16')}` or use backend='ort'")
-    if gpu_name is not None and built_gpu != gpu_name:
-        raise BundleError(f"{where}: TensorRT engines were built on GPU {built_gpu!r}, this machine has "
-                          f"{gpu_name!r}; plans are GPU-specific, rebuild them with "
-                          f"`sepsnet-export --from-onnx {where} --{manifest.get('precision', 'fp16')}`")
+def verify_bundle(bundle_dir: str | Path, *, runtime: Any = None) -> dict[str, Any]:
+    """Load and validate the manifest; check every listed file is inside the bundle (symlinks resolved),
+    exists and has its sha256, and that every file a graph names is listed.
 
-
-def verify_bundle(bundle_dir: str | Path, *, check_trt: bool = False, trt_version: str | None = None,
-                  gpu_name: str | None = None) -> dict[str, Any]:
-    """Load the manifest and check every listed file exists with its sha256.
-
-    With ``check_trt`` (the TensorRT runtime does this) also refuse plans built for another
-    TensorRT version or GPU (``trt_version``/``gpu_name`` describe this machine).
-    Returns the manifest.
+    With ``runtime`` (a :class:`sepsnet.export.engine_guard.Runtime`; the TensorRT runtime passes it)
+    also refuse plans that runtime cannot run (engine guard). Returns the manifest.
     """
+    from sepsnet.export import manifest_schema
+
     root = Path(bundle_dir)
     if root.is_file():
         root = root.parent
@@ -170,6 +167,8 @@ def verify_bundle(bundle_dir: str | Path, *, check_trt: bool = False, trt_versio
     files = manifest["files"]
     for rel, entry in files.items():
         p = root / rel
+        if not manifest_schema.is_inside(root, rel):
+            raise BundleError(f"{root}: file {rel!r} listed in the manifest leads outside the bundle (symlink)")
         if not p.is_file():
             raise BundleError(f"{root}: file {rel!r} listed in the manifest is missing")
         digest = sha256_file(p)
@@ -183,8 +182,10 @@ def verify_bundle(bundle_dir: str | Path, *, check_trt: bool = False, trt_versio
                 raise BundleError(f"{root}: graph {name!r} {key} file {rel!r} is not listed in the manifest files")
     if manifest.get("plugin") and manifest["plugin"] not in files:
         raise BundleError(f"{root}: plugin library {manifest['plugin']!r} is not in the bundle")
-    if check_trt and has_plans(manifest):
-        check_trt_compatible(manifest, trt_version, gpu_name, where=str(root))
+    if runtime is not None and has_plans(manifest):
+        from sepsnet.export.engine_guard import check_plan_compatible
+
+        check_plan_compatible(manifest, runtime, where=str(root))
     return manifest
 
 
@@ -198,6 +199,16 @@ def default_classes(num_things: int, num_stuff: int) -> dict[str, Any]:
                       for i in range(num_stuff)]}
 
 
+def input_spec(cfg: Any, ranges: dict[str, list[int]], dynamic: bool) -> dict[str, Any]:
+    """The manifest ``input`` block: engine input size and ranges, normalisation, test-time resize."""
+    d = cfg.data
+    return {"height": ranges["height"][1], "width": ranges["width"][1], "batch": ranges["batch"][1],
+            "dynamic": dynamic, "ranges": ranges, "input_format": d.input_format,
+            "pixel_mean": list(d.pixel_mean), "pixel_std": list(d.pixel_std),
+            "size_divisibility": d.size_divisibility, "min_size_test": d.min_size_test,
+            "max_size_test": d.max_size_test}
+
+
 def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[str, list[int]],
                      dynamic: bool, instances: dict[str, int], precision: str, opset: int,
                      graphs: dict[str, dict[str, Any]], plugin: str | None = None,
@@ -205,7 +216,7 @@ def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[s
     """Everything the runtime needs besides the files (see the module docstring)."""
     from dataclasses import asdict
 
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     return {
         "precision": precision,
         "opset": opset,
@@ -215,11 +226,7 @@ def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[s
                   "mask_size": m.blender.mask_size, "sampling_ratio": m.blender.sampling_ratio,
                   "strides": list(m.fcos.strides), "fpn_channels": m.fpn_channels,
                   "mask_score": m.components.mask_score, "silhouette_feature": m.components.silhouette_feature},
-        "input": {"height": ranges["height"][1], "width": ranges["width"][1], "batch": ranges["batch"][1],
-                  "dynamic": dynamic, "ranges": ranges, "input_format": d.input_format,
-                  "pixel_mean": list(d.pixel_mean),
-                  "pixel_std": list(d.pixel_std), "size_divisibility": d.size_divisibility,
-                  "min_size_test": d.min_size_test, "max_size_test": d.max_size_test},
+        "input": input_spec(cfg, ranges, dynamic),
         "instances": instances,
         "postprocess": asdict(cfg.postprocess),
         "alpha": cfg.postprocess.alpha,
@@ -227,6 +234,7 @@ def manifest_content(cfg: Any, classes: dict[str, Any] | None, *, ranges: dict[s
         "versions": software_versions(),
         "gpu": gpu,
         "plugin": plugin,
+        "engine": None,
         "graphs": graphs,
         "config": cfg.to_dict(),
     }

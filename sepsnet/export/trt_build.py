@@ -13,7 +13,6 @@ file for each (see :func:`engine_onnx_for`):
 """
 from __future__ import annotations
 
-import ctypes
 import re
 import time
 import warnings
@@ -23,18 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from sepsnet.errors import EngineError
+from sepsnet.export.engine_guard import EngineTarget, build_target
 from sepsnet.export.plugin_rewrite import PLUGIN_OP, PLUGIN_VERSION
 
-NO_TRT_HINT = ("TensorRT engines need the `tensorrt` Python package (pip install tensorrt) and an NVIDIA GPU; "
-               "the ONNX bundle is usable with ONNX Runtime now, and engines can be built later on the target "
-               "machine with `sepsnet-export --from-onnx DIR --fp16`")
+NO_TRT_HINT = ("TensorRT engines need the `tensorrt` Python package (TensorRT 10 or 11 for this CUDA version) and "
+               "an NVIDIA GPU; the ONNX bundle runs with ONNX Runtime (backend='ort'), and engines can be built later "
+               "on the target machine with `sepsnet-export --from-onnx DIR`")
+PLUGIN_BUILD_HINT = "build it with `make plugins` (TensorRT SDK installed, TENSORRT_ROOT set) or pass --plugin-lib"
 
 PLUGIN_NAMESPACE = ""
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+_PLUGIN_HANDLES: dict[str, Any] = {}  # resolved library path -> IPluginRegistry.load_library handle
 
 
 def import_tensorrt(hint: bool = True) -> Any:
-    """``import tensorrt`` or an EngineError saying what is missing (``hint``: how to go on)."""
+    """``import tensorrt`` or an EngineError saying what is missing (``hint``: how to go on). The one
+    TensorRT import of the code base (export and runtime)."""
     try:
         import tensorrt as trt  # optional dependency, imported lazily
     except Exception as exc:  # ImportError, or OSError when libnvinfer is missing
@@ -55,44 +58,51 @@ def trt_major(trt: Any) -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
-def gpu_name(hint: bool = True) -> str:
-    """Name of CUDA device 0, or EngineError when there is no NVIDIA GPU."""
-    import torch
+def check_environment(hint: bool = True, device: int | None = None) -> tuple[Any, str]:
+    """(tensorrt module, name of the CUDA device that builds) or EngineError naming what is missing."""
+    from sepsnet.export.engine_guard import device_info
 
-    if not torch.cuda.is_available():
-        raise EngineError("no CUDA GPU visible to PyTorch" + (f". {NO_TRT_HINT}" if hint else ""))
-    return torch.cuda.get_device_name(0)
-
-
-def check_environment(hint: bool = True) -> tuple[Any, str]:
-    """(tensorrt module, GPU name) or EngineError naming what is missing."""
     trt = import_tensorrt(hint)
-    return trt, gpu_name(hint)
+    try:
+        _, _, name = device_info(device)
+    except EngineError as exc:
+        raise EngineError(str(exc) + (f". {NO_TRT_HINT}" if hint else "")) from None
+    return trt, name
 
 
 def _plugin_id() -> str:
     return f"{PLUGIN_OP} (version {PLUGIN_VERSION}, namespace {PLUGIN_NAMESPACE!r})"
 
 
-def load_plugin_library(trt: Any, path: str | Path, logger: Any) -> None:
-    """Load the SEPSNetRoiBlend plugin library so the parser and runtime find its creator."""
+def load_plugin_library(trt: Any, path: str | Path) -> None:
+    """Register the SEPSNetRoiBlend creator of ``path`` with TensorRT, once per library, the way TensorRT
+    10/11 load IPluginV3 libraries: ``IPluginRegistry.load_library`` (it calls the library's exported
+    ``setLoggerFinder`` and ``getCreators``; the library has no load-time registration, so this is its only
+    registration and ``trtexec --dynamicPlugins`` works the same way). A creator already registered
+    (e.g. the application loaded the library itself) is used as is. EngineError naming library and op."""
     path = Path(path)
     if not path.is_file():
-        raise EngineError(f"plugin library for {_plugin_id()} not found: {path} (build it with `make plugins` "
-                          "where a TensorRT SDK is installed, TENSORRT_ROOT set)")
-    try:
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # static REGISTER_TENSORRT_PLUGIN registration
-    except OSError as exc:
-        raise EngineError(f"cannot load plugin library {path} (for {_plugin_id()}): {exc}") from None
+        raise EngineError(f"plugin library for {_plugin_id()} not found: {path}; {PLUGIN_BUILD_HINT}")
+    key = str(path.resolve())
     registry = trt.get_plugin_registry()
-    if not has_plugin_creator(registry, PLUGIN_OP) and hasattr(registry, "load_library"):
-        registry.load_library(str(path))  # libraries exporting getCreators()
+    if key in _PLUGIN_HANDLES or has_plugin_creator(registry, PLUGIN_OP):
+        return
+    if not hasattr(registry, "load_library"):
+        raise EngineError(f"TensorRT {getattr(trt, '__version__', '?')} has no IPluginRegistry.load_library; "
+                          f"sepsnet needs TensorRT 10 or 11 to load {path} ({_plugin_id()})")
+    try:
+        handle = registry.load_library(key)
+    except Exception as exc:
+        raise EngineError(f"cannot load plugin library {path} (for {_plugin_id()}): {exc}") from None
     if not has_plugin_creator(registry, PLUGIN_OP):
         raise EngineError(f"plugin {_plugin_id()} not found: {path} loaded but registered no creator for it "
-                          f"(built against another TensorRT version? this is TensorRT {trt.__version__})")
+                          f"(built against another TensorRT version, or from other sources? this is TensorRT "
+                          f"{getattr(trt, '__version__', '?')}); {PLUGIN_BUILD_HINT}")
+    _PLUGIN_HANDLES[key] = handle
 
 
-def has_plugin_creator(registry: Any, name: str, version: str = PLUGIN_VERSION, namespace: str = PLUGIN_NAMESPACE) -> bool:
+def has_plugin_creator(registry: Any, name: str, version: str = PLUGIN_VERSION,
+                       namespace: str = PLUGIN_NAMESPACE) -> bool:
     """Whether ``registry`` holds a creator for (name, version, namespace).
 
     ``IPluginRegistry.get_creator`` (TensorRT 10/11; None when absent) is the API; the listing of
@@ -158,9 +168,34 @@ def attach_timing_cache(config: Any, path: Path, log: Callable[[str], None] = pr
 class BuildResult:
     plan: Path
     seconds: float
-    trt_version: str
-    gpu: str
+    target: EngineTarget  # what the plan needs (the manifest ``engine`` block)
     precision: str
+
+
+def apply_compatibility(trt: Any, config: Any, target: EngineTarget, plugin_library: str | Path | None,
+                        parser: Any = None) -> None:
+    """Hardware- / version-compatible build settings on the builder ``config`` (TensorRT >= 8.6 API:
+    ``hardware_compatibility_level``, ``BuilderFlag.VERSION_COMPATIBLE``, ``plugins_to_serialize``);
+    EngineError when this TensorRT does not offer the one asked for. A version-compatible plan carries
+    the plugin libraries it uses: ours and those the ONNX parser used (``get_used_vc_plugin_libraries``,
+    e.g. for RoiAlign)."""
+    if target.hardware_compatibility == "ampere_plus":
+        level = getattr(getattr(trt, "HardwareCompatibilityLevel", None), "AMPERE_PLUS", None)
+        if level is None or not hasattr(config, "hardware_compatibility_level"):
+            raise EngineError(f"TensorRT {trt.__version__} offers no hardware-compatible (Ampere+) builds; "
+                              "build without --hardware-compatible")
+        config.hardware_compatibility_level = level
+    if target.version_compatible:
+        flag = getattr(trt.BuilderFlag, "VERSION_COMPATIBLE", None)
+        if flag is None:
+            raise EngineError(f"TensorRT {trt.__version__} offers no version-compatible builds; "
+                              "build without --version-compatible")
+        config.set_flag(flag)
+        libraries = [str(plugin_library)] if plugin_library is not None else []
+        used = getattr(parser, "get_used_vc_plugin_libraries", None)
+        libraries += [str(lib) for lib in (used() if used is not None else []) if str(lib) not in libraries]
+        if libraries and hasattr(config, "plugins_to_serialize"):
+            config.plugins_to_serialize = libraries  # the plan carries them for later runtimes
 
 
 def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed: bool,
@@ -190,28 +225,32 @@ def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any, strongly_typed:
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str = "fp32",
                  profiles: dict[str, ShapeRange] | None = None, workspace_gib: float = 4.0,
                  timing_cache: str | Path | None = None, plugin_library: str | Path | None = None,
+                 hardware_compatible: bool = False, version_compatible: bool = False,
                  log: Callable[[str], None] = print) -> BuildResult:
-    """Parse ``onnx_path`` and write a serialized engine to ``plan_path``.
+    """Parse ``onnx_path`` and write a serialized engine to ``plan_path`` (on torch's current CUDA device).
 
     ``precision`` is the bundle precision (fp32/fp16/int8): on TensorRT 10 it sets the builder flags,
     on 11 it is only reported (the graph carries it); pass the graph :func:`engine_onnx_for` picks.
     ``profiles`` maps every dynamic input to (min, opt, max) shapes (one optimisation profile). The
     timing cache file (the CLI passes :func:`default_timing_cache`) is read when present and written
     back after the build so later builds reuse the tactics; a mismatching one is replaced with a warning.
+    ``hardware_compatible`` (Ampere+ level) / ``version_compatible``: see :mod:`engine_guard`; the
+    returned :class:`BuildResult` ``target`` records them with the TensorRT version and compute capability.
     """
     from sepsnet.fileio import atomic_write_bytes
 
-    trt, gpu = check_environment()
+    trt = import_tensorrt()
     major = trt_major(trt)
     if major < 10:
         raise EngineError(f"TensorRT {trt.__version__} is too old; sepsnet supports TensorRT 10 and 11")
+    target = build_target(str(trt.__version__), None, hardware_compatible, version_compatible)
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # ROIAlign_TRT lives in libnvinfer_plugin
     if plugin_library is not None:
-        load_plugin_library(trt, plugin_library, logger)
+        load_plugin_library(trt, plugin_library)
     builder = trt.Builder(logger)
     strongly_typed = major >= 11  # 11: always strongly typed (flag kept where it still exists)
-    network, _parser = _parse(trt, builder, Path(onnx_path), logger, strongly_typed, plugin_library)
+    network, parser = _parse(trt, builder, Path(onnx_path), logger, strongly_typed, plugin_library)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if major < 11:
@@ -219,6 +258,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str
             config.set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ graph: explicit scales, no calibrator
+    apply_compatibility(trt, config, target, plugin_library, parser)
     dynamic_inputs = []
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -237,7 +277,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str
     if timing_cache is not None:
         attach_timing_cache(config, Path(timing_cache), log)
     start = time.perf_counter()
-    log(f"building TensorRT {trt.__version__} engine ({precision}) from {onnx_path} on {gpu} ...")
+    log(f"building TensorRT {trt.__version__} engine ({precision}) from {onnx_path} on {target.gpu} "
+        f"(compute capability {target.compute_capability}, hardware compatibility {target.hardware_compatibility}"
+        f"{', version-compatible' if target.version_compatible else ''}) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
@@ -247,8 +289,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, precision: str
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
     log(f"wrote {plan_path} in {seconds:.1f} s")
-    return BuildResult(plan=Path(plan_path), seconds=seconds, trt_version=str(trt.__version__), gpu=gpu,
-                       precision=precision)
+    return BuildResult(plan=Path(plan_path), seconds=seconds, target=target, precision=precision)
 
 
 def dense_profiles(ranges: dict[str, list[int]]) -> dict[str, ShapeRange]:

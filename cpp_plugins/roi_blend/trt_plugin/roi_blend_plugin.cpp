@@ -2,9 +2,14 @@
 // shared CUDA kernel (../roi_blend_cuda.cu). See roi_blend_plugin.h for the tensor contract.
 #include "roi_blend_plugin.h"
 
+#include <climits>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <mutex>
+#include <string>
 
 #ifndef SEPSNET_WITH_CUDA
 #define SEPSNET_WITH_CUDA 1
@@ -19,30 +24,139 @@ namespace {
 
 constexpr int32_t kBases = 0, kBoxes = 1, kBatchIdx = 2, kAttention = 3, kNbInputs = 4, kNbOutputs = 1;
 
-void report(char const* what) noexcept { std::fprintf(stderr, "[SEPSNetRoiBlend] %s\n", what); }
+// The ILoggerFinder TensorRT hands the library (IPluginRegistry::loadLibrary / a version-compatible
+// plan call the exported setLoggerFinder); kept once, read under a mutex.
+std::mutex gLoggerMutex;
+ILoggerFinder* gLoggerFinder = nullptr;
+
+ILogger* pluginLogger() noexcept {
+  std::lock_guard<std::mutex> lock(gLoggerMutex);
+  if (gLoggerFinder != nullptr) {
+    if (ILogger* logger = gLoggerFinder->findLogger()) return logger;
+  }
+  return ::getLogger();  // libnvinfer's global logger (used when no finder was given)
+}
+
+}  // namespace
+
+void setLoggerFinderImpl(ILoggerFinder* finder) noexcept {
+  std::lock_guard<std::mutex> lock(gLoggerMutex);
+  if (gLoggerFinder == nullptr && finder != nullptr) gLoggerFinder = finder;
+}
+
+namespace {
+
+// Every message goes to TensorRT's logger (the application's ILogger), prefixed with the plugin name;
+// stderr only when TensorRT offers no logger at all.
+void log(ILogger::Severity severity, std::string const& what) noexcept {
+  try {
+    std::string const msg = std::string("[") + kPluginName + "] " + what;
+    if (ILogger* logger = pluginLogger()) {
+      logger->log(severity, msg.c_str());
+    } else {
+      std::fprintf(stderr, "%s\n", msg.c_str());
+    }
+  } catch (...) {
+  }
+}
+
+void report(std::string const& what) noexcept { log(ILogger::Severity::kERROR, what); }
 
 bool isFloatType(DataType t) { return t == DataType::kFLOAT || t == DataType::kHALF; }
 
-// Read an int attribute that the ONNX parser may hand over as int32 or int64 (or a float).
-bool readInt(PluginField const& f, int32_t& out) {
-  if (f.data == nullptr || f.length < 1) return false;
-  switch (f.type) {
-    case PluginFieldType::kINT32: out = *static_cast<int32_t const*>(f.data); return true;
-    case PluginFieldType::kINT64: out = static_cast<int32_t>(*static_cast<int64_t const*>(f.data)); return true;
-    case PluginFieldType::kFLOAT32: out = static_cast<int32_t>(*static_cast<float const*>(f.data)); return true;
-    default: return false;
+// Integer fields arrive as kINT32 (plugin serialisation) or kINT64 (ONNX attributes are int64); the
+// one float field as kFLOAT32 or kFLOAT64. Anything else (a float for an int, an int for the float, a
+// length other than 1, a null pointer) is refused: no silent conversion.
+bool readInt(PluginField const& f, int32_t& out, std::string& error) {
+  int64_t value = 0;
+  if (f.type == PluginFieldType::kINT32) {
+    value = *static_cast<int32_t const*>(f.data);
+  } else if (f.type == PluginFieldType::kINT64) {
+    value = *static_cast<int64_t const*>(f.data);
+  } else {
+    error = std::string("attribute '") + f.name + "' must be an integer (int32/int64 plugin field), got field type " +
+            std::to_string(static_cast<int32_t>(f.type));
+    return false;
+  }
+  if (value < INT32_MIN || value > INT32_MAX) {
+    error = std::string("attribute '") + f.name + "' = " + std::to_string(value) + " does not fit int32";
+    return false;
+  }
+  out = static_cast<int32_t>(value);
+  return true;
+}
+
+bool readFloat(PluginField const& f, float& out, std::string& error) {
+  double value = 0.0;
+  if (f.type == PluginFieldType::kFLOAT32) {
+    value = *static_cast<float const*>(f.data);
+  } else if (f.type == PluginFieldType::kFLOAT64) {
+    value = *static_cast<double const*>(f.data);
+  } else {
+    error = std::string("attribute '") + f.name + "' must be a float (float32/float64 plugin field), got field type " +
+            std::to_string(static_cast<int32_t>(f.type));
+    return false;
+  }
+  if (!std::isfinite(value)) {
+    error = std::string("attribute '") + f.name + "' is not finite";
+    return false;
+  }
+  out = static_cast<float>(value);
+  return true;
+}
+
+}  // namespace
+
+bool validate(PluginFieldCollection const* fc, RoiBlendParams& p, std::string& error) noexcept {
+  try {
+    p = RoiBlendParams{};
+    bool seen[4] = {false, false, false, false};
+    char const* const names[4] = {"out_size", "spatial_scale", "sampling_ratio", "num_bases"};
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+      PluginField const& f = fc->fields[i];
+      if (f.name == nullptr) {
+        error = "a plugin field has no name";
+        return false;
+      }
+      int32_t k = 0;
+      while (k < 4 && std::strcmp(f.name, names[k]) != 0) ++k;
+      if (k == 4) {  // e.g. attributes a newer exporter adds: not ours to interpret
+        log(ILogger::Severity::kWARNING, std::string("ignoring unknown attribute '") + f.name + "'");
+        continue;
+      }
+      if (seen[k]) {
+        error = std::string("attribute '") + f.name + "' is given twice";
+        return false;
+      }
+      seen[k] = true;
+      if (f.data == nullptr || f.length != 1) {
+        error = std::string("attribute '") + f.name + "' must hold exactly one value, got " +
+                std::to_string(f.length);
+        return false;
+      }
+      bool const ok = k == 1 ? readFloat(f, p.spatial_scale, error)
+                             : readInt(f, k == 0 ? p.out_size : (k == 2 ? p.sampling_ratio : p.num_bases), error);
+      if (!ok) return false;
+    }
+    if (p.out_size < 1 || p.out_size > 1024) {
+      error = "attribute 'out_size' must be in [1, 1024], got " + std::to_string(p.out_size);
+    } else if (!(p.spatial_scale > 0.f)) {
+      error = "attribute 'spatial_scale' must be > 0, got " + std::to_string(p.spatial_scale);
+    } else if (p.sampling_ratio < 0) {
+      error = "attribute 'sampling_ratio' must be >= 0 (0 = adaptive), got " + std::to_string(p.sampling_ratio);
+    } else if (p.num_bases < 0) {
+      error = "attribute 'num_bases' must be >= 0 (0 = from the inputs), got " + std::to_string(p.num_bases);
+    } else {
+      return true;
+    }
+    return false;
+  } catch (std::exception const& e) {
+    error = e.what();
+    return false;
   }
 }
 
-bool readFloat(PluginField const& f, float& out) {
-  if (f.data == nullptr || f.length < 1) return false;
-  switch (f.type) {
-    case PluginFieldType::kFLOAT32: out = *static_cast<float const*>(f.data); return true;
-    case PluginFieldType::kFLOAT64: out = static_cast<float>(*static_cast<double const*>(f.data)); return true;
-    case PluginFieldType::kINT32: out = static_cast<float>(*static_cast<int32_t const*>(f.data)); return true;
-    default: return false;
-  }
-}
+namespace {
 
 void describeFields(RoiBlendParams const* p, std::vector<PluginField>& fields, PluginFieldCollection& fc) {
   fields.clear();
@@ -126,7 +240,7 @@ bool RoiBlendPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTensorD
   if (d.format != TensorFormat::kLINEAR) return false;
   switch (pos) {
     case kBases: return isFloatType(d.type);
-    case kBoxes: return isFloatType(d.type);
+    case kBoxes: return d.type == DataType::kFLOAT;  // never fp16: box coordinates are not rounded
     case kBatchIdx: return d.type == DataType::kINT32 || d.type == DataType::kINT64;
     default: return d.type == inOut[kBases].desc.type;  // attention and the output follow the bases
   }
@@ -167,7 +281,7 @@ int32_t RoiBlendPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorD
   a.index_kind = inputDesc[kBatchIdx].type == DataType::kINT64 ? roi_blend::IndexKind::kInt64
                                                                 : roi_blend::IndexKind::kInt32;
   a.data = inputDesc[kBases].type == DataType::kHALF ? roi_blend::DType::kFloat16 : roi_blend::DType::kFloat32;
-  a.box = inputDesc[kBoxes].type == DataType::kHALF ? roi_blend::DType::kFloat16 : roi_blend::DType::kFloat32;
+  a.box = roi_blend::DType::kFloat32;  // supportsFormatCombination admits fp32 boxes only
   cudaError_t const err = roi_blend::launch_cuda(a, stream);
   if (err != cudaSuccess) {
     report(cudaGetErrorString(err));
@@ -185,25 +299,13 @@ PluginFieldCollection const* RoiBlendPlugin::getFieldsToSerialize() noexcept {
 
 RoiBlendPluginCreator::RoiBlendPluginCreator() { describeFields(nullptr, mFields, mFieldCollection); }
 
-IPluginV3* RoiBlendPluginCreator::createPlugin(char const* /*name*/, PluginFieldCollection const* fc,
+IPluginV3* RoiBlendPluginCreator::createPlugin(char const* name, PluginFieldCollection const* fc,
                                                TensorRTPhase /*phase*/) noexcept {
   try {
     RoiBlendParams p;
-    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
-      PluginField const& f = fc->fields[i];
-      if (f.name == nullptr) continue;
-      bool ok = true;
-      if (!std::strcmp(f.name, "out_size")) ok = readInt(f, p.out_size);
-      else if (!std::strcmp(f.name, "spatial_scale")) ok = readFloat(f, p.spatial_scale);
-      else if (!std::strcmp(f.name, "sampling_ratio")) ok = readInt(f, p.sampling_ratio);
-      else if (!std::strcmp(f.name, "num_bases")) ok = readInt(f, p.num_bases);
-      if (!ok) {
-        report("unreadable attribute (expected int out_size/sampling_ratio/num_bases, float spatial_scale)");
-        return nullptr;
-      }
-    }
-    if (p.out_size < 1 || p.sampling_ratio < 0 || p.num_bases < 0 || !(p.spatial_scale > 0.f)) {
-      report("invalid attributes: need out_size >= 1, sampling_ratio >= 0, num_bases >= 0, spatial_scale > 0");
+    std::string error;
+    if (!validate(fc, p, error)) {
+      report(std::string("layer '") + (name ? name : "?") + "': " + error);
       return nullptr;
     }
     return new RoiBlendPlugin(p, mNamespace);
@@ -217,16 +319,15 @@ IPluginV3* RoiBlendPluginCreator::createPlugin(char const* /*name*/, PluginField
 }  // namespace sepsnet
 
 // ---- registration ---------------------------------------------------------------------------
-// dlopen (ctypes / trtexec --staticPlugins) registers through REGISTER_TENSORRT_PLUGIN;
-// IPluginRegistry::loadLibrary (trtexec --dynamicPlugins) calls getCreators() instead. Build
-// with -DSEPSNET_TRT_NO_STATIC_REGISTRATION to use only the latter.
-#ifndef SEPSNET_TRT_NO_STATIC_REGISTRATION
-using sepsnet::trt::RoiBlendPluginCreator;
-REGISTER_TENSORRT_PLUGIN(RoiBlendPluginCreator);
-#endif
-
+// One path only: TensorRT 10/11 load IPluginV3 libraries with IPluginRegistry::loadLibrary (Python
+// IPluginRegistry.load_library, trtexec --dynamicPlugins, version-compatible plans carrying the library),
+// which calls setLoggerFinder and registers what getCreators returns. A load-time static registration
+// (REGISTER_TENSORRT_PLUGIN) as well would register the creator twice, and loadLibrary refuses a library
+// whose creators are already registered.
 extern "C" {
-__attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* /*finder*/) {}
+__attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
+  sepsnet::trt::setLoggerFinderImpl(finder);
+}
 
 __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   static sepsnet::trt::RoiBlendPluginCreator creator;

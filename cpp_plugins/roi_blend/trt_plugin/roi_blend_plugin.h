@@ -2,12 +2,14 @@
 // creator (IPluginCreatorV3One): the fused ROIAlign + attention blend of SE-PSNet (Eq. 3).
 //
 // Inputs:  0 bases     (N, K, H, W)  float32 | float16
-//          1 boxes     (n, 4)        float32 | float16, [x1, y1, x2, y2] in input pixels
+//          1 boxes     (n, 4)        float32 only, [x1, y1, x2, y2] in input pixels (never rounded to fp16)
 //          2 batch_idx (n)           int32 | int64
 //          3 attention (n, K, M, M)  same type as bases (logits)
 // Output:  0 masks     (n, R, R)     same type as bases (mask logits), n dynamic.
 // Attributes: out_size (R, int), spatial_scale (float), sampling_ratio (int, 0 = adaptive),
-//             num_bases (int, 0 = take K from the inputs).
+//             num_bases (int, 0 = take K from the inputs); checked strictly by validate().
+// Messages go to TensorRT's logger (setLoggerFinder); the creator is registered only through the
+// exported getCreators (IPluginRegistry::loadLibrary). See ../README.md "TensorRT plugin".
 // Written against the TensorRT 10 and 11 headers (NvInferRuntime.h).
 #pragma once
 
@@ -82,6 +84,14 @@ class RoiBlendPlugin : public nvinfer1::IPluginV3,
   std::vector<nvinfer1::PluginField> mFields;
   nvinfer1::PluginFieldCollection mFieldCollection{};
 };
+
+// Fill ``params`` from plugin fields (ONNX attributes at build time, getFieldsToSerialize at load time):
+// known names only, exactly one value each, integer fields int32/int64, spatial_scale float32/float64,
+// values in range. False with ``error`` naming the attribute otherwise.
+bool validate(nvinfer1::PluginFieldCollection const* fc, RoiBlendParams& params, std::string& error) noexcept;
+
+// Keep the ILoggerFinder TensorRT passes to the library's exported setLoggerFinder (first non-null one).
+void setLoggerFinderImpl(nvinfer1::ILoggerFinder* finder) noexcept;
 
 class RoiBlendPluginCreator : public nvinfer1::IPluginCreatorV3One {
  public:
