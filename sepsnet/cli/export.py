@@ -1,6 +1,6 @@
 """``sepsnet-export``: checkpoint -> ONNX graphs (+ TensorRT engines) + manifest (DESIGN.md "Export bundle").
 
-    sepsnet-export CKPT --out DIR [--config X] [--fp16] [--int8 [--calib DIR]] [--plugin]
+    sepsnet-export CKPT --out DIR [--config X] [--fp16] [--int8 --calib DIR|synthetic [--calib-method M]] [--plugin]
                    [--onnx-only] [--height H --width W] [--dynamic]
     sepsnet-export --from-onnx DIR [--out DIR2] [--fp16 | --int8] [--plugin]   # engines later, on the target
 
@@ -22,14 +22,13 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sepsnet.cli._common import run_cli
 from sepsnet.errors import BundleError, ConfigError, EngineError
-from sepsnet.export import bundle, trt_build
+from sepsnet.export import bundle, calibration, trt_build
 
 PLUGIN_NAME = "libsepsnet_plugins.so"
 PLUGIN_SEARCH = ("build/plugins", "build", "cpp_plugins/build", "cpp_plugins/roi_blend/build", "sepsnet/ops")
@@ -48,8 +47,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="fp16 graph / engine (sensitive ops stay fp32)")
     prec.add_argument("--int8", action="store_true", help="int8 Q/DQ dense graph calibrated with ONNX Runtime")
-    p.add_argument("--calib", help="folder of calibration images for --int8 (default: generated frames)")
-    p.add_argument("--calib-count", type=int, default=32, help="calibration frames (default 32)")
+    p.add_argument("--calib", metavar="DIR|synthetic",
+                   help="--int8 calibration images: a folder of images, or a dataset root (its train split); "
+                        "'synthetic': generated shapes, smoke tests only. Required with --int8")
+    p.add_argument("--calib-count", type=int, default=32,
+                   help="calibration frames, spread over the images (default 32)")
+    p.add_argument("--calib-method", choices=calibration.METHODS, default=calibration.DEFAULT_METHOD,
+                   help=f"activation range estimator for --int8 (default {calibration.DEFAULT_METHOD})")
     p.add_argument("--plugin", action="store_true", help="instance graph with one SEPSNetRoiBlend plugin node")
     p.add_argument("--plugin-lib", help=f"path of {PLUGIN_NAME} (default: searched in {', '.join(PLUGIN_SEARCH)})")
     p.add_argument("--onnx-only", action="store_true", help="write the ONNX bundle, build no TensorRT engine")
@@ -108,8 +112,8 @@ def _clear_bundle(out: Path, keep: frozenset[str] = frozenset()) -> None:
             (out / name).unlink()
 
 
-def write_engine_graphs(out: Path, prec: str, plugin: bool,
-                        calibration: Callable[[], list[Any]]) -> dict[str, dict[str, Any]]:
+def write_engine_graphs(out: Path, prec: str, plugin: bool, calibrate: Callable[[], list[Any]],
+                        calib_method: str = calibration.DEFAULT_METHOD) -> dict[str, dict[str, Any]]:
     """From ``out/dense.onnx`` + ``out/instance.onnx`` write the engine graphs of ``prec`` (+ the plugin
     rewrite) and return the manifest ``graphs`` entries (file table in the module docstring).
 
@@ -133,15 +137,11 @@ def write_engine_graphs(out: Path, prec: str, plugin: bool,
         precision.to_fp16(inst_model if inst_model is not None else out / inst10, out / inst11)
         dense11 = "dense.fp16.onnx"
     elif prec == "int8":
-        batches = calibration()
-        q10 = precision.to_int8_qdq(out / "dense.onnx", out / "dense.int8.onnx", batches)  # TensorRT 10
-        with tempfile.TemporaryDirectory(dir=out, prefix=".fp16-") as tmp:  # TensorRT 11: Q/DQ of the fp16 graph
-            precision.to_fp16(out / "dense.onnx", Path(tmp) / "dense.fp16.onnx")
-            q11 = precision.to_int8_qdq(Path(tmp) / "dense.fp16.onnx", out / "dense.fp16.int8.onnx", batches)
-        for name, q in (("dense.int8.onnx", q10), ("dense.fp16.int8.onnx", q11)):
+        batches = calibrate()
+        for name, q in calibration.write_int8_dense_graphs(out, batches, calib_method).items():
             counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear")
             print(f"{name}: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes, "
-                  f"calibrated on {sum(len(b) for b in batches)} frames")
+                  f"calibrated ({calib_method}) on {len(batches)} frames")
         dense10, dense11 = "dense.int8.onnx", "dense.fp16.int8.onnx"
     return {"dense": _graph_entry(out, "dense.onnx", dense11, dense10),
             "instance": _graph_entry(out, "instance.onnx", inst11, inst10)}
@@ -163,7 +163,7 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     import torch
 
     from sepsnet.config import load_config
-    from sepsnet.export import onnx_export, precision, strip
+    from sepsnet.export import onnx_export, strip
     from sepsnet.model.weights import check_compatible, checkpoint_config, load_checkpoint
 
     if not args.checkpoint:
@@ -189,11 +189,12 @@ def export_onnx_bundle(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         onnx_export.export_instance(model, cfg, out / "instance.onnx", shape)
     prec = _precision(args)
 
-    def calibration() -> list[Any]:
-        return precision.calibration_batches(shape.height, shape.width, 1, cfg.data.pixel_mean, cfg.data.pixel_std,
-                                             folder=args.calib, count=args.calib_count)
+    def calibrate() -> list[Any]:
+        return calibration.calibration_inputs(calibration.require_source(args.calib), cfg.data,
+                                              None if shape.dynamic else (shape.height, shape.width),
+                                              args.calib_count, split=cfg.data.train_split)
 
-    graphs = write_engine_graphs(out, prec, args.plugin, calibration)
+    graphs = write_engine_graphs(out, prec, args.plugin, calibrate, args.calib_method)
     prove_stripped(out, sorted(_referenced(graphs)), aux)
     n_max = shape.max_instances * shape.ranges()["batch"][2]
     content = bundle.manifest_content(
@@ -280,7 +281,7 @@ def from_onnx(args: argparse.Namespace) -> int:
     """Build engines for an existing ONNX bundle (optionally copied to --out first); the engine graphs are
     rewritten first when the precision or --plugin asks for other ones (the plugin choice of a bundle
     sticks). Without TensorRT/GPU: the rewritten bundle stays valid and the exit code is EXIT_NEEDS_TRT."""
-    from sepsnet.export import precision
+    from sepsnet.config import config_from_dict
 
     src = Path(args.from_onnx)
     manifest = bundle.verify_bundle(src)
@@ -292,13 +293,17 @@ def from_onnx(args: argparse.Namespace) -> int:
     plugin = args.plugin or _is_plugin(manifest)
     if prec != manifest["precision"] or plugin != _is_plugin(manifest):
         inp = manifest["input"]
+        if prec == "int8":
+            calibration.require_source(args.calib)  # refuse before anything of the bundle is removed
+        data = config_from_dict(manifest["config"], where=f"{out}/manifest.json").data
 
-        def calibration() -> list[Any]:
-            return precision.calibration_batches(inp["height"], inp["width"], 1, inp["pixel_mean"], inp["pixel_std"],
-                                                 folder=args.calib, count=args.calib_count)
+        def calibrate() -> list[Any]:
+            return calibration.calibration_inputs(calibration.require_source(args.calib), data,
+                                                  None if inp.get("dynamic") else (inp["height"], inp["width"]),
+                                                  args.calib_count, split=data.train_split)
 
         _clear_bundle(out, keep=frozenset({PLUGIN_NAME}))  # manifest first: no half-valid bundle if interrupted
-        graphs = write_engine_graphs(out, prec, plugin, calibration)
+        graphs = write_engine_graphs(out, prec, plugin, calibrate, args.calib_method)
         manifest = {k: v for k, v in manifest.items() if k not in ("format", "created", "files")}
         manifest.update(precision=prec, graphs=graphs, gpu=None, plugin=None)
         bundle.write_manifest(out, manifest)
@@ -315,6 +320,8 @@ def main_args(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.calib and not args.int8:
         raise ConfigError("--calib only applies with --int8")
+    if args.int8 and not args.from_onnx:
+        calibration.require_source(args.calib)  # before any export work
     if args.from_onnx:
         if args.checkpoint:
             raise ConfigError("give either a checkpoint or --from-onnx DIR, not both")
