@@ -36,7 +36,7 @@ def test_compare_dynamic_fp32_bundle_equals_checkpoint(trained, tmp_path: Path, 
     runtime (ONNX Runtime, same padding to a multiple of 32 as evaluation) and matches the checkpoint."""
     ckpt, data = trained
     bundle = tmp_path / "bundle"
-    assert export_main([str(ckpt), "--out", str(bundle), "--onnx-only", "--dynamic", "--max-batch", "1"]) == 0
+    assert export_main([str(ckpt), "--out", str(bundle), "--onnx-only", "--dynamic", "--max-batch", "2"]) == 0
     capsys.readouterr()
     out = tmp_path / "cmp.json"
     assert eval_main(["--checkpoint", str(ckpt), "--bundle", str(bundle), "--compare", "--data", str(data),
