@@ -15,8 +15,9 @@ Calibration frames must look like what the engine will see, so:
 - they are preprocessed by the predictor's own function, ``sepsnet.data.transforms.prepare_input``
   (one resize policy: evaluation resize, shrink-to-fit and zero padding for a static input size);
 - the range estimator is selectable: ``minmax`` (largest absolute value), ``percentile`` (clips the
-  outliers: the 99.999th percentile of |x|) or ``entropy`` (KL-divergence threshold, TensorRT's
-  classic int8 calibrator).
+  outliers: the 99.999th percentile of |x|) or ``entropy`` (ORT's KL-divergence threshold, the idea of
+  TensorRT's classic calibrator; ``quantize_static`` fixes its histograms at 128 bins = the 128 quantized
+  bins, so it cannot clip much: on the tiny model its scales equal minmax's).
 
 The TensorRT 11 graph is Q/DQ over the fp16 graph (strongly typed: unquantized layers run in fp16),
 with fp16 scales, at opset 19 (the first where Q/DQ take fp16 scales). Its quantized convolutions carry
