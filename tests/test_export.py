@@ -18,8 +18,8 @@ from onnx import numpy_helper
 from sepsnet.cli.export import EXIT_NEEDS_TRT
 from sepsnet.cli.export import main as export_main
 from sepsnet.config import load_config
-from sepsnet.errors import DataError, EngineError
-from sepsnet.export import bundle, onnx_export, precision, strip, surgery, trt_build
+from sepsnet.errors import EngineError
+from sepsnet.export import bundle, calibration, onnx_export, precision, strip, surgery, trt_build
 from sepsnet.model.weights import checkpoint_config, load_checkpoint
 from sepsnet.postprocess.candidates import level_entries, select_candidates
 from sepsnet.train.checkpoint import save_checkpoint
@@ -234,10 +234,14 @@ def test_fp16_graph_runs_and_is_close(fp16_bundle, deploy) -> None:
         assert float(np.abs(value - inst_ref[name].numpy()).max()) <= 1e-2, name
 
 
-def test_int8_qdq_graph(fp16_bundle, tmp_path: Path) -> None:
+def _calib_inputs(deploy, count: int = 2) -> list[np.ndarray]:
+    return calibration.calibration_inputs(calibration.SYNTHETIC, deploy[0].data, (H, W), count)
+
+
+def test_int8_qdq_graph(fp16_bundle, deploy, tmp_path: Path) -> None:
     out, _, _ = fp16_bundle
-    batches = precision.calibration_batches(H, W, 1, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], count=2)
-    q = precision.to_int8_qdq(out / "dense.onnx", tmp_path / "dense.int8.onnx", batches)
+    batches = _calib_inputs(deploy)
+    q = calibration.to_int8_qdq(out / "dense.onnx", tmp_path / "dense.int8.onnx", batches)
     counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear", "Conv")
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] >= counts["QuantizeLinear"]
     got = _session(tmp_path / "dense.int8.onnx").run(None, {"image": batches[0]})
@@ -246,20 +250,6 @@ def test_int8_qdq_graph(fp16_bundle, tmp_path: Path) -> None:
     assert all(np.isfinite(a).all() for a in got)
     # quantization changes values, but scores stay probabilities near the fp32 ones
     assert float(np.abs(got[1] - ref[1]).max()) < 0.25
-
-
-def test_calibration_folder(tmp_path: Path) -> None:
-    import cv2
-
-    for i in range(2):
-        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((40, 50, 3), 60 * i, np.uint8))
-    batches = precision.calibration_batches(H, W, 2, [0, 0, 0], [1, 1, 1], folder=tmp_path, count=8)
-    assert len(batches) == 1 and batches[0].shape == (2, 3, H, W)
-    assert float(batches[0][1, 0, 0, 0]) == 60.0  # 40x50 -> 64x80 (aspect kept), normalised with mean 0 / std 1
-    assert float(batches[0][1, :, :, 80:].max()) == 0.0 and float(batches[0][1, :, :, :80].min()) == 60.0
-    (tmp_path / "none").mkdir()
-    with pytest.raises(DataError, match="has no images"):
-        precision.calibration_batches(H, W, 1, [0, 0, 0], [1, 1, 1], folder=tmp_path / "none")
 
 
 def test_dynamic_export(deploy, tmp_path: Path) -> None:
@@ -487,7 +477,8 @@ def test_cli_from_onnx_rewrites_plugin_and_int8(fp16_bundle, deploy, tmp_path: P
     assert bundle.verify_bundle(src)["graphs"]["instance"]["engine_onnx"] == "instance.fp16.onnx"  # untouched
     # the same copy again is accepted (e.g. re-run on the target); then int8, plugin kept
     assert export_main(["--from-onnx", str(src), "--out", str(dst)]) == EXIT_NEEDS_TRT
-    assert export_main(["--from-onnx", str(dst), "--int8", "--plugin", "--calib-count", "2"]) == EXIT_NEEDS_TRT
+    args = ["--from-onnx", str(dst), "--int8", "--plugin", "--calib", "synthetic", "--calib-count", "2"]
+    assert export_main(args) == EXIT_NEEDS_TRT
     m = bundle.verify_bundle(dst)
     dense, inst = m["graphs"]["dense"], m["graphs"]["instance"]
     assert m["precision"] == "int8"
@@ -504,16 +495,16 @@ def test_cli_from_onnx_rewrites_plugin_and_int8(fp16_bundle, deploy, tmp_path: P
     assert "refusing to overwrite" in capsys.readouterr().err and (junk / "notes.txt").is_file()
 
 
-def test_int8_qdq_over_fp16_graph(fp16_bundle, tmp_path: Path) -> None:
+def test_int8_qdq_over_fp16_graph(fp16_bundle, deploy, tmp_path: Path) -> None:
     """TensorRT 11 int8 graph: Q/DQ over the fp16 graph (opset 19, fp16 scales, no fp32 weights left), so the
     unquantized layers run in fp16 on a strongly typed network; it runs in ORT CPU close to the fp32 graph."""
     out, _, _ = fp16_bundle
-    batches = precision.calibration_batches(H, W, 1, [123.675, 116.28, 103.53], [58.395, 57.12, 57.375], count=2)
-    q = precision.to_int8_qdq(out / "dense.fp16.onnx", tmp_path / "dense.fp16.int8.onnx", batches)
+    batches = _calib_inputs(deploy)
+    q = calibration.to_int8_qdq(out / "dense.fp16.onnx", tmp_path / "dense.fp16.int8.onnx", batches)
     onnx.checker.check_model(q)
     counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear")
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] >= counts["QuantizeLinear"]
-    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= precision.QDQ_FP16_OPSET
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= calibration.QDQ_FP16_OPSET
     kinds = {i.data_type for i in q.graph.initializer}
     assert onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.INT8 in kinds and onnx.TensorProto.FLOAT not in kinds
     assert not [n for n in q.graph.node if n.domain not in ("", "ai.onnx")]  # no ORT-only ops baked in

@@ -1,8 +1,9 @@
 """``sepsnet-export``: checkpoint -> ONNX graphs (+ TensorRT engines) + manifest (DESIGN.md "Export bundle").
 
-    sepsnet-export CKPT --out DIR [--config X] [--fp32 | --fp16 | --int8 [--calib DIR]] [--plugin]
-                   [--onnx-only] [--height H --width W] [--dynamic] [--hardware-compatible] [--version-compatible]
-    sepsnet-export --from-onnx DIR [--out DIR2] [--fp32 | --fp16 | --int8] [--plugin]   # engines on the target
+    sepsnet-export CKPT --out DIR [--config X] [--fp32 | --fp16 | --int8 --calib DIR|synthetic [--calib-method M]]
+                   [--plugin] [--onnx-only] [--height H --width W] [--dynamic] [--hardware-compatible]
+                   [--version-compatible]
+    sepsnet-export --from-onnx DIR [--out DIR2] [--fp32 | --fp16 | --int8 --calib ...] [--plugin]  # engines on target
 
 Exit codes: 0 done; 2 error (message on stderr); 3 (``EXIT_NEEDS_TRT``) the ONNX bundle is written and
 valid but TensorRT engines were not built because this machine lacks TensorRT or an NVIDIA GPU (both
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 from sepsnet.cli._common import positive_float, positive_int, preflight, run_cli
 from sepsnet.errors import ConfigError
+from sepsnet.export.calibration import DEFAULT_METHOD, METHODS
 from sepsnet.export.pipeline import PLUGIN_NAME, PLUGIN_SEARCH, BundleExporter, EnginesNotBuilt, ExportOptions
 
 EXIT_NEEDS_TRT = 3  # ONNX bundle written and valid; engines need TensorRT + an NVIDIA GPU
@@ -34,8 +36,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="fp16 graph / engine (sensitive ops stay fp32)")
     prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
                       help="int8 Q/DQ dense graph calibrated with ONNX Runtime")
-    p.add_argument("--calib", help="folder of calibration images for --int8 (default: generated frames)")
-    p.add_argument("--calib-count", type=positive_int, default=32, help="calibration frames (default 32)")
+    p.add_argument("--calib", metavar="DIR|synthetic",
+                   help="--int8 calibration images: a folder of images, or a dataset root (its train split); "
+                        "'synthetic': generated shapes, smoke tests only. Required with --int8")
+    p.add_argument("--calib-count", type=positive_int, default=32,
+                   help="calibration frames, spread over the images (default 32)")
+    p.add_argument("--calib-method", choices=METHODS, default=DEFAULT_METHOD,
+                   help=f"activation range estimator for --int8 (default {DEFAULT_METHOD})")
     p.add_argument("--plugin", action="store_true", help="instance graph with one SEPSNetRoiBlend plugin node")
     p.add_argument("--plugin-lib", help=f"path of {PLUGIN_NAME} (default: searched in {', '.join(PLUGIN_SEARCH)}; "
                                         "`make plugins` builds it)")

@@ -5,6 +5,11 @@ batch collate (docs/INTERFACES.md "Images into the network").
 The runtime predictor reuses :func:`resize_shape`, :func:`normalize`, :func:`pad_to` and
 :func:`preprocess_image`, so inference preprocessing equals training/evaluation; the inverse
 mapping back to the original image is :func:`boxes_to_original` / :func:`map_to_original`.
+
+ONE resize policy for every network input at inference time: :func:`inference_sizes` (resized and
+padded sizes) and :func:`write_input` / :func:`prepare_input` (resize + normalise + zero padding).
+``PanopticPredictor`` and int8 calibration (``sepsnet.export.calibration``) both call them, so the
+calibration frames are exactly the tensors the engine will see.
 """
 from __future__ import annotations
 
@@ -140,6 +145,45 @@ def map_to_original(label_map: np.ndarray, resized_hw: Sequence[int], original_h
 def pad_to(size: int, divisor: int) -> int:
     """Smallest multiple of ``divisor`` >= ``size``."""
     return int(-(-int(size) // divisor) * divisor) if divisor > 1 else int(size)
+
+
+def inference_sizes(h: int, w: int, cfg: DataConfig,
+                    input_hw: tuple[int, int] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized, padded input) sizes of an h x w frame at inference: the evaluation resize (shorter
+    edge ``min_size_test``, longer edge capped by ``max_size_test``), then
+
+    - dynamic input (``input_hw`` None): zero padding to a multiple of ``size_divisibility``, as the
+      evaluation collate does;
+    - static input ``input_hw = (H, W)``: shrunk (aspect kept) when it does not fit, then zero padding
+      to exactly H x W. A frame is never enlarged to fill the static size, so a static engine sees the
+      same image content as evaluation, only with a wider zero border (README "Static engine shape")."""
+    rh, rw = resize_shape(h, w, cfg.min_size_test, cfg.max_size_test)
+    if input_hw is None:
+        return (rh, rw), (pad_to(rh, cfg.size_divisibility), pad_to(rw, cfg.size_divisibility))
+    H, W = int(input_hw[0]), int(input_hw[1])
+    if rh > H or rw > W:
+        s = min(H / rh, W / rw)
+        rh, rw = max(1, min(H, int(rh * s))), max(1, min(W, int(rw * s)))
+    return (rh, rw), (H, W)
+
+
+def write_input(frame_rgb: np.ndarray, cfg: DataConfig, resized_hw: tuple[int, int], out: torch.Tensor) -> None:
+    """Resize (OpenCV bilinear, as the datasets do) and normalise an HxWx3 uint8 RGB frame into the
+    top-left ``resized_hw`` corner of ``out`` (3, H, W); the rest of ``out`` is left as it is (the
+    caller zeroes it: 0 is the mean colour after normalisation)."""
+    rh, rw = resized_hw
+    out[:, :rh, :rw] = normalize(resize_image(frame_rgb, (rh, rw)), cfg)
+
+
+def prepare_input(frame_rgb: np.ndarray, cfg: DataConfig,
+                  input_hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HxWx3 uint8 RGB frame -> ((1, 3, H, W) float32 network input, resized (h, w)) under the
+    inference resize policy (:func:`inference_sizes` + :func:`write_input`)."""
+    check_rgb(frame_rgb, "frame")
+    (rh, rw), (H, W) = inference_sizes(frame_rgb.shape[0], frame_rgb.shape[1], cfg, input_hw)
+    buf = torch.zeros((1, 3, H, W), dtype=torch.float32)
+    write_input(frame_rgb, cfg, (rh, rw), buf[0])
+    return buf, (rh, rw)
 
 
 def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32) -> tuple[torch.Tensor, list[dict], list[dict]]:

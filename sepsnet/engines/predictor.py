@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Union
 
-import cv2
 import numpy as np
 import torch
 
 from sepsnet.config import DataConfig, PostprocessConfig, SEPSNetConfig, config_from_dict
-from sepsnet.data.transforms import normalize, pad_to, resize_shape
+from sepsnet.data.transforms import inference_sizes, write_input
 from sepsnet.engines.backend import Backend
 from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.postprocess.pipeline import panoptic_inference
@@ -74,10 +73,13 @@ class PanopticPredictor:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: PathLike, backend: str = "auto", threads: int | None = None,
-                    cuda_graph: bool = False) -> PanopticPredictor:
+                    cuda_graph: bool = False, graphs: dict[str, str] | None = None) -> PanopticPredictor:
         """``backend``: ``auto`` (TensorRT when the bundle has plans and TensorRT + GPU exist, else
         ONNX Runtime), ``ort`` or ``trt``. ``path``: bundle folder, manifest or a file inside it.
-        ``cuda_graph``: TensorRT only, capture the static-shape dense engine in a CUDA graph."""
+        ``cuda_graph``: TensorRT only, capture the static-shape dense engine in a CUDA graph.
+        ``graphs``: ONNX Runtime only, ``{"dense": file, "instance": file}`` of the bundle to run
+        instead of the fp32 ``onnx`` graphs (e.g. the fp16 / int8 engine graphs, to measure their
+        accuracy: ``sepsnet.eval.bundle_eval``)."""
         from sepsnet.export.bundle import has_plans, verify_bundle
 
         root = Path(path)
@@ -85,7 +87,13 @@ class PanopticPredictor:
         manifest = verify_bundle(root)
         if backend == "auto":
             backend = "trt" if has_plans(manifest) and torch.cuda.is_available() and _trt_version() else "ort"
-        graphs = manifest["graphs"]
+        graphs_override, graphs = graphs, manifest["graphs"]
+        if graphs_override is not None:
+            listed = set(manifest["files"])
+            bad = [f for f in graphs_override.values() if f not in listed]
+            if backend != "ort" or set(graphs_override) != {"dense", "instance"} or bad:
+                raise BundleError(f"{root}: graphs={graphs_override} must name a dense and an instance graph "
+                                  f"listed in the manifest and needs backend='ort' (unknown: {bad})")
         if backend == "trt":
             from sepsnet.engines.trt_backend import TrtBackend
             from sepsnet.export.engine_guard import check_plan_compatible, current_runtime
@@ -103,8 +111,9 @@ class PanopticPredictor:
         elif backend == "ort":
             from sepsnet.engines.ort_backend import OrtBackend
 
-            dense = OrtBackend(root / graphs["dense"]["onnx"], threads=threads)
-            instance = OrtBackend(root / graphs["instance"]["onnx"], threads=threads)
+            chosen = graphs_override or {k: graphs[k]["onnx"] for k in ("dense", "instance")}
+            dense = OrtBackend(root / chosen["dense"], threads=threads)
+            instance = OrtBackend(root / chosen["instance"], threads=threads)
         else:
             raise EngineError(f"unknown backend {backend!r} (auto, ort, trt)")
         cfg = config_from_dict(manifest["config"], where=f"{root}/manifest.json")
@@ -134,16 +143,9 @@ class PanopticPredictor:
 
     # -- inference ---------------------------------------------------------------------------
     def _target_sizes(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(resized, padded input) sizes for an h x w frame, as evaluation computes them."""
-        rh, rw = resize_shape(h, w, self.data.min_size_test, self.data.max_size_test)
-        if self.input_hw is not None:
-            H, W = self.input_hw
-            if rh > H or rw > W:  # fit into the static engine size, keeping the aspect ratio
-                s = min(H / rh, W / rw)
-                rh, rw = max(1, min(H, int(rh * s))), max(1, min(W, int(rw * s)))
-        else:
-            H, W = pad_to(rh, self.data.size_divisibility), pad_to(rw, self.data.size_divisibility)
-        return (rh, rw), (H, W)
+        """(resized, padded input) sizes for an h x w frame: the one inference resize policy
+        (``sepsnet.data.transforms.inference_sizes``, shared with int8 calibration)."""
+        return inference_sizes(h, w, self.data, self.input_hw)
 
     def _input_buffer(self, H: int, W: int, device: torch.device) -> torch.Tensor:
         """The reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean colour)."""
@@ -154,10 +156,7 @@ class PanopticPredictor:
         return self._buffer
 
     def _fill_with_opencv(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
-        rgb = frame[..., ::-1] if bgr else frame
-        h, w = frame.shape[:2]
-        img = cv2.resize(np.ascontiguousarray(rgb), (rw, rh), interpolation=cv2.INTER_LINEAR) if (rh, rw) != (h, w) else rgb
-        buf[0, :, :rh, :rw] = normalize(img, self.data)
+        write_input(frame[..., ::-1] if bgr else frame, self.data, (rh, rw), buf[0])
 
     def _fill_with_torch(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
         """Device path: upload the uint8 frame (a quarter of the float bytes; pinned staging on CUDA),

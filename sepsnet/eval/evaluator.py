@@ -22,6 +22,65 @@ from sepsnet.postprocess.writers import CityscapesPanopticWriter, CocoPanopticWr
 log = logging.getLogger(__name__)
 
 
+class _Scoring:
+    """PQ / Boundary PQ / mask AP accumulators and the prediction writers of one evaluation run."""
+
+    def __init__(self, dataset: CocoPanopticDataset, cfg: SEPSNetConfig, out_dir: str | Path | None,
+                 with_ap: bool, boundary_ratio: float | None) -> None:
+        self.meta = dataset.meta
+        self.out_dir = out_dir
+        categories = self.meta.categories()
+        self.pq = PQAccumulator(categories)
+        self.bpq = PQAccumulator(categories, dilation_ratio=boundary_ratio) if boundary_ratio else None
+        self.ap = InstanceAPAccumulator(categories) if with_ap else None
+        self.writers: list[Any] = []
+        if out_dir:
+            self.writers.append(CocoPanopticWriter(out_dir, self.meta.to_dict()))
+            if cfg.data.format == "cityscapes":  # also the Cityscapes panoptic format
+                self.writers.append(CityscapesPanopticWriter(out_dir, self.meta.to_dict()))
+        self.thing_ids = [t["id"] for t in self.meta.things]
+        self.dataset = dataset
+
+    def add(self, res: Any, index: int, image_id: Any, file_name: str) -> None:
+        """One prediction (at the original resolution) against the ground truth of sample ``index``."""
+        res = res.to("cpu")
+        gt_ids, gt_segments = self.dataset.load_gt(index)
+        pred_ids, pred_segs = _remap(res, self.meta.to_dict(), False)
+        self.pq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=image_id)
+        if self.bpq is not None:
+            self.bpq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=image_id)
+        for writer in self.writers:
+            writer.add(res, image_id, file_name)
+        if self.ap is not None:
+            _add_ap(self.ap, index, gt_ids, gt_segments, res, self.thing_ids)
+
+    def finish(self, n: int, skipped: list[str], seconds: float) -> dict[str, Any]:
+        if n and len(skipped) == n:
+            raise DataError(f"no readable image to evaluate: all {n} skipped (first: {skipped[0]})")
+        evaluated = n - len(skipped)
+        summary = self.pq.summary()
+        metrics: dict[str, Any] = {
+            "PQ": summary["All"]["pq"], "SQ": summary["All"]["sq"], "RQ": summary["All"]["rq"],
+            "PQ_th": summary["Things"]["pq"], "SQ_th": summary["Things"]["sq"], "RQ_th": summary["Things"]["rq"],
+            "PQ_st": summary["Stuff"]["pq"], "SQ_st": summary["Stuff"]["sq"], "RQ_st": summary["Stuff"]["rq"],
+            "images": evaluated, "skipped": len(skipped), "seconds_per_image": seconds / max(evaluated, 1),
+        }
+        if self.bpq is not None:
+            bsum = self.bpq.summary()
+            metrics.update({"PQ_boundary": bsum["All"]["pq"], "PQ_boundary_th": bsum["Things"]["pq"],
+                            "PQ_boundary_st": bsum["Stuff"]["pq"]})
+        if self.ap is not None:
+            ap_summary = self.ap.summary()
+            metrics["mask_AP"] = ap_summary.get("segm", {}).get("AP", float("nan"))
+            metrics["box_AP"] = ap_summary.get("bbox", {}).get("AP", float("nan"))
+        for writer in self.writers:
+            writer.close()
+        if self.out_dir:
+            write_json(Path(self.out_dir) / "metrics.json",
+                       {**metrics, "skipped_files": skipped, "per_class": summary.get("per_class")})
+        return metrics
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SEPSNetConfig,
                    out_dir: str | Path | None = None, max_images: int | None = None,
@@ -41,17 +100,7 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    meta = dataset.meta
-    categories = meta.categories()
-    pq = PQAccumulator(categories)
-    bpq = PQAccumulator(categories, dilation_ratio=boundary_ratio) if boundary_ratio else None
-    ap = InstanceAPAccumulator(categories) if with_ap else None
-    writers = []
-    if out_dir:
-        writers.append(CocoPanopticWriter(out_dir, meta.to_dict()))
-        if cfg.data.format == "cityscapes":  # also the Cityscapes panoptic format
-            writers.append(CityscapesPanopticWriter(out_dir, meta.to_dict()))
-    thing_ids = [t["id"] for t in meta.things]
+    scoring = _Scoring(dataset, cfg, out_dir, with_ap, boundary_ratio)
     skip_bad = dataset.skip_bad if skip_bad is None else skip_bad
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     skipped: list[str] = []
@@ -75,45 +124,42 @@ def evaluate_model(model: torch.nn.Module, dataset: CocoPanopticDataset, cfg: SE
             sizes = [(info["resized_size"], info["original_size"]) for info in infos]
             results = panoptic_inference(dense, model.forward_instances, sizes, cfg)
             for res, info in zip(results, infos):
-                res = res.to("cpu")
-                index = info["index"]  # the sample actually loaded: its own ground truth
-                gt_ids, gt_segments = dataset.load_gt(index)
-                pred_ids, pred_segs = _remap(res, meta.to_dict(), False)
-                pq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
-                if bpq is not None:
-                    bpq.add(gt_ids, gt_segments, pred_ids, pred_segs, image_id=info["image_id"])
-                for writer in writers:
-                    writer.add(res, info["image_id"], info["file_name"])
-                if ap is not None:
-                    _add_ap(ap, index, gt_ids, gt_segments, res, thing_ids)
+                # the sample actually loaded: its own ground truth
+                scoring.add(res, info["index"], info["image_id"], info["file_name"])
     finally:
         if was_training:
             model.train()
-    if n and len(skipped) == n:
-        raise DataError(f"no readable image to evaluate: all {n} skipped (first: {skipped[0]})")
-    evaluated = n - len(skipped)
-    summary = pq.summary()
-    metrics: dict[str, Any] = {
-        "PQ": summary["All"]["pq"], "SQ": summary["All"]["sq"], "RQ": summary["All"]["rq"],
-        "PQ_th": summary["Things"]["pq"], "SQ_th": summary["Things"]["sq"], "RQ_th": summary["Things"]["rq"],
-        "PQ_st": summary["Stuff"]["pq"], "SQ_st": summary["Stuff"]["sq"], "RQ_st": summary["Stuff"]["rq"],
-        "images": evaluated, "skipped": len(skipped),
-        "seconds_per_image": (time.perf_counter() - start) / max(evaluated, 1),
-    }
-    if bpq is not None:
-        bsum = bpq.summary()
-        metrics.update({"PQ_boundary": bsum["All"]["pq"], "PQ_boundary_th": bsum["Things"]["pq"],
-                        "PQ_boundary_st": bsum["Stuff"]["pq"]})
-    if ap is not None:
-        ap_summary = ap.summary()
-        metrics["mask_AP"] = ap_summary.get("segm", {}).get("AP", float("nan"))
-        metrics["box_AP"] = ap_summary.get("bbox", {}).get("AP", float("nan"))
-    for writer in writers:
-        writer.close()
-    if out_dir:
-        write_json(Path(out_dir) / "metrics.json",
-                   {**metrics, "skipped_files": skipped, "per_class": summary.get("per_class")})
-    return metrics
+    return scoring.finish(n, skipped, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate_predictor(predictor: Any, dataset: CocoPanopticDataset, cfg: SEPSNetConfig,
+                       out_dir: str | Path | None = None, max_images: int | None = None, with_ap: bool = True,
+                       boundary_ratio: float | None = None, skip_bad: bool | None = None) -> dict[str, Any]:
+    """:func:`evaluate_model`'s evaluation through a ``PanopticPredictor`` (an exported bundle, any backend):
+    each image is given to the predictor as the original RGB frame, exactly as a deployment would, so its
+    preprocessing (the bundle's static input size, if any), engines and post-processing are what is scored.
+    Same metrics, files and bad-image handling as :func:`evaluate_model`."""
+    classes = predictor.classes
+    if (len(classes["things"]), len(classes["stuff"])) != (len(dataset.meta.things), len(dataset.meta.stuff)):
+        raise DataError(f"{dataset.json_path} has {len(dataset.meta.things)} thing / {len(dataset.meta.stuff)} "
+                        f"stuff classes but the bundle has {len(classes['things'])} / {len(classes['stuff'])}")
+    scoring = _Scoring(dataset, cfg, out_dir, with_ap, boundary_ratio)
+    skip_bad = dataset.skip_bad if skip_bad is None else skip_bad
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    skipped: list[str] = []
+    start = time.perf_counter()
+    for i in range(n):
+        try:
+            image, _, rec = dataset.load_raw(i)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            skipped.append(str(dataset.records[i]["image_path"]))
+            log.warning("evaluation: skipping bad image %s (%s)", dataset.records[i]["image_path"], exc)
+            continue
+        scoring.add(predictor(image), i, rec["image"]["id"], rec["image"]["file_name"])
+    return scoring.finish(n, skipped, time.perf_counter() - start)
 
 
 def _add_ap(ap: InstanceAPAccumulator, image_id: int, gt_ids: np.ndarray, segments: list[dict[str, Any]],

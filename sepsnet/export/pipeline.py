@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,9 @@ class ExportOptions:
     out: str | None = None
     config: str | None = None
     precision: str | None = None  # fp32 | fp16 | int8; None: fp32 for a checkpoint, the bundle's for --from-onnx
-    calib: str | None = None
+    calib: str | None = None  # folder of images, dataset root (train split) or "synthetic"
     calib_count: int = 32
+    calib_method: str = "minmax"  # minmax | percentile | entropy (export.calibration.METHODS)
     plugin: bool = False
     plugin_lib: str | None = None
     onnx_only: bool = False
@@ -64,14 +64,16 @@ class ExportOptions:
     version_compatible: bool = False
 
 
-def calibration_source(options: ExportOptions, input_spec: dict[str, Any]) -> Callable[[], Batches]:
-    """The int8 calibration frames for a bundle input (the manifest ``input`` block): the one place the
-    export pipeline asks for calibration data (both the checkpoint and the --from-onnx path)."""
-    from sepsnet.export import precision
+def calibration_source(options: ExportOptions, data: Any, input_spec: dict[str, Any]) -> Callable[[], Batches]:
+    """The int8 calibration frames for a bundle input (``data``: the DataConfig; ``input_spec``: the
+    manifest ``input`` block), preprocessed by the predictor's own function: the one place the export
+    pipeline asks for calibration data (both the checkpoint and the --from-onnx path)."""
+    from sepsnet.export import calibration
 
     def batches() -> Batches:
-        return precision.calibration_batches(input_spec["height"], input_spec["width"], 1, input_spec["pixel_mean"],
-                                             input_spec["pixel_std"], folder=options.calib, count=options.calib_count)
+        static = None if input_spec.get("dynamic") else (input_spec["height"], input_spec["width"])
+        return calibration.calibration_inputs(calibration.require_source(options.calib), data, static,
+                                              options.calib_count, split=data.train_split)
 
     return batches
 
@@ -116,8 +118,8 @@ def _graph_entry(out: Path, onnx_name: str, engine_onnx: str, engine_onnx_trt10:
     return entry
 
 
-def write_engine_graphs(out: Path, prec: str, plugin: bool,
-                        calibration: Callable[[], Batches]) -> dict[str, dict[str, Any]]:
+def write_engine_graphs(out: Path, prec: str, plugin: bool, calibration: Callable[[], Batches],
+                        calib_method: str = "minmax") -> dict[str, dict[str, Any]]:
     """From ``out/dense.onnx`` + ``out/instance.onnx`` write the engine graphs of ``prec`` (+ the plugin
     rewrite) and return the manifest ``graphs`` entries (file table in the module docstring).
 
@@ -141,15 +143,13 @@ def write_engine_graphs(out: Path, prec: str, plugin: bool,
         precision.to_fp16(inst_model if inst_model is not None else out / inst10, out / inst11)
         dense11 = "dense.fp16.onnx"
     elif prec == "int8":
+        from sepsnet.export import calibration as calib
+
         batches = calibration()
-        q10 = precision.to_int8_qdq(out / "dense.onnx", out / "dense.int8.onnx", batches)  # TensorRT 10
-        with tempfile.TemporaryDirectory(dir=out, prefix=".fp16-") as tmp:  # TensorRT 11: Q/DQ of the fp16 graph
-            precision.to_fp16(out / "dense.onnx", Path(tmp) / "dense.fp16.onnx")
-            q11 = precision.to_int8_qdq(Path(tmp) / "dense.fp16.onnx", out / "dense.fp16.int8.onnx", batches)
-        for name, q in (("dense.int8.onnx", q10), ("dense.fp16.int8.onnx", q11)):
+        for name, q in calib.write_int8_dense_graphs(out, batches, calib_method).items():
             counts = precision.count_ops(q, "QuantizeLinear", "DequantizeLinear")
             print(f"{name}: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes, "
-                  f"calibrated on {sum(len(b) for b in batches)} frames")
+                  f"calibrated ({calib_method}) on {len(batches)} frames")
         dense10, dense11 = "dense.int8.onnx", "dense.fp16.int8.onnx"
     return {"dense": _graph_entry(out, "dense.onnx", dense11, dense10),
             "instance": _graph_entry(out, "instance.onnx", inst11, inst10)}
@@ -198,6 +198,10 @@ class BundleExporter:
         self.options = options
         if options.calib and options.precision != "int8":
             raise ConfigError("--calib only applies with --int8")
+        if options.precision == "int8":
+            from sepsnet.export.calibration import require_source
+
+            require_source(options.calib)  # refused before any export work or any file of a bundle is removed
         if options.plugin_lib and not Path(options.plugin_lib).is_file():
             raise EngineError(f"--plugin-lib {options.plugin_lib}: no such file; {trt_build.PLUGIN_BUILD_HINT}")
 
@@ -233,7 +237,8 @@ class BundleExporter:
             onnx_export.export_instance(model, cfg, out / "instance.onnx", shape)
         prec = opt.precision or "fp32"
         input_spec = bundle.input_spec(cfg, shape.ranges(), shape.dynamic)
-        graphs = write_engine_graphs(out, prec, opt.plugin, calibration_source(opt, input_spec))
+        graphs = write_engine_graphs(out, prec, opt.plugin, calibration_source(opt, cfg.data, input_spec),
+                                     opt.calib_method)
         prove_stripped(out, sorted(referenced_files(graphs)), aux)
         n_max = shape.max_instances * shape.ranges()["batch"][2]
         content = bundle.manifest_content(
@@ -258,7 +263,11 @@ class BundleExporter:
         plugin = opt.plugin or is_plugin_bundle(manifest)
         if prec != manifest["precision"] or plugin != is_plugin_bundle(manifest):
             clear_bundle(out, keep=frozenset({PLUGIN_NAME}))  # manifest first: no half-valid bundle if interrupted
-            graphs = write_engine_graphs(out, prec, plugin, calibration_source(opt, manifest["input"]))
+            from sepsnet.config import config_from_dict
+
+            data = config_from_dict(manifest["config"], where=f"{out}/manifest.json").data
+            graphs = write_engine_graphs(out, prec, plugin, calibration_source(opt, data, manifest["input"]),
+                                         opt.calib_method)
             content = bundle.manifest_body(manifest)
             content.update(precision=prec, graphs=graphs, gpu=None, plugin=None, engine=None)
             bundle.write_manifest(out, content)

@@ -8,39 +8,26 @@ flags. So fp16 and int8 are produced here, as ONNX, where ONNX Runtime can test 
   ``SEPSNetRoiBlend`` plugin node stays fp32 too (all-fp32 is one of its supported type combos),
   and so does the box path: every node computing the boxes / batch indices of a RoiAlign or of
   the plugin (from ``rois``) keeps fp32, so box coordinates are never rounded to fp16.
-- int8: explicit quantization, i.e. QuantizeLinear/DequantizeLinear pairs written by
-  ``onnxruntime.quantization.quantize_static(QuantFormat.QDQ)``, calibrated with ONNX Runtime on
-  a folder of images or on generated frames. Why this and not an INT8 calibrator: implicit
-  calibrators are removed in TensorRT 11, while Q/DQ graphs are consumed by TensorRT 10 and 11
-  alike; ORT's quantizer is already a dependency and runs on CPU (NVIDIA ModelOpt does the same
-  with more options, at the cost of another heavy dependency). The settings follow what
-  TensorRT accepts: symmetric int8 (zero point 0), per-channel weights, fp32 biases.
-  Only the dense graph (backbone/FPN/heads: nearly all FLOPs) is quantized; the small instance
-  graph (RoiAlign + blend + confidence head) stays fp32. ``to_int8_qdq`` accepts the fp32 graph
-  (TensorRT 10: built weakly typed with the INT8 + FP16 flags, so unquantized layers may run in
-  fp16) or the fp16 graph (TensorRT 11, strongly typed: the layers left unquantized run in fp16
-  because the graph says so; its Q/DQ scales are fp16, so that graph is moved to opset 19, the
-  first where QuantizeLinear/DequantizeLinear take fp16 scales).
+- int8: Q/DQ graphs, written and calibrated by ``sepsnet.export.calibration`` (its own module:
+  calibration frames, range estimators, the Q/DQ pass). ``to_int8_qdq`` there takes the fp32 graph
+  (TensorRT 10: built weakly typed with the INT8 + FP16 flags) or the fp16 graph of :func:`to_fp16`
+  (TensorRT 11, strongly typed: the layers left unquantized run in fp16 because the graph says so).
 """
 from __future__ import annotations
 
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from sepsnet.errors import DataError, EngineError
+from sepsnet.errors import EngineError
 from sepsnet.export import surgery
 from sepsnet.export.plugin_rewrite import PLUGIN_OP
 
 FP32_OPS = ("RoiAlign", "Resize", "Softmax", "ReduceSum", "ReduceMean", "ReduceMax", "Exp", "Sqrt", "Log",
             "TopK", "NonMaxSuppression", "Range", "CumSum", PLUGIN_OP)
 BOX_INPUT_OPS = ("RoiAlign", PLUGIN_OP)  # inputs 1, 2 (boxes, batch indices) are computed in fp32
-QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from opset 19
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def to_fp16(src: str | Path | onnx.ModelProto, dst: str | Path,
@@ -147,139 +134,9 @@ def _drop_stale_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-# ---------------------------------------------------------------- calibration frames
-def letterbox(image_rgb: np.ndarray, height: int, width: int, mean: Sequence[float],
-              std: Sequence[float]) -> np.ndarray:
-    """Resize keeping aspect to fit (H, W), normalise (0..255 scale), zero-pad bottom/right -> (3,H,W)."""
-    import cv2
-
-    h, w = image_rgb.shape[:2]
-    scale = min(height / h, width / w)
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    resized = cv2.resize(image_rgb, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    resized = (resized - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    out = np.zeros((height, width, 3), np.float32)
-    out[:nh, :nw] = resized
-    return out.transpose(2, 0, 1).copy()
-
-
-def generated_frame(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A synthetic RGB uint8 frame: gradient background + random filled shapes (calibration only)."""
-    import cv2
-
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(0, 255, 3).astype(np.float32)
-    grad = rng.uniform(-0.3, 0.3, 3).astype(np.float32)
-    img = np.clip(base + grad * (xs[..., None] + ys[..., None]) * 0.5, 0, 255).astype(np.uint8)
-    for _ in range(int(rng.integers(3, 9))):
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        r = int(rng.integers(max(4, min(height, width) // 16), max(8, min(height, width) // 3)))
-        if rng.random() < 0.5:
-            cv2.circle(img, (x, y), r, color, -1)
-        else:
-            cv2.rectangle(img, (x - r, y - r // 2), (x + r, y + r // 2), color, -1)
-    return img
-
-
-def calibration_batches(height: int, width: int, batch: int, mean: Sequence[float], std: Sequence[float],
-                        folder: str | Path | None = None, count: int = 32,
-                        seed: int = 0) -> list[np.ndarray]:
-    """``count`` normalised frames (from ``folder`` images, else generated) grouped in batches."""
-    import cv2
-
-    frames: list[np.ndarray] = []
-    if folder is not None:
-        folder = Path(folder)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if not files:
-            raise DataError(f"calibration folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        for p in files[:count]:
-            bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise DataError(f"calibration image {p} cannot be decoded")
-            frames.append(letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), height, width, mean, std))
-    else:
-        rng = np.random.default_rng(seed)
-        frames = [letterbox(generated_frame(rng, height, width), height, width, mean, std) for _ in range(count)]
-    while len(frames) % batch:
-        frames.append(frames[len(frames) % max(1, len(frames))])
-    return [np.stack(frames[i:i + batch]) for i in range(0, len(frames), batch)]
-
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over prepared batches."""
-
-    def __init__(self, name: str, batches: list[np.ndarray]) -> None:
-        self.name = name
-        self._it: Iterator[np.ndarray] = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        nxt = next(self._it, None)
-        return None if nxt is None else {self.name: nxt}
-
-
 def is_fp16_graph(model: onnx.ModelProto) -> bool:
     """True for a graph written by :func:`to_fp16` (it holds fp16 weights)."""
     return any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
-
-
-def to_int8_qdq(src: str | Path, dst: str | Path, batches: list[np.ndarray],
-                input_name: str = "image", percentile: bool = False) -> onnx.ModelProto:
-    """Insert Q/DQ nodes calibrated on ``batches`` (ORT quantize_static, QDQ format); saves ``dst``.
-
-    ``src`` is the fp32 graph or the fp16 graph of :func:`to_fp16`. The fp16 one is moved to opset
-    ``QDQ_FP16_OPSET`` first (ORT writes fp16 scales there) and skips ORT's graph optimisation in
-    pre-processing, which would otherwise bake CPU-only fp16 -> fp32 casts into the weights."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if not batches:
-        raise DataError("int8 calibration needs at least one frame")
-    dst = Path(dst)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        fp16 = is_fp16_graph(onnx.load(str(src), load_external_data=False))
-        if fp16:
-            src = _upgrade_opset(Path(src), Path(tmp) / "opset.onnx", QDQ_FP16_OPSET)
-        pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, skip_optimization=fp16)
-        except Exception:  # pre-processing only helps the quantizer; fall back to the raw graph
-            pre = Path(src)
-        out_tmp = Path(tmp) / "int8.onnx"
-        try:
-            quantize_static(
-                str(pre), str(out_tmp), _Reader(input_name, batches),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
-                calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-            )
-        except Exception as exc:
-            raise EngineError(f"int8 Q/DQ quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
-        model = onnx.load(str(out_tmp))
-    onnx.checker.check_model(model)
-    surgery.save(model, dst)
-    return model
-
-
-def _upgrade_opset(src: Path, dst: Path, opset: int) -> Path:
-    """``src`` converted to at least ``opset`` of the default domain (onnx.version_converter), saved at ``dst``."""
-    from onnx import version_converter
-
-    model = onnx.load(str(src))
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if current >= opset:
-        return src
-    try:
-        model = version_converter.convert_version(model, opset)
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise EngineError(f"int8 Q/DQ of the fp16 graph {src.name} needs opset {opset} (fp16 scales); "
-                          f"converting it from opset {current} failed: {type(exc).__name__}: {exc}") from exc
-    onnx.save(model, str(dst))
-    return dst
 
 
 def count_ops(model: onnx.ModelProto, *ops: str) -> dict[str, int]:
