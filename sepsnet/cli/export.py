@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from sepsnet.cli._common import positive_float, positive_int, preflight, run_cli
 from sepsnet.errors import ConfigError
-from sepsnet.export.calibration import DEFAULT_METHOD, METHODS
+from sepsnet.export.calibration import DEFAULT_METHOD, METHODS, require_source
 from sepsnet.export.pipeline import PLUGIN_NAME, PLUGIN_SEARCH, BundleExporter, EnginesNotBuilt, ExportOptions
 
 EXIT_NEEDS_TRT = 3  # ONNX bundle written and valid; engines need TensorRT + an NVIDIA GPU
@@ -71,6 +71,8 @@ def options(args: argparse.Namespace) -> ExportOptions:
 
 def main_args(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.precision == "int8":
+        require_source(args.calib)  # the most likely mistake first, before any folder is made
     preflight(out_dirs={"--out": args.out}, out_files={"--timing-cache": args.timing_cache})  # before any export work
     exporter = BundleExporter(options(args))
     out = exporter.from_onnx(args.from_onnx) if args.from_onnx else exporter.from_checkpoint(args.checkpoint)
