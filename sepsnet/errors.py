@@ -33,3 +33,7 @@ class FrameError(SEPSNetError, ValueError):
 
 class NotBuiltError(SEPSNetError):
     """An optional native component (C++/CUDA op, TensorRT plugin) is not available."""
+
+
+class SourceError(SEPSNetError):
+    """A frame source (video file, camera, stream, image folder) cannot be opened."""

@@ -3,13 +3,22 @@
 Preprocess exactly as evaluation (shorter edge to ``min_size_test`` capped by ``max_size_test``,
 fitted into a static bundle's input size), dense engine, the shared post-processing
 (``sepsnet.postprocess.pipeline``) with the instance engine, results at the frame's resolution.
-The input buffer is reused between frames; one lock per predictor makes it thread-safe; a bad
-frame raises :class:`FrameError` and leaves the predictor ready for the next one.
+A bad frame raises :class:`FrameError` and leaves the predictor ready for the next one.
+
+Concurrency: one predictor may be called from several threads. The reused input buffers are
+per thread; pre- and post-processing run concurrently; the engines run concurrently when both
+backends are ``thread_safe`` (ONNX Runtime, eager torch) and take turns otherwise (TensorRT: one
+execution context; give each thread its own predictor to run TensorRT engines in parallel).
+:meth:`prepare` + :meth:`infer` split a frame in two so a streaming loop can preprocess frame n+1
+while frame n is inferred (``sepsnet.engines.stream``).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -20,11 +29,23 @@ import torch
 from sepsnet.config import DataConfig, PostprocessConfig, SEPSNetConfig, config_from_dict
 from sepsnet.data.transforms import normalize, pad_to, resize_shape
 from sepsnet.engines.backend import Backend
+from sepsnet.engines.device import resolve_device
 from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.postprocess.pipeline import check_preselect, panoptic_inference
 from sepsnet.postprocess.results import PanopticResult
 
 PathLike = Union[str, Path]
+log = logging.getLogger("sepsnet")
+
+
+@dataclass
+class PreparedFrame:
+    """A preprocessed frame owned by its caller (not a reused buffer): the (1,3,H,W) engine input,
+    ((resized h, w), (original h, w)) and the seconds preprocessing took."""
+
+    image: torch.Tensor
+    sizes: tuple[tuple[int, int], tuple[int, int]]
+    seconds: float = 0.0
 
 
 def validate_frame(frame: Any) -> np.ndarray:
@@ -59,26 +80,34 @@ class PanopticPredictor:
         self.classes = classes
         self.num_stuff = len(classes["stuff"])
         self.input_hw = input_hw
-        self._buffer: torch.Tensor | None = None
-        self._staging: torch.Tensor | None = None
-        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread input buffer / pinned staging
+        concurrent = getattr(dense, "thread_safe", False) and getattr(instance, "thread_safe", False)
+        self._engine_lock: Any = contextlib.nullcontext() if concurrent else threading.Lock()
         device = getattr(dense, "device", torch.device("cpu"))
         self.preprocess_on = "device" if torch.device(device).type == "cuda" else "opencv"
+        #: how the backend was chosen (set by ``from_bundle``), e.g. "onnxruntime-cpu (auto: ...)"
+        self.backend_choice = f"{getattr(dense, 'name', type(dense).__name__)} on {device}"
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: PathLike, backend: str = "auto", threads: int | None = None,
-                    cuda_graph: bool = False) -> PanopticPredictor:
-        """``backend``: ``auto`` (TensorRT when the bundle has plans and TensorRT + GPU exist, else
-        ONNX Runtime), ``ort`` or ``trt``. ``path``: bundle folder, manifest or a file inside it.
+                    cuda_graph: bool = False, device: str | int | torch.device = "auto") -> PanopticPredictor:
+        """``backend``: ``auto`` picks TensorRT (the bundle has plans, TensorRT imports, a GPU is
+        visible), then ONNX Runtime with CUDA (onnxruntime-gpu and a GPU), then ONNX Runtime on the
+        CPU, and records why in ``backend_choice`` (also logged); or ``ort`` / ``trt``.
+        ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or N: the GPU both engines run on.
+        ``path``: bundle folder, manifest or a file inside it.
         ``cuda_graph``: TensorRT only, capture the static-shape dense engine in a CUDA graph."""
         from sepsnet.export.bundle import has_plans, verify_bundle
 
         root = Path(path)
         root = root.parent if root.is_file() else root
         manifest = verify_bundle(root)
+        auto_device = isinstance(device, str) and device.strip().lower() == "auto"
+        target = resolve_device(device)
+        why = f"backend={backend!r}"
         if backend == "auto":
-            backend = "trt" if has_plans(manifest) and torch.cuda.is_available() and _trt_version() else "ort"
+            backend, why = _auto_backend(has_plans(manifest), target)
         graphs = manifest["graphs"]
         if backend == "trt":
             from sepsnet.engines.trt_backend import TrtBackend
@@ -86,27 +115,35 @@ class PanopticPredictor:
 
             if not has_plans(manifest):
                 raise BundleError(f"{root} has no TensorRT plans; build them with `sepsnet-export --from-onnx {root}`")
-            check_trt_compatible(manifest, _trt_version(), torch.cuda.get_device_name(0)
-                                 if torch.cuda.is_available() else None, str(root))
+            if target.type != "cuda":
+                raise EngineError(f"backend='trt' needs a CUDA GPU, but device={device!r} resolves to {target}")
+            check_trt_compatible(manifest, _trt_version(), torch.cuda.get_device_name(target), str(root))
             plugin = root / manifest["plugin"] if manifest.get("plugin") else None
-            dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin, cuda_graph=cuda_graph)
-            instance: Backend = TrtBackend(root / graphs["instance"]["plan"], plugin)
+            index = int(target.index or 0)
+            dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin, device=index, cuda_graph=cuda_graph)
+            instance: Backend = TrtBackend(root / graphs["instance"]["plan"], plugin, device=index)
         elif backend == "ort":
             from sepsnet.engines.ort_backend import OrtBackend
 
-            dense = OrtBackend(root / graphs["dense"]["onnx"], threads=threads)
-            instance = OrtBackend(root / graphs["instance"]["onnx"], threads=threads)
+            ort_device: str | torch.device = "auto" if auto_device else target
+            dense = OrtBackend(root / graphs["dense"]["onnx"], device=ort_device, threads=threads)
+            instance = OrtBackend(root / graphs["instance"]["onnx"], device=ort_device, threads=threads)
         else:
             raise EngineError(f"unknown backend {backend!r} (auto, ort, trt)")
         cfg = config_from_dict(manifest["config"], where=f"{root}/manifest.json")
         post = PostprocessConfig(**manifest.get("postprocess", {}))
         inp = manifest["input"]
         input_hw = None if inp.get("dynamic") else (int(inp["height"]), int(inp["width"]))
-        return cls(dense, instance, cfg.data, post, manifest["classes"], input_hw, manifest.get("preselect"))
+        predictor = cls(dense, instance, cfg.data, post, manifest["classes"], input_hw, manifest.get("preselect"))
+        if backend == "ort" and target.type == "cuda" and dense.device.type != "cuda":
+            why += "; onnxruntime has no CUDAExecutionProvider (install the `gpu` extra for onnxruntime-gpu)"
+        predictor.backend_choice = f"{dense.name} on {dense.device} ({why})"
+        log.info("sepsnet runtime: %s", predictor.backend_choice)
+        return predictor
 
     @classmethod
     def from_checkpoint(cls, path: PathLike, config: SEPSNetConfig | None = None,
-                        device: str | None = None) -> PanopticPredictor:
+                        device: str | int | torch.device | None = None) -> PanopticPredictor:
         """Eager PyTorch (deploy mode, aux branches stripped) from a training checkpoint."""
         from sepsnet.engines.torch_backend import TorchBackend
         from sepsnet.export.bundle import default_classes
@@ -118,7 +155,7 @@ class PanopticPredictor:
             check_compatible(ckpt, config, path)
         cfg = config or checkpoint_config(ckpt, path)
         model, _ = build_deploy_model(cfg, ckpt["model"], str(path))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         classes = ckpt.get("meta") or default_classes(cfg.model.num_thing_classes, cfg.model.num_stuff_classes)
         return cls(TorchBackend(model, "dense", device), TorchBackend(model, "instance", device),
                    cfg.data, cfg.postprocess, classes)
@@ -136,13 +173,17 @@ class PanopticPredictor:
             H, W = pad_to(rh, self.data.size_divisibility), pad_to(rw, self.data.size_divisibility)
         return (rh, rw), (H, W)
 
-    def _input_buffer(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        """The reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean colour)."""
-        if self._buffer is None or tuple(self._buffer.shape[2:]) != (H, W) or self._buffer.device != device:
-            self._buffer = torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
+    def _input_buffer(self, H: int, W: int, device: torch.device, reuse: bool = True) -> torch.Tensor:
+        """The calling thread's reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean
+        colour); a fresh one when ``reuse`` is False."""
+        if not reuse:
+            return torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
+        buf = getattr(self._local, "buffer", None)
+        if buf is None or tuple(buf.shape[2:]) != (H, W) or buf.device != device:
+            buf = self._local.buffer = torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
         else:
-            self._buffer.zero_()
-        return self._buffer
+            buf.zero_()
+        return buf
 
     def _fill_with_opencv(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
         rgb = frame[..., ::-1] if bgr else frame
@@ -155,33 +196,44 @@ class PanopticPredictor:
         then channel order, bilinear resize (half-pixel, no antialias = OpenCV INTER_LINEAR) and
         normalisation on the device."""
         device = buf.device
-        if self._staging is None or self._staging.shape != frame.shape:
-            self._staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
-            self._mean = torch.tensor(self.data.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-            self._std = torch.tensor(self.data.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._staging.numpy()[...] = frame
-        img = self._staging.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+        local = self._local
+        staging = getattr(local, "staging", None)
+        if staging is None or staging.shape != frame.shape or local.mean.device != device:
+            staging = local.staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            local.mean = torch.tensor(self.data.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            local.std = torch.tensor(self.data.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        staging.numpy()[...] = frame
+        img = staging.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
         if bgr:
             img = img.flip(1)
         if (rh, rw) != tuple(frame.shape[:2]):
             img = torch.nn.functional.interpolate(img, size=(rh, rw), mode="bilinear", align_corners=False)
-        buf[:, :, :rh, :rw] = (img - self._mean) / self._std
+        buf[:, :, :rh, :rw] = (img - local.mean) / local.std
 
-    def preprocess(self, frame: np.ndarray, bgr: bool = False) -> tuple[torch.Tensor, tuple]:
-        """Validated frame -> reused (1,3,H,W) input buffer and ((resized), (original)) sizes.
-        With a CUDA dense backend the frame is resized and normalised on the GPU
-        (``preprocess_on = "device"``), else with OpenCV on the CPU."""
+    def preprocess(self, frame: np.ndarray, bgr: bool = False, reuse: bool = True) -> tuple[torch.Tensor, tuple]:
+        """Validated frame -> (1,3,H,W) input (the calling thread's reused buffer, or a fresh tensor
+        when ``reuse`` is False) and ((resized), (original)) sizes. With a CUDA dense backend the
+        frame is resized and normalised on the GPU (``preprocess_on = "device"``), else with OpenCV."""
         frame = validate_frame(frame)
         h, w = frame.shape[:2]
         (rh, rw), (H, W) = self._target_sizes(h, w)
         on_device = self.preprocess_on == "device"
         device = self.dense.device if on_device else torch.device("cpu")
-        buf = self._input_buffer(H, W, device)
+        buf = self._input_buffer(H, W, device, reuse)
         if on_device:
             self._fill_with_torch(frame, bgr, rh, rw, buf)
         else:
             self._fill_with_opencv(frame, bgr, rh, rw, buf)
         return buf, ((rh, rw), (h, w))
+
+    def prepare(self, frame: np.ndarray, bgr: bool = False) -> PreparedFrame:
+        """Preprocess into a tensor the caller owns, ready for :meth:`infer` on another thread.
+        On a GPU the upload finishes before returning (the pinned staging buffer is reused)."""
+        t0 = time.perf_counter()
+        image, sizes = self.preprocess(frame, bgr, reuse=False)
+        if image.device.type == "cuda":
+            torch.cuda.current_stream(image.device).synchronize()
+        return PreparedFrame(image, sizes, time.perf_counter() - t0)
 
     def _run_instances(self, bases: torch.Tensor, p3: torch.Tensor, rois: torch.Tensor,
                        attention: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -191,9 +243,14 @@ class PanopticPredictor:
     def __call__(self, frame: np.ndarray, bgr: bool = False) -> PanopticResult:
         """One frame (HxWx3 RGB uint8; ``bgr=True`` for OpenCV frames) -> PanopticResult with
         ``timings`` (seconds): preprocess, dense, nms, instance, postprocess, total."""
-        with self._lock:
-            t0 = time.perf_counter()
-            image, sizes = self.preprocess(frame, bgr)
+        t0 = time.perf_counter()
+        image, sizes = self.preprocess(frame, bgr)
+        return self.infer(PreparedFrame(image, sizes, time.perf_counter() - t0))
+
+    def infer(self, prepared: PreparedFrame) -> PanopticResult:
+        """Engines and post-processing on a frame from :meth:`prepare` (or :meth:`preprocess`)."""
+        image, sizes = prepared.image, prepared.sizes
+        with self._engine_lock:
             t1 = time.perf_counter()
             dense = self.dense.run({"image": image})
             if self.dense.device.type == "cuda":  # stage timings, not queue times
@@ -204,11 +261,23 @@ class PanopticPredictor:
             t3 = time.perf_counter()
         pt = result.timings
         nms, inst = pt.get("candidates", 0.0), pt.get("instances", 0.0)
-        result.timings = {"preprocess": t1 - t0, "dense": t2 - t1, "nms": nms, "instance": inst,
-                          "postprocess": max(0.0, (t3 - t2) - nms - inst), "total": t3 - t0}
+        result.timings = {"preprocess": prepared.seconds, "dense": t2 - t1, "nms": nms, "instance": inst,
+                          "postprocess": max(0.0, (t3 - t2) - nms - inst), "total": prepared.seconds + t3 - t1}
         return result
 
     predict = __call__
+
+
+def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:
+    """``backend="auto"``: TensorRT, then ONNX Runtime (CUDA or CPU, chosen by the ORT backend);
+    returns the backend and the reason, for ``backend_choice``."""
+    if device.type != "cuda":
+        return "ort", "auto: no CUDA GPU asked or visible"
+    if not bundle_has_plans:
+        return "ort", "auto: the bundle has no TensorRT plans"
+    if not _trt_version():
+        return "ort", "auto: tensorrt cannot be imported"
+    return "trt", "auto: TensorRT plans, TensorRT and a GPU"
 
 
 def _trt_version() -> str | None:
