@@ -81,8 +81,10 @@ class PanopticPredictor:
         self.num_stuff = len(classes["stuff"])
         self.input_hw = input_hw
         self._local = threading.local()  # per-thread input buffer / pinned staging
-        concurrent = getattr(dense, "thread_safe", False) and getattr(instance, "thread_safe", False)
-        self._engine_lock: Any = contextlib.nullcontext() if concurrent else threading.Lock()
+        # engines that are not thread-safe (TensorRT: one execution context each) take turns, per engine
+        self._dense_lock: Any = contextlib.nullcontext() if getattr(dense, "thread_safe", False) else threading.Lock()
+        self._instance_lock: Any = (contextlib.nullcontext() if getattr(instance, "thread_safe", False)
+                                    else threading.Lock())
         device = getattr(dense, "device", torch.device("cpu"))
         self.preprocess_on = "device" if torch.device(device).type == "cuda" else "opencv"
         #: how the backend was chosen (set by ``from_bundle``), e.g. "onnxruntime-cpu (auto: ...)"
@@ -237,7 +239,8 @@ class PanopticPredictor:
 
     def _run_instances(self, bases: torch.Tensor, p3: torch.Tensor, rois: torch.Tensor,
                        attention: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.instance.run({"bases": bases, "p3": p3, "rois": rois.float(), "attention": attention})
+        with self._instance_lock:
+            out = self.instance.run({"bases": bases, "p3": p3, "rois": rois.float(), "attention": attention})
         return {k: v.to(rois.device) for k, v in out.items()}
 
     def __call__(self, frame: np.ndarray, bgr: bool = False) -> PanopticResult:
@@ -248,21 +251,32 @@ class PanopticPredictor:
         return self.infer(PreparedFrame(image, sizes, time.perf_counter() - t0))
 
     def infer(self, prepared: PreparedFrame) -> PanopticResult:
-        """Engines and post-processing on a frame from :meth:`prepare` (or :meth:`preprocess`)."""
-        image, sizes = prepared.image, prepared.sizes
-        with self._engine_lock:
+        """Engines and post-processing on a frame from :meth:`prepare` (or :meth:`preprocess`):
+        :meth:`run_dense` then :meth:`finish`."""
+        return self.finish(prepared, *self.run_dense(prepared))
+
+    def run_dense(self, prepared: PreparedFrame) -> tuple[dict[str, torch.Tensor], float]:
+        """The dense engine on a prepared frame: (its outputs, seconds). A streaming loop runs this
+        for frame n+1 while :meth:`finish` post-processes frame n."""
+        with self._dense_lock:
             t1 = time.perf_counter()
-            dense = self.dense.run({"image": image})
+            dense = self.dense.run({"image": prepared.image})
             if self.dense.device.type == "cuda":  # stage timings, not queue times
                 torch.cuda.synchronize(self.dense.device)
-            t2 = time.perf_counter()
-            result = panoptic_inference(dense, self._run_instances, [sizes], self.postprocess,
-                                        num_stuff_classes=self.num_stuff, preselect=self.preselect)[0]
-            t3 = time.perf_counter()
+        return dense, time.perf_counter() - t1
+
+    def finish(self, prepared: PreparedFrame, dense: dict[str, torch.Tensor], dense_seconds: float = 0.0
+               ) -> PanopticResult:
+        """Candidates, instance engine and panoptic fusion on the dense outputs of ``prepared``."""
+        t2 = time.perf_counter()
+        result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
+                                    num_stuff_classes=self.num_stuff, preselect=self.preselect)[0]
+        t3 = time.perf_counter()
         pt = result.timings
         nms, inst = pt.get("candidates", 0.0), pt.get("instances", 0.0)
-        result.timings = {"preprocess": prepared.seconds, "dense": t2 - t1, "nms": nms, "instance": inst,
-                          "postprocess": max(0.0, (t3 - t2) - nms - inst), "total": prepared.seconds + t3 - t1}
+        result.timings = {"preprocess": prepared.seconds, "dense": dense_seconds, "nms": nms, "instance": inst,
+                          "postprocess": max(0.0, (t3 - t2) - nms - inst),
+                          "total": prepared.seconds + dense_seconds + t3 - t2}
         return result
 
     predict = __call__

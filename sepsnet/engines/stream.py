@@ -1,8 +1,8 @@
 """Streaming runtime: frames from a source through a :class:`PanopticPredictor`, pipelined.
 
-Four threads, joined by bounded queues (nothing grows without bound)::
+Four worker threads, joined by bounded queues (nothing grows without bound)::
 
-    capture --[frames, queue_size]--> preprocess --[1]--> inference --[2]--> consumer (iterator/callback)
+    capture --[queue_size]--> preprocess --[1]--> dense engine --[1]--> post-processing --[1]--> consumer
 
 * capture: reads the source. With ``drop=True`` (the default for cameras and streams) it keeps
   only the latest ``queue_size`` frames: a frame not yet picked up when a newer one arrives is
@@ -12,7 +12,9 @@ Four threads, joined by bounded queues (nothing grows without bound)::
   ends cleanly and ``end_reason`` says why.
 * preprocess: ``predictor.prepare`` (resize + normalise into a tensor of its own), so frame n+1 is
   preprocessed while frame n is in the engines.
-* inference: ``predictor.infer`` (engines + post-processing), then optional tracking.
+* dense engine: ``predictor.run_dense``; post-processing: ``predictor.finish`` (candidates,
+  instance engine, fusion), then optional tracking. Frame n+1's dense engine runs while frame n is
+  post-processed. (A predictor with only ``prepare`` + ``infer`` runs both in the first.)
 * results come out in capture order, each with its capture time, its age at delivery and a
   deadline flag (:class:`StreamResult`). Bad frames (undecodable, wrong shape, NaN) are counted and
   skipped; they never stop the loop.
@@ -166,6 +168,7 @@ class FrameStream:
         # counts from when the pipeline could take it, not from a read-ahead
         self._slots = threading.Semaphore(queue_size)
         self._prepared: queue.Queue = queue.Queue(maxsize=1)
+        self._densed: queue.Queue = queue.Queue(maxsize=1)
         self._results: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
         self._count_lock = threading.Lock()
@@ -180,7 +183,7 @@ class FrameStream:
             return self
         self._started = True
         for name, target in (("capture", self._capture_loop), ("preprocess", self._preprocess_loop),
-                             ("inference", self._inference_loop)):
+                             ("dense", self._dense_loop), ("post", self._post_loop)):
             t = threading.Thread(target=self._guard(target), name=f"sepsnet-{name}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -195,8 +198,7 @@ class FrameStream:
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if self.end_reason is None:
-            self.end_reason = "closed"
+        self._end("closed")
         if not self._threads:
             self.source.close()  # else the capture thread releases it (when its blocking read returns)
 
@@ -236,7 +238,7 @@ class FrameStream:
             except BaseException as exc:  # handed to the consuming thread
                 if self.error is None:
                     self.error = exc
-                    self.end_reason = f"error: {type(exc).__name__}: {exc}"
+                    self.end_reason = f"error: {type(exc).__name__}: {exc}"  # wins over any other reason
                 self._stop.set()
                 self._put(self._results, _END, force=True)
         return run
@@ -277,10 +279,16 @@ class FrameStream:
                     return None
                 since = self._reading_since
                 if self.source.live and since is not None and time.monotonic() - since > self.stall_timeout_s:
-                    self.end_reason = (f"{self.source.name}: a read has blocked for more than "
-                                       f"{self.stall_timeout_s:.1f} s; stream ended")
+                    self._end(f"{self.source.name}: a read has blocked for more than "
+                              f"{self.stall_timeout_s:.1f} s; stream ended")
                     self._stop.set()
                     return None
+
+    def _end(self, reason: str) -> None:
+        """Record why the stream ended; the first reason stays (an error overrides it)."""
+        with self._count_lock:
+            if self.end_reason is None:
+                self.end_reason = reason
 
     def _acquire_slot(self) -> bool:
         while not self._slots.acquire(timeout=_POLL_S):
@@ -303,7 +311,7 @@ class FrameStream:
         try:
             while not self._stop.is_set():
                 if self.max_frames is not None and index >= self.max_frames:
-                    self.end_reason = f"stopped after {self.max_frames} frames (max_frames)"
+                    self._end(f"stopped after {self.max_frames} frames (max_frames)")
                     break
                 if not self.drop and not self._acquire_slot():
                     break
@@ -324,9 +332,9 @@ class FrameStream:
                     self._count("failed_reads")
                     stalled = time.monotonic() - last_frame
                     if stalled > self.stall_timeout_s:
-                        self.end_reason = (f"{self.source.name} delivered no frame for {stalled:.1f} s "
-                                           f"({self.stats.failed_reads} failed reads, {self.stats.reconnects} "
-                                           f"reconnects; last: {got}); stream ended")
+                        self._end(f"{self.source.name} delivered no frame for {stalled:.1f} s "
+                                  f"({self.stats.failed_reads} failed reads, {self.stats.reconnects} "
+                                  f"reconnects; last: {got}); stream ended")
                         break
                     if self._stop.wait(delay):
                         break
@@ -342,7 +350,7 @@ class FrameStream:
                             self._reading_since = None
                     continue
                 if got is None:
-                    self.end_reason = f"end of {self.source.name}"
+                    self._end(f"end of {self.source.name}")
                     break
                 last_frame = time.monotonic()
                 delay = self.backoff_s[0]
@@ -383,15 +391,31 @@ class FrameStream:
             if not self._put(self._prepared, (item, prepared, start - item.captured)):
                 return
 
-    def _inference_loop(self) -> None:
+    def _dense_loop(self) -> None:
+        split = hasattr(self.predictor, "run_dense") and hasattr(self.predictor, "finish")
         while True:
             got = self._get(self._prepared)
             if got is None or got is _END:
-                self._put(self._results, _END, force=True)
+                self._put(self._densed, _END)
                 return
             item, prepared, wait = got
             try:
-                result = self.predictor.infer(prepared)
+                done = self.predictor.run_dense(prepared) if split else self.predictor.infer(prepared)
+            except FrameError:
+                self._count("bad")
+                continue
+            if not self._put(self._densed, (item, prepared, wait, split, done)):
+                return
+
+    def _post_loop(self) -> None:
+        while True:
+            got = self._get(self._densed)
+            if got is None or got is _END:
+                self._put(self._results, _END, force=True)
+                return
+            item, prepared, wait, split, done = got
+            try:
+                result = self.predictor.finish(prepared, *done) if split else done
             except FrameError:
                 self._count("bad")
                 continue
