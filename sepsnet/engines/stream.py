@@ -6,7 +6,9 @@ Four worker threads, joined by bounded queues (nothing grows without bound)::
 
 * capture: reads the source. With ``drop=True`` (the default for cameras and streams) it keeps
   only the latest ``queue_size`` frames: a frame not yet picked up when a newer one arrives is
-  dropped and counted. With ``drop=False`` (files, folders, iterables) it waits instead, so every
+  dropped and counted, and at most ``max_in_flight`` (2) frames are between preprocessing and
+  delivery, so a frame never waits behind a backlog of older ones (its age stays near two
+  periods of the slowest stage). With ``drop=False`` (files, folders, iterables) it waits instead, so every
   frame is processed. A live source that stops delivering is retried with exponential back-off
   (``reopen`` between tries) until ``stall_timeout_s`` has passed without a frame, then the stream
   ends cleanly and ``end_reason`` says why.
@@ -132,7 +134,8 @@ class FrameStream:
     capture to delivery. ``drop``: latest-frame semantics (default: True for live sources).
     ``track``: give thing segments a ``track_id`` (``sepsnet.engines.tracking``; ``track_options``
     go to :class:`SegmentTracker`). ``keep_frames``: attach the frame to each result (for
-    overlays). ``max_frames``: stop after this many frames read.
+    overlays). ``max_frames``: stop after this many frames read. ``max_in_flight``: frames taken
+    into processing but not yet delivered (default 2 with ``drop``, else only the queues bound it).
 
     Use as an iterator (``for r in stream``), or ``run(callback)``; in a ``with`` block for a clean
     shutdown. ``stats`` holds the counters, ``end_reason`` why the stream ended.
@@ -141,7 +144,8 @@ class FrameStream:
     def __init__(self, predictor: Any, source: Any, deadline_ms: float | None = None, queue_size: int = 1,
                  drop: bool | None = None, track: bool = False, track_options: dict[str, Any] | None = None,
                  keep_frames: bool = True, max_frames: int | None = None, stall_timeout_s: float = 10.0,
-                 backoff_s: tuple[float, float] = (0.05, 2.0), bgr: bool | None = None) -> None:
+                 backoff_s: tuple[float, float] = (0.05, 2.0), bgr: bool | None = None,
+                 max_in_flight: int | None = None) -> None:
         if deadline_ms is not None and not deadline_ms > 0:
             raise ValueError(f"deadline_ms must be > 0, got {deadline_ms}")
         if queue_size < 1:
@@ -152,6 +156,10 @@ class FrameStream:
         self.deadline_ms = deadline_ms
         self.drop = self.source.live if drop is None else bool(drop)
         self.keep_frames = keep_frames
+        self.max_in_flight = max_in_flight if max_in_flight is not None else (2 if self.drop else None)
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self._credits = threading.Semaphore(self.max_in_flight) if self.max_in_flight else None
         self.max_frames = max_frames
         self.stall_timeout_s = float(stall_timeout_s)
         self.backoff_s = backoff_s
@@ -375,8 +383,23 @@ class FrameStream:
             self.source.close()  # this thread owns the source (OpenCV captures are not thread-safe)
             self._put(self._frames, _END)
 
+    def _take_credit(self) -> bool:
+        if self._credits is None:
+            return True
+        while not self._credits.acquire(timeout=_POLL_S):
+            if self._stop.is_set():
+                return False
+        return True
+
+    def _give_credit(self) -> None:
+        if self._credits is not None:
+            self._credits.release()
+
     def _preprocess_loop(self) -> None:
         while True:
+            if not self._take_credit():  # wait for room downstream before taking the newest frame
+                self._put(self._prepared, _END)
+                return
             item = self._get(self._frames)
             if item is None or item is _END:
                 self._put(self._prepared, _END)
@@ -387,6 +410,7 @@ class FrameStream:
                 prepared = self.predictor.prepare(item.image, self.bgr)
             except FrameError:
                 self._count("bad")
+                self._give_credit()
                 continue
             if not self._put(self._prepared, (item, prepared, start - item.captured)):
                 return
@@ -403,6 +427,7 @@ class FrameStream:
                 done = self.predictor.run_dense(prepared) if split else self.predictor.infer(prepared)
             except FrameError:
                 self._count("bad")
+                self._give_credit()
                 continue
             if not self._put(self._densed, (item, prepared, wait, split, done)):
                 return
@@ -418,6 +443,7 @@ class FrameStream:
                 result = self.predictor.finish(prepared, *done) if split else done
             except FrameError:
                 self._count("bad")
+                self._give_credit()
                 continue
             if self.tracker is not None:
                 self.tracker.update(result)
@@ -427,6 +453,7 @@ class FrameStream:
                                result, item.captured, item.captured_wall, timings=timings)
             if not self._put(self._results, out):
                 return
+            self._give_credit()
 
     def _deliver(self, r: StreamResult) -> None:
         """Age, deadline flag and counters, at the moment the consumer receives the result."""
