@@ -38,3 +38,7 @@ class NotBuiltError(SEPSNetError):
 class UsageError(SEPSNetError, ValueError):
     """A command-line argument is unusable: an output path that cannot be written, an unknown or
     absent device, a numeric value out of range."""
+
+
+class SourceError(SEPSNetError):
+    """A frame source (video file, camera, stream, image folder) cannot be opened."""

@@ -22,11 +22,12 @@ from typing import Any
 
 import pytest
 import torch
-from _toy_train import ToyData, ToyModel, toy_collate, toy_config
 
 from sepsnet.model.weights import load_checkpoint
 from sepsnet.train.checkpoint import STALE_TEMP, save_checkpoint
 from sepsnet.train.trainer import Trainer, TrainingError
+
+from _toy_train import ToyData, ToyModel, toy_collate, toy_config
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
                                 reason="forks training processes (Linux)")

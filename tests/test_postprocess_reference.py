@@ -5,13 +5,14 @@ import _reference_postprocess as ref
 import pytest
 import torch
 import torch.nn.functional as F
-from _samples import COCO_IMAGES
 
 from sepsnet.config import SEPSNetConfig
 from sepsnet.postprocess.candidates import level_sizes
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.preselect import Preselect
 from sepsnet.postprocess.timing import PIPELINE_STAGES, StageTimer
+
+from _samples import COCO_IMAGES
 
 T, S, K, M, R = 5, 4, 2, 4, 14
 

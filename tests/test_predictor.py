@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _samples import COCO_IMAGES
 
 from sepsnet.config import load_config, parse_overrides
 from sepsnet.data.coco_panoptic import read_rgb
@@ -339,3 +338,14 @@ def test_bench_onnx_sizes_and_argument_errors(artifacts: tuple[Path, Path], tmp_
     shutil.copy(ckpt, renamed)
     data = _bench_json(main, [renamed], out)
     assert data["kind"] == "checkpoint" and data["fps"] > 0
+
+
+def test_backend_auto_says_which_and_device_selection(artifacts: tuple[Path, Path]) -> None:
+    pred = PanopticPredictor.from_bundle(artifacts[1], device="cpu")
+    assert pred.backend_choice.startswith("onnxruntime-cpu on cpu (auto: ")
+    assert pred.dense.device == pred.instance.device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="cuda:1"):
+            PanopticPredictor.from_bundle(artifacts[1], device="cuda:1")
+    with pytest.raises(EngineError, match="unknown device"):
+        PanopticPredictor.from_bundle(artifacts[1], device="tpu:0")

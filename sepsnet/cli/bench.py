@@ -1,10 +1,16 @@
-"""``sepsnet-bench PATH [--iters N] [--warmup N] [--json OUT] [--size HxW] [--backend B]``.
+"""``sepsnet-bench PATH [--iters N] [--warmup N] [--json OUT] [--size HxW] [--backend B]``
+``sepsnet-bench PATH (--video FILE | --images DIR) [--deadline-ms N] [--realtime] [--frames N]``.
 
 PATH: a bundle folder, its manifest.json, a ``.plan`` (manifest found beside it), a single
 ``.onnx`` graph (timed alone with ONNX Runtime on random inputs: batch 1, its static dims as
 declared, dynamic height/width from ``--size``, else from the manifest beside it, else 512x1024)
 or a training checkpoint (``.pt``/``.pth``/``.ckpt``, eager PyTorch). Prints p50/p90/p99/mean
 latency, FPS and the per-stage breakdown; ``--json`` saves the same figures.
+
+With ``--video``/``--images`` the model runs the streaming runtime (``sepsnet.engines.stream``) on
+real frames as a camera loop would: steady-state FPS (after ``--warmup`` frames), frame age
+p50/p90/p99, deadline-miss rate, drops and per-stage p50/p99. ``--realtime`` reads the video at its
+frame rate with latest-frame dropping, like a live camera; otherwise every frame is processed.
 """
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ def summarize(totals: list[float], stages: dict[str, list[float]]) -> dict[str, 
     out = {"p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90), "p99_ms": percentile(ms, 99),
            "mean_ms": statistics.fmean(ms), "fps": 1000.0 / statistics.fmean(ms), "iters": len(ms)}
     out["stages_ms"] = {k: statistics.fmean(v) * 1000 for k, v in stages.items() if v}
+    out["stages_p50_p99_ms"] = {k: {"p50": percentile(v, 50) * 1000, "p99": percentile(v, 99) * 1000}
+                                for k, v in stages.items() if v}
     return out
 
 
@@ -172,6 +180,58 @@ def _bench_onnx(path: Path, iters: int, warmup: int, size: str | None = None,
     return totals, stages, backend.name, shapes
 
 
+def _load_predictor(a: argparse.Namespace, path: Path) -> Any:
+    from sepsnet.engines.predictor import PanopticPredictor
+
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+        return PanopticPredictor.from_checkpoint(path, device=a.device)
+    if path.is_file() and path.suffix not in (".plan",) and path.name != "manifest.json":
+        raise BenchUsageError(f"cannot stream through {path}: expected a bundle folder, its manifest.json, a .plan "
+                              f"or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+    backend_name = "trt" if path.suffix == ".plan" and a.backend == "auto" else a.backend
+    return PanopticPredictor.from_bundle(path if path.is_dir() else path.parent, backend=backend_name,
+                                         threads=a.threads, cuda_graph=a.cuda_graph, device=a.device)
+
+
+def _bench_stream(a: argparse.Namespace, path: Path) -> int:
+    """The streaming runtime on real frames: what a camera loop gets (see the module docstring)."""
+    from sepsnet.engines.sources import open_source
+    from sepsnet.engines.stream import FrameStream
+
+    spec = a.video or a.images
+    if a.video and not Path(a.video).is_file():
+        raise BenchUsageError(f"--video {a.video}: no such file")
+    if a.images and not (Path(a.images).is_dir() or any(c in a.images for c in "*?[")):
+        raise BenchUsageError(f"--images {a.images}: not a folder or glob")
+    source = open_source(spec, pace=a.realtime)
+    predictor = _load_predictor(a, path)
+    predictor.timing = True  # per-stage p50/p99 (on CUDA: a sync at each stage end)
+    stream = FrameStream(predictor, source, deadline_ms=a.deadline_ms, keep_frames=False, max_frames=a.frames,
+                         drop=True if a.realtime else None)
+    t0 = time.perf_counter()
+    stats = stream.run()
+    seconds = time.perf_counter() - t0
+    warmup = min(a.warmup, max(0, stats.processed - 2))
+    summary = stats.summary(warmup)
+    result = {"path": str(path), "mode": "stream", "source": spec, "realtime": a.realtime,
+              "deadline_ms": a.deadline_ms, "seconds": seconds, "end_reason": stream.end_reason,
+              "backend_choice": predictor.backend_choice, **summary, **environment(predictor.dense.name)}
+    age = summary["age_ms"]
+    print(f"sepsnet-bench {path} on {spec} ({predictor.backend_choice}, {result['device']})")
+    print(f"  {summary['processed']} frames ({summary['frames_read']} read, {summary['dropped']} dropped, "
+          f"{summary['bad']} bad) in {seconds:.1f} s; steady-state FPS {summary['fps']:.2f} (after {warmup} warm-up)")
+    print(f"  frame age ms  p50 {age['p50']:.1f}  p90 {age['p90']:.1f}  p99 {age['p99']:.1f}   deadline "
+          f"{a.deadline_ms if a.deadline_ms else '-'} ms: {summary['late']} late ({summary['miss_rate']:.1%})")
+    for stage, q in summary["stages_ms"].items():
+        print(f"  {stage:12s} p50 {q['p50']:8.2f} ms   p99 {q['p99']:8.2f} ms")
+    if a.json_out:
+        from sepsnet.fileio import atomic_write_bytes
+
+        atomic_write_bytes(a.json_out, json.dumps(result, indent=2).encode())
+        print(f"  saved {a.json_out}")
+    return 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="sepsnet-bench", description=__doc__)
     p.add_argument("path")
@@ -184,6 +244,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--cuda-graph", action="store_true",
                    help="TensorRT: replay the static dense engine from a captured CUDA graph")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--video", help="run the streaming loop on this video file (real frames)")
+    frames.add_argument("--images", help="run the streaming loop on this folder (or glob) of images")
+    p.add_argument("--deadline-ms", type=float, default=None, help="per-frame budget, capture to result (streams)")
+    p.add_argument("--realtime", action="store_true", help="--video: read at its frame rate, dropping stale frames")
+    p.add_argument("--frames", type=int, default=None, help="streams: stop after this many frames")
     a = p.parse_args(argv)
     preflight(out_files={"--json": a.json_out}, inputs={"PATH": a.path})  # before anything is loaded or timed
     from sepsnet.engines.predictor import PanopticPredictor
@@ -193,6 +260,12 @@ def _main(argv: Sequence[str] | None) -> int:
         raise SEPSNetError(f"nothing to benchmark at {path}")
     if a.size:
         parse_size(a.size)  # a malformed --size fails before anything is loaded
+    if a.deadline_ms is not None and not a.deadline_ms > 0:
+        raise BenchUsageError(f"--deadline-ms must be > 0, got {a.deadline_ms}")
+    if a.frames is not None and a.frames < 2:
+        raise BenchUsageError(f"--frames must be >= 2, got {a.frames}")
+    if a.video or a.images:
+        return _bench_stream(a, path)
     extra: dict[str, Any] = {}
     if path.is_file() and path.suffix == ".onnx":
         totals, stages, backend, shapes = _bench_onnx(path, a.iters, a.warmup, a.size, a.threads)
@@ -202,12 +275,12 @@ def _main(argv: Sequence[str] | None) -> int:
             raise BenchUsageError(f"cannot benchmark {path}: expected a bundle folder, its manifest.json, a .plan, "
                                   f"an .onnx graph or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
         if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
-            predictor = PanopticPredictor.from_checkpoint(path)
+            predictor = PanopticPredictor.from_checkpoint(path, device=a.device)
             kind, default = "checkpoint", (predictor.data.min_size_test, predictor.data.max_size_test)
         else:  # bundle folder, manifest.json or a .plan inside a bundle
             backend_name = "trt" if path.suffix == ".plan" and a.backend == "auto" else a.backend  # a plan means TensorRT
             predictor = PanopticPredictor.from_bundle(path if path.is_dir() else path.parent, backend=backend_name,
-                                                      threads=a.threads, cuda_graph=a.cuda_graph)
+                                                      threads=a.threads, cuda_graph=a.cuda_graph, device=a.device)
             kind = "bundle"
             default = predictor.input_hw or (predictor.data.min_size_test, predictor.data.max_size_test)
         frame = _random_frame(a.size, default)

@@ -21,7 +21,10 @@ class TensorSpec:
 
 
 class Backend(Protocol):
-    """One loaded graph. ``run`` takes and returns torch tensors on ``device``."""
+    """One loaded graph. ``run`` takes and returns torch tensors on ``device``.
+
+    A backend may set ``thread_safe = True`` when concurrent ``run`` calls are allowed (ONNX Runtime,
+    eager torch); without it the predictor serialises its engine calls (TensorRT: one context)."""
 
     name: str
     device: torch.device

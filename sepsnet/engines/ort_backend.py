@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from sepsnet.engines.backend import TensorSpec
+from sepsnet.engines.device import resolve_device
 from sepsnet.errors import EngineError
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -32,7 +33,13 @@ def ortvalue_to_torch(value: object) -> torch.Tensor:
 
 
 class OrtBackend:
-    def __init__(self, onnx_path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+    #: ``InferenceSession.run`` may be called from several threads at once (ONNX Runtime's API contract)
+    thread_safe = True
+
+    def __init__(self, onnx_path: str | Path, device: str | int | torch.device = "auto",
+                 threads: int | None = None) -> None:
+        """``device``: ``auto`` (CUDA when onnxruntime has the CUDA provider and a GPU is visible, else
+        CPU), ``cpu``, ``cuda`` or ``cuda:N`` (the GPU of the CUDA provider's ``device_id``)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -41,11 +48,18 @@ class OrtBackend:
         if not path.is_file():
             raise EngineError(f"ONNX graph not found: {path}")
         available = ort.get_available_providers()
-        use_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available and torch.cuda.is_available()
-        if device == "cuda" and not use_cuda:
-            raise EngineError("device='cuda' asked, but onnxruntime has no CUDAExecutionProvider or no GPU is visible "
-                              f"(providers: {available})")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        auto = isinstance(device, str) and device.strip().lower() == "auto"
+        has_cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+        if auto:
+            target = torch.device("cuda", 0) if has_cuda else torch.device("cpu")
+        else:
+            if not has_cuda and str(device).strip().lower().startswith("cuda"):
+                raise EngineError(f"device={device!r} asked, but onnxruntime has no CUDAExecutionProvider or no GPU "
+                                  f"is visible (providers: {available}); install the `gpu` extra (onnxruntime-gpu)")
+            target = resolve_device(device)
+        use_cuda = target.type == "cuda"
+        providers: list = ([("CUDAExecutionProvider", {"device_id": int(target.index or 0)}), "CPUExecutionProvider"]
+                           if use_cuda else ["CPUExecutionProvider"])
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -54,7 +68,7 @@ class OrtBackend:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:
             raise EngineError(f"onnxruntime cannot load {path}: {exc}") from None
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = target
         self.name = f"onnxruntime-{'cuda' if use_cuda else 'cpu'}"
         self.path = path
 

@@ -3,13 +3,22 @@
 Preprocess exactly as evaluation (shorter edge to ``min_size_test`` capped by ``max_size_test``,
 fitted into a static bundle's input size), dense engine, the shared post-processing
 (``sepsnet.postprocess.pipeline``) with the instance engine, results at the frame's resolution.
-The input buffer is reused between frames; one lock per predictor makes it thread-safe; a bad
-frame raises :class:`FrameError` and leaves the predictor ready for the next one.
+A bad frame raises :class:`FrameError` and leaves the predictor ready for the next one.
+
+Concurrency: one predictor may be called from several threads. The reused input buffers are
+per thread; pre- and post-processing run concurrently; the engines run concurrently when both
+backends are ``thread_safe`` (ONNX Runtime, eager torch) and take turns otherwise (TensorRT: one
+execution context; give each thread its own predictor to run TensorRT engines in parallel).
+:meth:`prepare` + :meth:`infer` split a frame in two so a streaming loop can preprocess frame n+1
+while frame n is inferred (``sepsnet.engines.stream``).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -19,6 +28,7 @@ import torch
 from sepsnet.config import DataConfig, PostprocessConfig, SEPSNetConfig, config_from_dict
 from sepsnet.data.transforms import inference_sizes, write_input
 from sepsnet.engines.backend import Backend
+from sepsnet.engines.device import resolve_device
 from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.preselect import Preselect, check_preselect
@@ -26,6 +36,17 @@ from sepsnet.postprocess.results import PanopticResult
 from sepsnet.postprocess.timing import StageTimer
 
 PathLike = Union[str, Path]
+log = logging.getLogger("sepsnet")
+
+
+@dataclass
+class PreparedFrame:
+    """A preprocessed frame owned by its caller (not a reused buffer): the (1,3,H,W) engine input,
+    ((resized h, w), (original h, w)) and the seconds preprocessing took."""
+
+    image: torch.Tensor
+    sizes: tuple[tuple[int, int], tuple[int, int]]
+    seconds: float = 0.0
 
 
 def validate_frame(frame: Any) -> np.ndarray:
@@ -64,18 +85,26 @@ class PanopticPredictor:
         self.classes = classes
         self.num_stuff = len(classes["stuff"])
         self.input_hw = input_hw
-        self._buffer: torch.Tensor | None = None
-        self._staging: torch.Tensor | None = None
-        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread input buffer / pinned staging
+        # engines that are not thread-safe (TensorRT: one execution context each) take turns, per engine
+        self._dense_lock: Any = contextlib.nullcontext() if getattr(dense, "thread_safe", False) else threading.Lock()
+        self._instance_lock: Any = (contextlib.nullcontext() if getattr(instance, "thread_safe", False)
+                                    else threading.Lock())
         device = getattr(dense, "device", torch.device("cpu"))
         self.preprocess_on = "device" if torch.device(device).type == "cuda" else "opencv"
+        #: how the backend was chosen (set by ``from_bundle``), e.g. "onnxruntime-cpu (auto: ...)"
+        self.backend_choice = f"{getattr(dense, 'name', type(dense).__name__)} on {device}"
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_bundle(cls, path: PathLike, backend: str = "auto", threads: int | None = None,
-                    cuda_graph: bool = False, graphs: dict[str, str] | None = None) -> PanopticPredictor:
-        """``backend``: ``auto`` (TensorRT when the bundle has plans and TensorRT + GPU exist, else
-        ONNX Runtime), ``ort`` or ``trt``. ``path``: bundle folder, manifest or a file inside it.
+                    cuda_graph: bool = False, graphs: dict[str, str] | None = None,
+                    device: str | int | torch.device = "auto") -> PanopticPredictor:
+        """``backend``: ``auto`` picks TensorRT (the bundle has plans, TensorRT imports, a GPU is
+        visible), then ONNX Runtime with CUDA (onnxruntime-gpu and a GPU), then ONNX Runtime on the
+        CPU, and records why in ``backend_choice`` (also logged); or ``ort`` / ``trt``.
+        ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or N: the GPU both engines run on.
+        ``path``: bundle folder, manifest or a file inside it.
         ``cuda_graph``: TensorRT only, capture the static-shape dense engine in a CUDA graph.
         ``graphs``: ONNX Runtime only, ``{"dense": file, "instance": file}`` of the bundle to run
         instead of the fp32 ``onnx`` graphs (e.g. the fp16 / int8 engine graphs, to measure their
@@ -85,8 +114,11 @@ class PanopticPredictor:
         root = Path(path)
         root = root.parent if root.is_file() else root
         manifest = verify_bundle(root)
+        auto_device = isinstance(device, str) and device.strip().lower() == "auto"
+        target = resolve_device(device)
+        why = f"backend={backend!r}"
         if backend == "auto":
-            backend = "trt" if has_plans(manifest) and torch.cuda.is_available() and _trt_version() else "ort"
+            backend, why = _auto_backend(has_plans(manifest), target)
         graphs_override, graphs = graphs, manifest["graphs"]
         if graphs_override is not None:
             listed = set(manifest["files"])
@@ -100,7 +132,10 @@ class PanopticPredictor:
 
             if not has_plans(manifest):
                 raise BundleError(f"{root} has no TensorRT plans; build them with `sepsnet-export --from-onnx {root}`")
-            runtime = current_runtime()  # TensorRT here + the compute capability of the device that will run
+            if target.type != "cuda":
+                raise EngineError(f"backend='trt' needs a CUDA GPU, but device={device!r} resolves to {target}")
+            with torch.cuda.device(target):  # TensorRT here + the compute capability of the device that will run
+                runtime = current_runtime()
             check_plan_compatible(manifest, runtime, str(root))
             plugin = root / manifest["plugin"] if manifest.get("plugin") else None
             vc = bool(manifest["engine"]["version_compatible"])
@@ -112,19 +147,25 @@ class PanopticPredictor:
             from sepsnet.engines.ort_backend import OrtBackend
 
             chosen = graphs_override or {k: graphs[k]["onnx"] for k in ("dense", "instance")}
-            dense = OrtBackend(root / chosen["dense"], threads=threads)
-            instance = OrtBackend(root / chosen["instance"], threads=threads)
+            ort_device: str | torch.device = "auto" if auto_device else target
+            dense = OrtBackend(root / chosen["dense"], device=ort_device, threads=threads)
+            instance = OrtBackend(root / chosen["instance"], device=ort_device, threads=threads)
         else:
             raise EngineError(f"unknown backend {backend!r} (auto, ort, trt)")
         cfg = config_from_dict(manifest["config"], where=f"{root}/manifest.json")
         post = PostprocessConfig(**manifest.get("postprocess", {}))
         inp = manifest["input"]
         input_hw = None if inp.get("dynamic") else (int(inp["height"]), int(inp["width"]))
-        return cls(dense, instance, cfg.data, post, manifest["classes"], input_hw, manifest.get("preselect"))
+        predictor = cls(dense, instance, cfg.data, post, manifest["classes"], input_hw, manifest.get("preselect"))
+        if backend == "ort" and target.type == "cuda" and dense.device.type != "cuda":
+            why += "; onnxruntime has no CUDAExecutionProvider (install the `gpu` extra for onnxruntime-gpu)"
+        predictor.backend_choice = f"{dense.name} on {dense.device} ({why})"
+        log.info("sepsnet runtime: %s", predictor.backend_choice)
+        return predictor
 
     @classmethod
     def from_checkpoint(cls, path: PathLike, config: SEPSNetConfig | None = None,
-                        device: str | None = None) -> PanopticPredictor:
+                        device: str | int | torch.device | None = None) -> PanopticPredictor:
         """Eager PyTorch (deploy mode, aux branches stripped) from a training checkpoint."""
         from sepsnet.engines.torch_backend import TorchBackend
         from sepsnet.export.bundle import default_classes
@@ -136,7 +177,7 @@ class PanopticPredictor:
             check_compatible(ckpt, config, path)
         cfg = config or checkpoint_config(ckpt, path)
         model, _ = build_deploy_model(cfg, ckpt["model"], str(path))
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         classes = ckpt.get("meta") or default_classes(cfg.model.num_thing_classes, cfg.model.num_stuff_classes)
         return cls(TorchBackend(model, "dense", device), TorchBackend(model, "instance", device),
                    cfg.data, cfg.postprocess, classes)
@@ -147,13 +188,17 @@ class PanopticPredictor:
         (``sepsnet.data.transforms.inference_sizes``, shared with int8 calibration)."""
         return inference_sizes(h, w, self.data, self.input_hw)
 
-    def _input_buffer(self, H: int, W: int, device: torch.device) -> torch.Tensor:
-        """The reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean colour)."""
-        if self._buffer is None or tuple(self._buffer.shape[2:]) != (H, W) or self._buffer.device != device:
-            self._buffer = torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
+    def _input_buffer(self, H: int, W: int, device: torch.device, reuse: bool = True) -> torch.Tensor:
+        """The calling thread's reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean
+        colour); a fresh one when ``reuse`` is False."""
+        if not reuse:
+            return torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
+        buf = getattr(self._local, "buffer", None)
+        if buf is None or tuple(buf.shape[2:]) != (H, W) or buf.device != device:
+            buf = self._local.buffer = torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
         else:
-            self._buffer.zero_()
-        return self._buffer
+            buf.zero_()
+        return buf
 
     def _fill_with_opencv(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
         write_input(frame[..., ::-1] if bgr else frame, self.data, (rh, rw), buf[0])
@@ -163,37 +208,49 @@ class PanopticPredictor:
         then channel order, bilinear resize (half-pixel, no antialias = OpenCV INTER_LINEAR) and
         normalisation on the device."""
         device = buf.device
-        if self._staging is None or self._staging.shape != frame.shape:
-            self._staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
-            self._mean = torch.tensor(self.data.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-            self._std = torch.tensor(self.data.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._staging.numpy()[...] = frame
-        img = self._staging.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+        local = self._local
+        staging = getattr(local, "staging", None)
+        if staging is None or staging.shape != frame.shape or local.mean.device != device:
+            staging = local.staging = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            local.mean = torch.tensor(self.data.pixel_mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+            local.std = torch.tensor(self.data.pixel_std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        staging.numpy()[...] = frame
+        img = staging.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
         if bgr != (self.data.input_format == "BGR"):  # to the channel order the network expects
             img = img.flip(1)
         if (rh, rw) != tuple(frame.shape[:2]):
             img = torch.nn.functional.interpolate(img, size=(rh, rw), mode="bilinear", align_corners=False)
-        buf[:, :, :rh, :rw] = (img - self._mean) / self._std
+        buf[:, :, :rh, :rw] = (img - local.mean) / local.std
 
-    def preprocess(self, frame: np.ndarray, bgr: bool = False) -> tuple[torch.Tensor, tuple]:
-        """Validated frame -> reused (1,3,H,W) input buffer and ((resized), (original)) sizes.
-        With a CUDA dense backend the frame is resized and normalised on the GPU
-        (``preprocess_on = "device"``), else with OpenCV on the CPU."""
+    def preprocess(self, frame: np.ndarray, bgr: bool = False, reuse: bool = True) -> tuple[torch.Tensor, tuple]:
+        """Validated frame -> (1,3,H,W) input (the calling thread's reused buffer, or a fresh tensor
+        when ``reuse`` is False) and ((resized), (original)) sizes. With a CUDA dense backend the
+        frame is resized and normalised on the GPU (``preprocess_on = "device"``), else with OpenCV."""
         frame = validate_frame(frame)
         h, w = frame.shape[:2]
         (rh, rw), (H, W) = self._target_sizes(h, w)
         on_device = self.preprocess_on == "device"
         device = self.dense.device if on_device else torch.device("cpu")
-        buf = self._input_buffer(H, W, device)
+        buf = self._input_buffer(H, W, device, reuse)
         if on_device:
             self._fill_with_torch(frame, bgr, rh, rw, buf)
         else:
             self._fill_with_opencv(frame, bgr, rh, rw, buf)
         return buf, ((rh, rw), (h, w))
 
+    def prepare(self, frame: np.ndarray, bgr: bool = False) -> PreparedFrame:
+        """Preprocess into a tensor the caller owns, ready for :meth:`infer` on another thread.
+        On a GPU the upload finishes before returning (the pinned staging buffer is reused)."""
+        t0 = time.perf_counter()
+        image, sizes = self.preprocess(frame, bgr, reuse=False)
+        if image.device.type == "cuda":
+            torch.cuda.current_stream(image.device).synchronize()
+        return PreparedFrame(image, sizes, time.perf_counter() - t0)
+
     def _run_instances(self, bases: torch.Tensor, p3: torch.Tensor, rois: torch.Tensor,
                        attention: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.instance.run({"bases": bases, "p3": p3, "rois": rois.float(), "attention": attention})
+        with self._instance_lock:
+            out = self.instance.run({"bases": bases, "p3": p3, "rois": rois.float(), "attention": attention})
         return {k: v.to(rois.device) for k, v in out.items()}
 
     def __call__(self, frame: np.ndarray, bgr: bool = False) -> PanopticResult:
@@ -201,22 +258,57 @@ class PanopticPredictor:
         (seconds): ``total`` always (host time of the call: on CUDA the id map may still be in
         flight); with ``timing`` on also every stage of ``FRAME_STAGES`` (preprocess, dense,
         candidates, instances, scoring, paste, dedup, stuff, fusion)."""
-        with self._lock:
-            t0 = time.perf_counter()
-            timer = StageTimer(self.timing, self.dense.device)
-            timer.start()
-            with timer.stage("preprocess"):
-                image, sizes = self.preprocess(frame, bgr)
-            with timer.stage("dense"):
-                dense = self.dense.run({"image": image})
-            result = panoptic_inference(dense, self._run_instances, [sizes], self.postprocess,
-                                        num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
-                                        preselect=self.preselect, timer=timer)[0]
-            result.timings = {**timer.snapshot(), **result.timings} if self.timing else {}
-            result.timings["total"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        image, sizes = self.preprocess(frame, bgr)
+        return self.infer(PreparedFrame(image, sizes, time.perf_counter() - t0))
+
+    def infer(self, prepared: PreparedFrame) -> PanopticResult:
+        """Engines and post-processing on a frame from :meth:`prepare` (or :meth:`preprocess`):
+        :meth:`run_dense` then :meth:`finish`."""
+        return self.finish(prepared, *self.run_dense(prepared))
+
+    def run_dense(self, prepared: PreparedFrame) -> tuple[dict[str, torch.Tensor], float]:
+        """The dense engine on a prepared frame: (its outputs, seconds). A streaming loop runs this
+        for frame n+1 while :meth:`finish` post-processes frame n. The device is synchronised only
+        with ``timing`` on (then the seconds are the engine's, not its queueing time)."""
+        with self._dense_lock:
+            t1 = time.perf_counter()
+            dense = self.dense.run({"image": prepared.image})
+            if self.timing and self.dense.device.type == "cuda":
+                torch.cuda.synchronize(self.dense.device)
+        return dense, time.perf_counter() - t1
+
+    def finish(self, prepared: PreparedFrame, dense: dict[str, torch.Tensor], dense_seconds: float = 0.0
+               ) -> PanopticResult:
+        """Candidates, instance engine and panoptic fusion on the dense outputs of ``prepared``."""
+        t2 = time.perf_counter()
+        timer = StageTimer(self.timing, self.dense.device)
+        timer.start()
+        result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
+                                    num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
+                                    preselect=self.preselect, timer=timer)[0]
+        total = prepared.seconds + dense_seconds + time.perf_counter() - t2
+        if self.timing:
+            result.timings = {**timer.snapshot(), **result.timings, "preprocess": prepared.seconds,
+                              "dense": dense_seconds}
+        else:
+            result.timings = {}
+        result.timings["total"] = total
         return result
 
     predict = __call__
+
+
+def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:
+    """``backend="auto"``: TensorRT, then ONNX Runtime (CUDA or CPU, chosen by the ORT backend);
+    returns the backend and the reason, for ``backend_choice``."""
+    if device.type != "cuda":
+        return "ort", "auto: no CUDA GPU asked or visible"
+    if not bundle_has_plans:
+        return "ort", "auto: the bundle has no TensorRT plans"
+    if not _trt_version():
+        return "ort", "auto: tensorrt cannot be imported"
+    return "trt", "auto: TensorRT plans, TensorRT and a GPU"
 
 
 def _trt_version() -> str | None:

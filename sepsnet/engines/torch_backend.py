@@ -14,6 +14,9 @@ class TorchBackend:
     """``part="dense"``: image -> dense outputs; ``part="instance"``: bases, p3, rois, attention ->
     mask_probs (+ iou_score, silhouette_score)."""
 
+    #: forward passes in inference mode change no module state, so threads may call ``run`` together
+    thread_safe = True
+
     def __init__(self, model: torch.nn.Module, part: str, device: torch.device | str = "cpu") -> None:
         if part not in ("dense", "instance"):
             raise ValueError(f"part must be dense or instance, got {part!r}")

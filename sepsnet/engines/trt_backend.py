@@ -47,6 +47,9 @@ class TrtBackend:
     output shapes read from the context after ``set_input_shape``; ``cuda_graph`` is ignored there.
     """
 
+    #: one execution context and (static engines) one set of bound buffers: callers take turns
+    thread_safe = False
+
     def __init__(self, plan_path: str | Path, plugin_library: str | Path | None = None,
                  device: int = 0, cuda_graph: bool = False, version_compatible: bool = False) -> None:
         """``version_compatible``: the plan was built with ``VERSION_COMPATIBLE`` (manifest ``engine``

@@ -123,6 +123,7 @@ class CocoPanopticWriter:
         self.png_dir = self.out_dir / png_dir
         self.annotations: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
+        self._written: dict[str, Any] = {}  # PNG name (casefolded) -> the input that took it
         categories_json(metadata)  # validate early
 
     def png_name(self, image_id: Any, file_name: str | None) -> str:
@@ -132,6 +133,11 @@ class CocoPanopticWriter:
         """Write the PNG of one image now; returns its path."""
         ids, segs = _remap(result, self.metadata, self.cityscapes_ids)
         name = self.png_name(image_id, file_name)
+        first = self._written.get(name.casefold())
+        if first is not None:
+            raise DataError(f"{type(self).__name__}: {file_name or image_id!r} would overwrite {name} written for "
+                            f"{first!r}; give the images distinct file names (or ids)")
+        self._written[name.casefold()] = file_name or image_id
         path = self.png_dir / name
         write_png(path, ids_to_rgb(ids))
         self.annotations.append({"image_id": image_id, "file_name": name, "segments_info": segs})
