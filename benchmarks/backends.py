@@ -76,9 +76,9 @@ def main() -> int:
                 sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
                 feed = {sess.get_inputs()[0].name: image.numpy()}
                 with torch.inference_mode():
-                    t = timed_alternating({"eager": lambda: model.forward_dense(image),
-                                           "eager_preselect": lambda: model.forward_dense(image, sel),
-                                           "ort": lambda: sess.run(None, feed)}, a.iters, a.warmup)
+                    t = timed_alternating({"eager": lambda m=model, x=image: m.forward_dense(x),
+                                           "eager_preselect": lambda m=model, x=image, s=sel: m.forward_dense(x, s),
+                                           "ort": lambda s=sess, f=feed: s.run(None, f)}, a.iters, a.warmup)
             row = {"config": name, "size": size, "eager_s": round(t["eager"], 4),
                    "eager_preselect_s": round(t["eager_preselect"], 4), "ort_s": round(t["ort"], 4),
                    "ratio": round(t["ort"] / t["eager"], 3),

@@ -52,7 +52,8 @@ def make_dense(h: int, w: int, num_instances: int, device: str, seed: int = 0) -
     stuff = torch.nn.functional.avg_pool2d(stuff, 31, 1, 15) * 10  # smooth blobs of stuff classes
     dense = {
         "boxes": boxes[None], "scores": scores[None], "centerness": 0.5 + 0.5 * torch.rand(1, num_loc, generator=g),
-        "attention": torch.randn(1, num_loc, k * m * m, generator=g), "bases": torch.randn(1, k + 1, h // 4, w // 4, generator=g),
+        "attention": torch.randn(1, num_loc, k * m * m, generator=g),
+        "bases": torch.randn(1, k + 1, h // 4, w // 4, generator=g),
         "p3": torch.randn(1, 16, h // 8, w // 8, generator=g), "stuff_logits": stuff,
     }
     return {key: v.to(device) for key, v in dense.items()}

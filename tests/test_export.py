@@ -163,15 +163,16 @@ def test_dense_preselect_graph_keeps_the_fcos_candidates(deploy, tmp_path: Path,
     proto = onnx_export.export_dense(model, cfg_pp, tmp_path / "dense.onnx", shape, preselect=sel)
     assert surgery.assert_constant_topk(proto, "dense") == 5
     init = {i.name for i in proto.graph.initializer}
-    computed_clip = [n.name for n in proto.graph.node if n.op_type == "Clip" and any(i and i not in init for i in n.input[1:])]
+    computed_clip = [n.name for n in proto.graph.node
+                     if n.op_type == "Clip" and any(i and i not in init for i in n.input[1:])]
     assert not computed_clip  # older TensorRT parsers take only constant Clip bounds
     sess = _session(tmp_path / "dense.onnx")
     for h, w in ((H, W), (96, 128)) if dynamic else ((H, W),):
         image = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h))
         with torch.no_grad():
             full = model.forward_dense(image)
-        got = dict(zip(onnx_export.DENSE_OUTPUTS, (torch.from_numpy(v) for v in
-                                                    sess.run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()}))))
+        outs = sess.run(list(onnx_export.DENSE_OUTPUTS), {"image": image.numpy()})
+        got = dict(zip(onnx_export.DENSE_OUTPUTS, (torch.from_numpy(v) for v in outs)))
         p3 = full["p3"].shape[-2:]
         counts = level_entries(p3, {"topk": 7, "score_thresh": 0.001, "padded": dynamic})
         assert got["attention"].shape[1] == sum(counts) < full["attention"].shape[1]

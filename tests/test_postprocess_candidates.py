@@ -12,7 +12,8 @@ from sepsnet.postprocess.candidates import level_sizes, select_candidates
 def _dense(num_loc, num_cls=3, k=8):
     boxes = torch.zeros(1, num_loc, 4)
     boxes[0, :] = torch.tensor([0.0, 0.0, 10.0, 10.0])
-    return boxes, torch.zeros(1, num_loc, num_cls), torch.ones(1, num_loc), torch.arange(num_loc * k, dtype=torch.float32).reshape(1, num_loc, k)
+    attention = torch.arange(num_loc * k, dtype=torch.float32).reshape(1, num_loc, k)
+    return boxes, torch.zeros(1, num_loc, num_cls), torch.ones(1, num_loc), attention
 
 
 def test_level_sizes_ceil():

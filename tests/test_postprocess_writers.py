@@ -29,7 +29,8 @@ def _read_ids(path: Path) -> np.ndarray:
 def _fuse(instances, stuff_map, num_stuff):
     """instances: list of (bool mask np, contiguous class); stuff_map: contiguous labels, S = none."""
     h, w = stuff_map.shape
-    masks = torch.from_numpy(np.stack([m for m, _ in instances])) if instances else torch.zeros(0, h, w, dtype=torch.bool)
+    empty = torch.zeros(0, h, w, dtype=torch.bool)
+    masks = torch.from_numpy(np.stack([m for m, _ in instances])) if instances else empty
     classes = torch.tensor([c for _, c in instances], dtype=torch.long)
     scores = torch.linspace(0.99, 0.6, len(instances))
     id_map, segs = panoptic_fusion(masks, scores, classes, torch.from_numpy(stuff_map), PERFECT, num_stuff)
@@ -67,7 +68,8 @@ def test_coco_round_trip_pq_is_one(tmp_path):
     assert n_things > 10
     assert not list(tmp_path.rglob("*.tmp"))
     gt_json = tmp_path / "gt.json"
-    gt_json.write_text(json.dumps({**gt, "categories": json.loads((COCO / "panoptic_coco_categories.json").read_text())}))
+    categories = json.loads((COCO / "panoptic_coco_categories.json").read_text())
+    gt_json.write_text(json.dumps({**gt, "categories": categories}))
     out = pq_compute(str(gt_json), str(pred_json), str(COCO / "panoptic"), str(writer.png_dir))
     assert out["All"]["pq"] == pytest.approx(1.0) and out["Things"]["n"] >= 3 and out["Stuff"]["n"] >= 3
     from sepsnet.eval.pq import pq_compute_files  # our evaluator agrees

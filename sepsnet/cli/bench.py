@@ -68,12 +68,14 @@ def environment(backend: str) -> dict[str, Any]:
 
     from sepsnet.engines.trt_backend import tensorrt_version
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return {"backend": backend, "device": device, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "tensorrt": tensorrt_version(), "python": platform.python_version()}
 
 
-def bench_loop(fn: Callable[[], dict[str, float]], iters: int, warmup: int) -> tuple[list[float], dict[str, list[float]]]:
+def bench_loop(fn: Callable[[], dict[str, float]], iters: int,
+               warmup: int) -> tuple[list[float], dict[str, list[float]]]:
     for _ in range(warmup):
         fn()
     totals: list[float] = []
@@ -278,7 +280,8 @@ def _main(argv: Sequence[str] | None) -> int:
             predictor = PanopticPredictor.from_checkpoint(path, device=a.device)
             kind, default = "checkpoint", (predictor.data.min_size_test, predictor.data.max_size_test)
         else:  # bundle folder, manifest.json or a .plan inside a bundle
-            backend_name = "trt" if path.suffix == ".plan" and a.backend == "auto" else a.backend  # a plan means TensorRT
+            # a plan means TensorRT
+            backend_name = "trt" if path.suffix == ".plan" and a.backend == "auto" else a.backend
             predictor = PanopticPredictor.from_bundle(path if path.is_dir() else path.parent, backend=backend_name,
                                                       threads=a.threads, cuda_graph=a.cuda_graph, device=a.device)
             kind = "bundle"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,7 +24,7 @@ from sepsnet.data.metadata import ClassMetadata
 from sepsnet.errors import DataError
 from sepsnet.fileio import atomic_write_bytes
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 IMG_SUFFIX, GT_SUFFIX = "_leftImg8bit.png", "_gtFine_instanceIds.png"
 
 

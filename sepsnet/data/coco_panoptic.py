@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,7 +24,7 @@ from sepsnet.data.transforms import hflip_sample, normalize, pick_short_edge, re
 from sepsnet.errors import DataError
 
 log = logging.getLogger(__name__)
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def decode_image_file(path: PathLike, flags: int, what: str) -> np.ndarray | None:

@@ -186,7 +186,8 @@ def prepare_input(frame_rgb: np.ndarray, cfg: DataConfig,
     return buf, (rh, rw)
 
 
-def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32) -> tuple[torch.Tensor, list[dict], list[dict]]:
+def collate(batch: Sequence[dict[str, Any]],
+            size_divisibility: int = 32) -> tuple[torch.Tensor, list[dict], list[dict]]:
     """Stack images zero-padded bottom/right to a multiple of ``size_divisibility``;
     masks padded with 0 and the stuff target with 255 (ignore). Returns (images, targets, infos);
     each info gets ``padded_size`` (H, W)."""

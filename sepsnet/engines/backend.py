@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 
-Dim = Union[int, str]
+Dim = int | str
 
 
 @dataclass(frozen=True)

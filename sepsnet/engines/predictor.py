@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from sepsnet.postprocess.preselect import Preselect, check_preselect
 from sepsnet.postprocess.results import PanopticResult
 from sepsnet.postprocess.timing import StageTimer
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 log = logging.getLogger("sepsnet")
 
 

@@ -29,7 +29,8 @@ class TorchBackend:
     def inputs(self) -> Sequence[TensorSpec]:
         if self.part == "dense":
             return [TensorSpec("image", ("batch", 3, "height", "width"))]
-        return [TensorSpec("bases", ("batch", "bases", "h4", "w4")), TensorSpec("p3", ("batch", "channels", "h8", "w8")),
+        return [TensorSpec("bases", ("batch", "bases", "h4", "w4")),
+                TensorSpec("p3", ("batch", "channels", "h8", "w8")),
                 TensorSpec("rois", ("instances", 5)), TensorSpec("attention", ("instances", "attn"))]
 
     @property
@@ -42,4 +43,5 @@ class TorchBackend:
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.part == "dense":
             return dict(self.model.forward_dense(feeds["image"].to(self.device)))
-        return dict(self.model.forward_instances(*(feeds[k].to(self.device) for k in ("bases", "p3", "rois", "attention"))))
+        names = ("bases", "p3", "rois", "attention")
+        return dict(self.model.forward_instances(*(feeds[k].to(self.device) for k in names)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,7 +21,7 @@ from sepsnet.errors import ConfigError, DataError
 from sepsnet.fileio import atomic_write_bytes
 from sepsnet.postprocess.results import PanopticResult
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def class_lists(metadata: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -203,7 +203,8 @@ def render_overlay(image_rgb: np.ndarray, result: PanopticResult, metadata: Any,
             if s["isthing"] and s.get("score") is not None:
                 text += f" {float(s['score']):.2f}"
             (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-            org = (int(min(max(x + cx - tw // 2, 0), ids.shape[1] - tw)), int(min(max(y + cy + th // 2, th), ids.shape[0] - 1)))
+            org = (int(min(max(x + cx - tw // 2, 0), ids.shape[1] - tw)),
+                   int(min(max(y + cy + th // 2, th), ids.shape[0] - 1)))
             cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
             cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return out
