@@ -76,13 +76,6 @@ def _chunk_stats(args: tuple[list[Pair], str, str, dict[int, dict[str, Any]], tu
     return stats
 
 
-def _single_threaded_worker() -> None:
-    """Pool workers already split the images: OpenCV's own thread pool would only oversubscribe."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
@@ -120,7 +113,7 @@ def pq_compute_files_multi(gt_json: str, pred_json: str, gt_folder: str | None =
         n_chunks = min(len(pairs), workers * 4)
         chunks = [pairs[i::n_chunks] for i in range(n_chunks)]
         stats = [PQStat(list(categories)) for _ in ratios]
-        with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
             for parts in pool.map(_chunk_stats, [(c, gt_folder, pred_folder, categories, ratios) for c in chunks]):
                 for stat, part in zip(stats, parts):
                     stat += part
