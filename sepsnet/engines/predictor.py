@@ -132,11 +132,14 @@ class PanopticPredictor:
 
             if not has_plans(manifest):
                 raise BundleError(f"{root} has no TensorRT plans; build them with `sepsnet-export --from-onnx {root}`")
+            if target.type == "cuda":
+                with torch.cuda.device(target):  # TensorRT here + the compute capability of the device that runs
+                    runtime = current_runtime()
+            else:
+                runtime = current_runtime()
+            check_plan_compatible(manifest, runtime, str(root))  # the guard's message first: what to rebuild
             if target.type != "cuda":
                 raise EngineError(f"backend='trt' needs a CUDA GPU, but device={device!r} resolves to {target}")
-            with torch.cuda.device(target):  # TensorRT here + the compute capability of the device that will run
-                runtime = current_runtime()
-            check_plan_compatible(manifest, runtime, str(root))
             plugin = root / manifest["plugin"] if manifest.get("plugin") else None
             vc = bool(manifest["engine"]["version_compatible"])
             dense: Backend = TrtBackend(root / graphs["dense"]["plan"], plugin, device=runtime.device,
