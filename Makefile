@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 
+# one worker per core; a test file stays on one worker (its module fixtures are built once)
+PYTEST_WORKERS ?= auto
+
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 lint: install
 	$(PY) -m ruff check .

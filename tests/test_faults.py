@@ -407,7 +407,7 @@ def test_numeric_arguments_are_validated(tmp_path: Path, capsys: pytest.CaptureF
 def test_missing_or_unknown_arguments_are_one_line(capsys: pytest.CaptureFixture, command: str) -> None:
     for argv in ([], ["--no-such-flag"]):
         rc, err = _cli(command, argv, capsys)
-        if command == "export" and argv == []:  # all optional; the missing checkpoint is named
+        if command in ("export", "evaluate") and argv == []:  # all optional; the missing input is named
             assert rc == 2 and len(err) == 1 and "checkpoint" in err[0], err
             continue
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: sepsnet-") and "--help" in err[0], err

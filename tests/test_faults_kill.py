@@ -112,6 +112,10 @@ def _fork_train(out: Path, fault: tuple[str, int] | None = None) -> int:
                 _install_fault(*fault)
             _train(out)
             code = 0
+        except BaseException:  # noqa: B036 - report whatever ended the child, for the parent's assertion
+            import traceback
+
+            (out / ".child_error.txt").write_text(traceback.format_exc())
         finally:
             os._exit(code)
     return pid
@@ -131,6 +135,11 @@ def _wait(pid: int, timeout: float = 60.0) -> int:
         time.sleep(0.005)
 
 
+def _child_error(out: Path) -> str:
+    err = out / ".child_error.txt"
+    return err.read_text() if err.is_file() else "(no traceback written)"
+
+
 def _metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -142,7 +151,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, 
 
     out = tmp_path_factory.mktemp("reference")
     pid = _fork_train(out)
-    assert _wait(pid) == 0
+    assert _wait(pid) == 0, _child_error(out)
     return _metrics(out), load_checkpoint(out / "model_final.pt")["model"]
 
 
@@ -178,7 +187,7 @@ def test_kill_at_random_points_then_resume_matches_uninterrupted(tmp_path: Path,
         assert status in (0, -signal.SIGKILL), status
         if status == 0:
             break
-    assert _wait(_fork_train(tmp_path)) == 0
+    assert _wait(_fork_train(tmp_path)) == 0, _child_error(tmp_path)
     _assert_same_run(tmp_path, reference)
 
 
@@ -188,7 +197,7 @@ def test_kill_inside_save_then_resume(tmp_path: Path, reference, fault: tuple[st
     assert _wait(_fork_train(tmp_path, fault)) == -signal.SIGKILL
     if fault[0] in ("write", "replace"):
         assert [p for p in tmp_path.iterdir() if STALE_TEMP.match(p.name)], "the kill left no temp file"
-    assert _wait(_fork_train(tmp_path)) == 0
+    assert _wait(_fork_train(tmp_path)) == 0, _child_error(tmp_path)
     _assert_same_run(tmp_path, reference)
 
 

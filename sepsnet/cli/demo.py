@@ -118,6 +118,7 @@ def _run_stream(predictor: Any, spec: str, name: str, out: Path, a: argparse.Nam
     from sepsnet.fileio import atomic_write_json
     from sepsnet.postprocess.writers import render_overlay
 
+    predictor.timing = True  # per-stage timings in the JSON lines (on CUDA: a sync at each stage end)
     source = open_source(spec, pace=a.realtime)
     video = OverlayVideo(out / f"{name}_overlay.{a.video_format}", source.fps or 30.0)
     jsonl_path = out / f"{name}.jsonl"
