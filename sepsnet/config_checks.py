@@ -59,7 +59,6 @@ RULES: dict[str, Rule] = {
     "model.fcos.focal_gamma": NONNEGATIVE,
     "model.blender.max_train_instances": AT_LEAST_ONE,
     "model.heads.stuff_channels": AT_LEAST_ONE,
-    "model.heads.stuff_num_convs": NONNEGATIVE,
     "model.heads.basis_channels": AT_LEAST_ONE,
     "model.heads.basis_num_convs": NONNEGATIVE,
     "model.heads.confidence_roi_size": AT_LEAST_ONE,
