@@ -144,11 +144,28 @@ def _metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _require_forkable_autograd() -> None:
+    """Skip (with the reason) when this process already started autograd's worker threads: a forked
+    child can then never run backward. `make test` runs this file in a process of its own."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            torch.ones(2, requires_grad=True).sum().backward()
+            code = 0
+        finally:
+            os._exit(code)
+    if _wait(pid) != 0:
+        pytest.skip("autograd threads were started in this test process before the fork (run this file in its "
+                    "own process, as `make test` does: pytest tests/test_faults_kill.py)")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """The uninterrupted run: metrics per iteration and the final weights."""
     import torch.utils.tensorboard  # noqa: F401  (imported once here, not in every child)
 
+    _require_forkable_autograd()
     out = tmp_path_factory.mktemp("reference")
     pid = _fork_train(out)
     assert _wait(pid) == 0, _child_error(out)
