@@ -126,6 +126,9 @@ def _edit(root: Path, change) -> None:
     (root / "manifest.json").write_text(json.dumps(data))
 
 
+ABSOLUTE = str(Path(__file__).resolve().parent / "dense.onnx")  # any absolute path; never read
+
+
 def _set(path: str | tuple, value):
     def change(data: dict) -> None:
         *parents, last = path.split(".") if isinstance(path, str) else path
@@ -169,7 +172,7 @@ BAD_MANIFESTS = [  # (edit, the key the error must name)
     (_set("classes.things", [{"name": "car"}]), "'classes.things[0].id' is missing"),
     (_set("graphs.dense.plan", 5), "'graphs.dense.plan'"),
     (_set("graphs.dense.onnx", "../../other/dense.onnx"), "'graphs.dense.onnx': '../../other/dense.onnx'"),
-    (_set("graphs.dense.engine_onnx", "/etc/passwd"), "'graphs.dense.engine_onnx': '/etc/passwd'"),
+    (_set("graphs.dense.engine_onnx", ABSOLUTE), f"'graphs.dense.engine_onnx': '{ABSOLUTE}'"),
     (_set("plugin", "..\\lib.so"), "'plugin'"),
     (_set(("files", "sub/../../x.onnx"), {"sha256": "0" * 64, "bytes": 1}), "'files.sub/../../x.onnx'"),
     (_set(("files", "dense.onnx"), {"sha256": "not-hex", "bytes": 1}), "'files.dense.onnx.sha256'"),

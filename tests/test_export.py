@@ -517,14 +517,15 @@ def test_int8_qdq_over_fp16_graph(fp16_bundle, deploy, tmp_path: Path) -> None:
     assert float(np.abs(got[1] - ref[1]).max()) < 0.25  # scores, as for the fp32 Q/DQ graph
 
 
-def test_timing_cache_name() -> None:
+def test_timing_cache_name(tmp_path: Path) -> None:
     """One timing cache file per TensorRT version and GPU, names safe for any file system."""
-    a = trt_build.default_timing_cache("10.3.0", "NVIDIA H200", root="/c")
-    assert a == Path("/c/trt_timing_10.3.0_NVIDIA_H200.cache")
-    assert trt_build.default_timing_cache("11.0.1", "NVIDIA H200", root="/c") != a
-    assert trt_build.default_timing_cache("10.3.0", "Orin (nvgpu)", root="/c") != a
-    odd = trt_build.default_timing_cache("10.3.0", "GeForce RTX 4090/Ti: *x* ", root="/c")
-    assert odd.parent == Path("/c") and odd.name == "trt_timing_10.3.0_GeForce_RTX_4090_Ti_x.cache"
+    root = str(tmp_path)
+    a = trt_build.default_timing_cache("10.3.0", "NVIDIA H200", root=root)
+    assert a == tmp_path / "trt_timing_10.3.0_NVIDIA_H200.cache"
+    assert trt_build.default_timing_cache("11.0.1", "NVIDIA H200", root=root) != a
+    assert trt_build.default_timing_cache("10.3.0", "Orin (nvgpu)", root=root) != a
+    odd = trt_build.default_timing_cache("10.3.0", "GeForce RTX 4090/Ti: *x* ", root=root)
+    assert odd.parent == tmp_path and odd.name == "trt_timing_10.3.0_GeForce_RTX_4090_Ti_x.cache"
     assert trt_build.default_timing_cache("10.3", "").name == "trt_timing_10.3_unknown.cache"
     assert trt_build.default_timing_cache("10.3", "x").parent == Path.home() / ".cache" / "sepsnet"
 
