@@ -15,7 +15,6 @@ frame rate with latest-frame dropping, like a live camera; otherwise every frame
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -226,11 +225,7 @@ def _bench_stream(a: argparse.Namespace, path: Path) -> int:
           f"{a.deadline_ms if a.deadline_ms else '-'} ms: {summary['late']} late ({summary['miss_rate']:.1%})")
     for stage, q in summary["stages_ms"].items():
         print(f"  {stage:12s} p50 {q['p50']:8.2f} ms   p99 {q['p99']:8.2f} ms")
-    if a.json_out:
-        from sepsnet.fileio import atomic_write_bytes
-
-        atomic_write_bytes(a.json_out, json.dumps(result, indent=2).encode())
-        print(f"  saved {a.json_out}")
+    _save(result, a.json_out)
     return 0
 
 
@@ -298,12 +293,17 @@ def _main(argv: Sequence[str] | None) -> int:
           f"mean {result['mean_ms']:.2f}   FPS {result['fps']:.1f}   ({a.iters} iters, {a.warmup} warm-up)")
     for stage, ms in result["stages_ms"].items():
         print(f"  {stage:12s} {ms:8.2f} ms")
-    if a.json_out:
-        from sepsnet.fileio import atomic_write_bytes
-
-        atomic_write_bytes(a.json_out, json.dumps(result, indent=2).encode())
-        print(f"  saved {a.json_out}")
+    _save(result, a.json_out)
     return 0
+
+
+def _save(result: dict[str, Any], path: str | None) -> None:
+    """The figures as JSON, written atomically, when ``--json`` names a file."""
+    if path:
+        from sepsnet.fileio import atomic_write_json
+
+        atomic_write_json(result, path)
+        print(f"  saved {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
