@@ -185,6 +185,21 @@ def test_demo_cli(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     assert len(doc["annotations"]) == 1
 
 
+def test_demo_cli_skips_a_bad_image_and_keeps_the_others(artifacts: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from sepsnet.cli.demo import main
+
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(PHOTOS[0].read_bytes()[:200])  # a truncated JPEG
+    out = tmp_path / "o"
+    assert main(["--bundle", str(artifacts[1]), "--out", str(out), str(PHOTOS[0]), str(bad), str(PHOTOS[-1])]) == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "1 of 3 images skipped" in err
+    doc = json.loads((out / "panoptic_predictions.json").read_text())
+    assert sorted(i["file_name"] for i in doc["images"]) == sorted(p.name for p in (PHOTOS[0], PHOTOS[-1]))
+    assert not (out / "broken_overlay.png").exists()
+
+
 def test_demo_cli_from_checkpoint(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     from sepsnet.cli.demo import main
 

@@ -162,28 +162,44 @@ def _run_stream(predictor: Any, spec: str, name: str, out: Path, a: argparse.Nam
     atomic_write_json(summary, out / f"{name}_summary.json")
     age = summary["age_ms"]
     print(f"{spec}: {summary['processed']} frames ({summary['frames_read']} read, {summary['dropped']} dropped, "
-          f"{summary['bad']} bad, {summary['late']} late), {summary['fps']:.1f} FPS, frame age p50 {age['p50']:.0f} "
+          f"{summary['bad']} bad, {summary['late']} late), {_fps(summary['fps'])} FPS, frame age p50 {age['p50']:.0f} "
           f"p99 {age['p99']:.0f} ms; {summary['end_reason']} -> {written or '(no frames)'}, {jsonl_path}")
     if stopped_by_user:
         raise KeyboardInterrupt
 
 
-def _run_images(predictor: Any, items: list[tuple[str, str]], out: Path) -> None:
+def _fps(fps: float) -> str:
+    """FPS for the summary line; a stream too short for a steady-state rate says so."""
+    return "n/a" if fps != fps else f"{fps:.1f}"
+
+
+def _run_images(predictor: Any, items: list[tuple[str, str]], out: Path) -> list[str]:
+    """Each image through the predictor; an unreadable or invalid image is reported and skipped
+    (the others are still written). Returns the skipped paths with their reasons."""
     from sepsnet.data.coco_panoptic import read_rgb
     from sepsnet.postprocess.writers import CocoPanopticWriter, write_overlay
 
     writer = CocoPanopticWriter(out, predictor.classes)
-    for i, (path, name) in enumerate(items):
-        rgb = read_rgb(path)
-        result = predictor(rgb).to("cpu")
-        writer.add(result, i, f"{name}{Path(path).suffix}")
-        overlay = out / f"{name}_overlay.png"
-        write_overlay(overlay, rgb, result, predictor.classes)
-        names = [seg["category"] for seg in _segments(result, predictor.classes)]
-        more = "..." if len(names) > 8 else ""
-        print(f"{path}: {len(names)} segments ({', '.join(names[:8])}{more}), "
-              f"{result.timings['total'] * 1000:.0f} ms -> {overlay}")
-    print(f"predictions: {writer.close()}")
+    skipped: list[str] = []
+    try:
+        for i, (path, name) in enumerate(items):
+            try:
+                rgb = read_rgb(path)
+                result = predictor(rgb).to("cpu")
+            except DataError as e:
+                skipped.append(f"{path}: {e}")
+                print(f"skipped {path}: {e}", file=sys.stderr)
+                continue
+            writer.add(result, i, f"{name}{Path(path).suffix}")
+            overlay = out / f"{name}_overlay.png"
+            write_overlay(overlay, rgb, result, predictor.classes)
+            names = [seg["category"] for seg in _segments(result, predictor.classes)]
+            more = "..." if len(names) > 8 else ""
+            print(f"{path}: {len(names)} segments ({', '.join(names[:8])}{more}), "
+                  f"{result.timings['total'] * 1000:.0f} ms -> {overlay}")
+    finally:  # what was predicted before an interrupt or an unexpected error is kept
+        print(f"predictions: {writer.close()}")
+    return skipped
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -233,11 +249,13 @@ def _main(argv: Sequence[str] | None) -> int:
                                                       device=a.device)
     print(f"runtime: {predictor.backend_choice}")
     images = [(s, n) for (s, k), n in zip(items, names) if k == "image"]
-    if images:
-        _run_images(predictor, images, out)
+    skipped = _run_images(predictor, images, out) if images else []
     for (spec, kind), name in zip(items, names):
         if kind != "image":
             _run_stream(predictor, spec, name, out, a)
+    if skipped:
+        print(f"error: {len(skipped)} of {len(images)} images skipped (listed above)", file=sys.stderr)
+        return 1
     return 0
 
 
