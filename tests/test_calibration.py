@@ -137,3 +137,29 @@ def test_split_fp16_biases_keeps_fp32_graphs(tmp_path: Path) -> None:
     before = [n.op_type for n in q.graph.node]
     assert [n.op_type for n in calibration.split_fp16_biases(onnx.ModelProto.FromString(q.SerializeToString()))
             .graph.node] == before
+
+
+def _input_scale(model: onnx.ModelProto) -> float:
+    """The activation scale of the graph input's QuantizeLinear."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "image")
+    return float(inits[q.input[1]])
+
+
+def test_entropy_clips_outliers_that_minmax_keeps(tmp_path: Path) -> None:
+    """A few huge values among unit-normal ones: minmax spends the int8 range on them, the 2048-bin
+    KL threshold (TensorRT's entropy calibration) clips them; percentile sits in between or below."""
+    net = _conv_net()
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(tmp_path / "f32.onnx"), input_names=["image"],
+                      output_names=["logits"], opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+        x[0, 0, 0, 0] = 200.0  # one outlier per frame
+        batches.append(x)
+    scales = {m: _input_scale(calibration.to_int8_qdq(tmp_path / "f32.onnx", tmp_path / f"{m}.onnx", batches, method=m))
+              for m in calibration.METHODS}
+    assert scales["minmax"] == pytest.approx(200.0 / 127, rel=1e-3)
+    assert scales["entropy"] < 0.25 * scales["minmax"]
+    assert 3.0 / 127 < scales["entropy"]  # still covers the bulk of the unit-normal values

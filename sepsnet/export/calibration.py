@@ -15,9 +15,10 @@ Calibration frames must look like what the engine will see, so:
 - they are preprocessed by the predictor's own function, ``sepsnet.data.transforms.prepare_input``
   (one resize policy: evaluation resize, shrink-to-fit and zero padding for a static input size);
 - the range estimator is selectable: ``minmax`` (largest absolute value), ``percentile`` (clips the
-  outliers: the 99.999th percentile of |x|) or ``entropy`` (ORT's KL-divergence threshold, the idea of
-  TensorRT's classic calibrator; ``quantize_static`` fixes its histograms at 128 bins = the 128 quantized
-  bins, so it cannot clip much: on the tiny model its scales equal minmax's).
+  outliers: the 99.999th percentile of |x|) or ``entropy`` (the KL-divergence threshold of TensorRT's
+  entropy calibrator: a 2048-bin histogram of |x| folded onto 128 quantized bins, computed by ORT's
+  ``EntropyCalibrater``; ``quantize_static`` alone would build it with 128 bins, which cannot clip, so the
+  ranges are computed here and handed to it as a calibration cache, :func:`entropy_ranges`).
 
 The TensorRT 11 graph is Q/DQ over the fp16 graph (strongly typed: unquantized layers run in fp16),
 with fp16 scales, at opset 19 (the first where Q/DQ take fp16 scales). Its quantized convolutions carry
@@ -44,6 +45,9 @@ from sepsnet.export import surgery
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_METHOD = "minmax"
 SYNTHETIC = "synthetic"
+ENTROPY_BINS = 2048  # TensorRT's entropy calibration: |x| histogram of 2048 bins ...
+ENTROPY_QUANTIZED_BINS = 128  # ... and thresholds tried on the 128 bins an int8 half-range has
+QUANTIZED_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
 QDQ_FP16_OPSET = 19  # QuantizeLinear/DequantizeLinear take fp16 scales from opset 19
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 HOW_TO_CALIBRATE = ("pass --calib DIR: a folder of images like the deployment frames, or a dataset root "
@@ -164,6 +168,34 @@ def _ort_method(method: str) -> tuple[Any, dict[str, Any]]:
     return CalibrationMethod.MinMax, {}
 
 
+def entropy_ranges(model: Path, reader: Any, cache: Path) -> Path:
+    """Per-tensor ranges by the KL-divergence threshold on ``ENTROPY_BINS`` histogram bins (symmetric,
+    over |x|), saved as an ONNX Runtime calibration cache (``cache``) for ``quantize_static``."""
+    import inspect
+
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        from onnxruntime import __version__ as ort_version
+
+        raise ConfigError("--calib-method entropy needs an onnxruntime whose quantize_static takes calibration caches "
+                          f"(this one is {ort_version}); upgrade it or use --calib-method minmax|percentile")
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(
+        model, QUANTIZED_OPS, augmented_model_path=str(cache.with_name("entropy_augmented.onnx")),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS, "symmetric": True})
+    calibrator.collect_data(reader)
+    ranges = calibrator.compute_data()
+    for data in ranges.values():  # numpy scalars lose their dtype (fp16 graphs) in the cache; 0-d arrays keep it
+        for attr in ("lowest", "highest"):
+            if isinstance(getattr(data, attr, None), np.generic):
+                setattr(data, attr, np.asarray(getattr(data, attr)))
+    save_tensors_data(ranges, cache)
+    return cache
+
+
 def to_int8_qdq(src: str | Path, dst: str | Path, batches: Sequence[np.ndarray], input_name: str = "image",
                 method: str = "minmax") -> onnx.ModelProto:
     """Insert Q/DQ nodes calibrated on ``batches`` (ORT quantize_static, QDQ format); saves ``dst``.
@@ -192,14 +224,19 @@ def to_int8_qdq(src: str | Path, dst: str | Path, batches: Sequence[np.ndarray],
             pre = Path(src)
         out_tmp = Path(tmp) / "int8.onnx"
         extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, **calib_options}
+        reader, cache = _Reader(input_name, batches), None
         try:
+            if method == "entropy":
+                cache, reader = entropy_ranges(pre, reader, Path(tmp) / "entropy_ranges.json"), None
             quantize_static(
-                str(pre), str(out_tmp), _Reader(input_name, batches),
+                str(pre), str(out_tmp), reader,
                 quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=["Conv", "ConvTranspose", "Gemm", "MatMul"],
-                calibrate_method=calibrate_method, extra_options=extra,
+                op_types_to_quantize=QUANTIZED_OPS, calibrate_method=calibrate_method, extra_options=extra,
+                **({"calibration_cache_path": str(cache)} if cache else {}),
             )
+        except ConfigError:
+            raise
         except Exception as exc:
             raise EngineError(f"int8 Q/DQ quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
         model = onnx.load(str(out_tmp))
