@@ -3,9 +3,10 @@
  * Plain CPython API and the buffer protocol (no numpy headers). Every function works on buffers the
  * caller allocated and checked, and releases the GIL for its loop, so threads run in parallel:
  *
- *   unfilter_ids(raw, height, width, channels, out)   PNG scanline unfiltering (all five filter types
- *       of the PNG specification, section 9) fused with the COCO panoptic id conversion
- *       id = R | G << 8 | B << 16 (grey: id = value) into a uint32 (H, W) buffer.
+ *   unfilter_ids(raw, y0, width, channels, out)       PNG scanline unfiltering (all five filter types
+ *       of the PNG specification, section 9) of whole scanlines (rows y0.. of the image) fused with the
+ *       COCO panoptic id conversion: out (H, W) uint32 gets R | G << 8 | B << 16 (| A << 24 for RGBA,
+ *       which the caller masks off; grey: the value). Row y0 - 1 of out must already be decoded.
  *   boundary_band(ids, height, width, d, out)         the Boundary PQ band of an id map (boundary.py):
  *       non-uniform 2x2 blocks dilated by a 2d x 2d square (box counts: O(1) per pixel), plus a frame of d.
  *   count_pairs(gt, pred, gt_band, pred_band)         run-length (gt id, pred id[, band code]) pair counts
@@ -26,26 +27,27 @@ static inline uint8_t paeth(int a, int b, int c) {
     return (uint8_t)(pb <= pc ? b : c);
 }
 
-/* Grey (1 byte per pixel): one scanline, src filtered, prev the previous unfiltered row (zeros
+/* Grey (1 byte per pixel): one scanline, src filtered, prev the previous row's values (zeros
    for the first), cur the output; -1 for an unknown filter type */
-static int unfilter_grey_row(int filter, const uint8_t *src, const uint8_t *prev, uint8_t *cur, Py_ssize_t n) {
+static int unfilter_grey_row(int filter, const uint8_t *src, const uint32_t *prev, uint32_t *cur, Py_ssize_t n) {
     Py_ssize_t i;
+    uint8_t left = 0;
     switch (filter) {
     case 0:
-        memcpy(cur, src, (size_t)n);
+        for (i = 0; i < n; i++) cur[i] = src[i];
         return 0;
     case 1:
-        for (i = 0; i < n; i++) cur[i] = (uint8_t)(src[i] + (i ? cur[i - 1] : 0));
+        for (i = 0; i < n; i++) cur[i] = left = (uint8_t)(src[i] + left);
         return 0;
     case 2:
         for (i = 0; i < n; i++) cur[i] = (uint8_t)(src[i] + prev[i]);
         return 0;
     case 3:
-        for (i = 0; i < n; i++) cur[i] = (uint8_t)(src[i] + (((i ? cur[i - 1] : 0) + prev[i]) >> 1));
+        for (i = 0; i < n; i++) cur[i] = left = (uint8_t)(src[i] + ((left + prev[i]) >> 1));
         return 0;
     case 4:
         for (i = 0; i < n; i++)
-            cur[i] = (uint8_t)(src[i] + (i ? paeth(cur[i - 1], prev[i], prev[i - 1]) : prev[i]));
+            cur[i] = left = (uint8_t)(src[i] + (i ? paeth(left, (int)prev[i], (int)prev[i - 1]) : (int)prev[i]));
         return 0;
     default:
         return -1;
@@ -79,12 +81,16 @@ static inline uint32_t paeth_pixel(uint32_t a, uint32_t b, uint32_t c, int bpp) 
     return r;
 }
 
-/* the first index >= i of a nonzero byte of src[0:n] (n if none), 8 bytes at a time */
+/* the first index >= i of a nonzero byte of src[0:n] (n if none), 32 bytes at a time */
 static inline Py_ssize_t zero_run_end(const uint8_t *src, Py_ssize_t i, Py_ssize_t n) {
-    uint64_t word;
+    uint64_t word[4];
+    for (; i + 32 <= n; i += 32) {
+        memcpy(word, src + i, 32);
+        if (word[0] | word[1] | word[2] | word[3]) break;
+    }
     for (; i + 8 <= n; i += 8) {
-        memcpy(&word, src + i, 8);
-        if (word) break;
+        memcpy(word, src + i, 8);
+        if (word[0]) break;
     }
     while (i < n && src[i] == 0) i++;
     return i;
@@ -134,25 +140,17 @@ static inline int unfilter_pixel_row(int filter, const uint8_t *src, const uint3
     }
 }
 
-/* all rows; returns the first row with an unknown filter type, or -1 */
-static Py_ssize_t unfilter_image(const uint8_t *src, Py_ssize_t h, Py_ssize_t w, int bpp, uint32_t *out,
-                                 void *scratch, int *bad_filter) {
-    Py_ssize_t rowbytes = w * bpp;
-    for (Py_ssize_t y = 0; y < h; y++, src += rowbytes + 1, out += w) {
-        int filter = src[0], rc;
-        if (bpp == 1) {
-            uint8_t *prev = (uint8_t *)scratch + (y & 1) * w, *cur = (uint8_t *)scratch + (~y & 1) * w;
-            rc = unfilter_grey_row(filter, src + 1, prev, cur, w);
-            for (Py_ssize_t x = 0; x < w && rc == 0; x++) out[x] = cur[x];
-        } else if (bpp == 3) { /* the packed row is the id row: the previous output row is prev */
-            rc = unfilter_pixel_row(filter, src + 1, y ? out - w : (const uint32_t *)scratch, out, w, 3);
-        } else {
-            uint32_t *prev = (uint32_t *)scratch + (y & 1) * w, *cur = (uint32_t *)scratch + (~y & 1) * w;
-            rc = unfilter_pixel_row(filter, src + 1, prev, cur, w, 4);
-            for (Py_ssize_t x = 0; x < w && rc == 0; x++) out[x] = cur[x] & 0xFFFFFFu;
-        }
+/* rows of filtered scanlines into their id rows; the row above the first is `above` (zeros at the
+   image top). Returns the index (within src) of the first row with an unknown filter type, or -1 */
+static Py_ssize_t unfilter_rows(const uint8_t *src, Py_ssize_t rows, Py_ssize_t w, int bpp, const uint32_t *above,
+                                uint32_t *out, int *bad_filter) {
+    for (Py_ssize_t y = 0; y < rows; y++, src += w * bpp + 1, out += w) {
+        const uint32_t *prev = y ? out - w : above;
+        int rc = bpp == 1   ? unfilter_grey_row(src[0], src + 1, prev, out, w)
+                 : bpp == 3 ? unfilter_pixel_row(src[0], src + 1, prev, out, w, 3) /* constant bpp: */
+                            : unfilter_pixel_row(src[0], src + 1, prev, out, w, 4); /* inlined apart */
         if (rc != 0) {
-            *bad_filter = filter;
+            *bad_filter = src[0];
             return y;
         }
     }
@@ -169,15 +167,11 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
 
 static PyObject *unfilter_ids(PyObject *self, PyObject *args) {
     PyObject *raw_obj, *out_obj;
-    Py_ssize_t h, w;
+    Py_ssize_t y0, w;
     int channels;
-    if (!PyArg_ParseTuple(args, "OnniO", &raw_obj, &h, &w, &channels, &out_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "OnniO", &raw_obj, &y0, &w, &channels, &out_obj)) return NULL;
     if (channels != 1 && channels != 3 && channels != 4) {
         PyErr_SetString(PyExc_ValueError, "channels must be 1, 3 or 4");
-        return NULL;
-    }
-    if (h < 0 || w < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative image size");
         return NULL;
     }
     Py_buffer raw, out;
@@ -186,30 +180,31 @@ static PyObject *unfilter_ids(PyObject *self, PyObject *args) {
         PyBuffer_Release(&raw);
         return NULL;
     }
-    Py_ssize_t rowbytes = w * channels;
-    if (raw.len != h * (rowbytes + 1) || out.len != h * w * 4) {
+    Py_ssize_t line = w * channels + 1, h = w > 0 ? out.len / (4 * w) : 0, rows = raw.len / line;
+    if (w < 1 || y0 < 0 || out.len != h * w * 4 || raw.len != rows * line || y0 + rows > h) {
         PyBuffer_Release(&raw);
         PyBuffer_Release(&out);
-        PyErr_Format(PyExc_ValueError, "unfilter_ids: %zd raw bytes for %zd x %zd x %d (%zd expected), out %zd bytes",
-                     raw.len, h, w, channels, h * (rowbytes + 1), out.len);
+        PyErr_Format(PyExc_ValueError, "unfilter_ids: %zd bytes are no whole scanlines of %zd pixels x %d bytes "
+                     "for rows %zd.. of a %zd-row image", raw.len, w, channels, y0, h);
         return NULL;
     }
-    void *scratch = calloc((size_t)(2 * w + 1), sizeof(uint32_t)); /* two rows (zeros: the row above the first) */
-    if (scratch == NULL) {
+    uint32_t *zeros = (uint32_t *)calloc((size_t)w, sizeof(uint32_t));
+    if (zeros == NULL) {
         PyBuffer_Release(&raw);
         PyBuffer_Release(&out);
         return PyErr_NoMemory();
     }
     Py_ssize_t bad_row;
     int bad_filter = 0;
+    uint32_t *ids = (uint32_t *)out.buf + y0 * w;
     Py_BEGIN_ALLOW_THREADS
-    bad_row = unfilter_image((const uint8_t *)raw.buf, h, w, channels, (uint32_t *)out.buf, scratch, &bad_filter);
+    bad_row = unfilter_rows((const uint8_t *)raw.buf, rows, w, channels, y0 ? ids - w : zeros, ids, &bad_filter);
     Py_END_ALLOW_THREADS
-    free(scratch);
+    free(zeros);
     PyBuffer_Release(&raw);
     PyBuffer_Release(&out);
     if (bad_row >= 0) {
-        PyErr_Format(PyExc_ValueError, "row %zd has the unknown PNG filter type %d", bad_row, bad_filter);
+        PyErr_Format(PyExc_ValueError, "row %zd has the unknown PNG filter type %d", y0 + bad_row, bad_filter);
         return NULL;
     }
     Py_RETURN_NONE;
@@ -217,35 +212,78 @@ static PyObject *unfilter_ids(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- Boundary PQ band */
 
-#define EDGE_BLOCKS(T)                                                                          \
-    for (Py_ssize_t y = 0; y + 1 < h; y++) {                                                    \
-        const T *r0 = (const T *)ids + y * w, *r1 = r0 + w;                                     \
-        uint8_t *o = edge + y * w;                                                              \
+/* edge (W) uint8: 1 at x when the 2x2 block with top-left (y, x) holds more than one id (row y of
+   the non-uniform-block map; the last row and column have no block) */
+#define EDGE_ROW(T)                                                                             \
+    {                                                                                           \
+        const T *restrict r0 = (const T *)ids + y * w, *restrict r1 = r0 + w;                   \
         for (Py_ssize_t x = 0; x + 1 < w; x++) {                                                \
             T a = r0[x];                                                                        \
-            o[x] = (uint8_t)((a != r0[x + 1]) | (a != r1[x]) | (a != r1[x + 1]));                \
+            edge[x] = (uint8_t)((a != r0[x + 1]) | (a != r1[x]) | (a != r1[x + 1]));            \
         }                                                                                       \
     }
 
-/* edge (H, W) uint8, 1 at the top-left pixel of every 2x2 block holding more than one id */
-static void edge_blocks(const void *ids, int itemsize, Py_ssize_t h, Py_ssize_t w, uint8_t *edge) {
-    memset(edge, 0, (size_t)(h * w));
-    if (itemsize == 4) {
-        EDGE_BLOCKS(uint32_t)
-    } else {
-        EDGE_BLOCKS(uint64_t)
+static void edge_row(const void *ids, int itemsize, Py_ssize_t y, Py_ssize_t h, Py_ssize_t w,
+                     uint8_t *restrict edge) {
+    memset(edge, 0, (size_t)w);
+    if (y + 1 >= h) return;
+    if (itemsize == 4) EDGE_ROW(uint32_t) else EDGE_ROW(uint64_t)
+}
+
+/* the first index >= i where src[i] != value (n if none); src holds only 0 and 1 */
+static inline Py_ssize_t run_end(const uint8_t *src, Py_ssize_t i, Py_ssize_t n, uint8_t value) {
+    uint64_t word[4], all = value ? 0x0101010101010101ULL : 0;
+    for (; i + 32 <= n; i += 32) {
+        memcpy(word, src + i, 32);
+        if ((word[0] ^ all) | (word[1] ^ all) | (word[2] ^ all) | (word[3] ^ all)) break;
+    }
+    while (i < n && src[i] == value) i++;
+    return i;
+}
+
+/* out[x] = 1 when any src[t] is set for t in [x - d, x + d - 1] (a 2d window anchored at d): each
+   run [s, e] of set values marks [s - d + 1, e + d] */
+static void window_any(const uint8_t *restrict src, uint8_t *restrict out, Py_ssize_t n, Py_ssize_t d) {
+    memset(out, 0, (size_t)n);
+    for (Py_ssize_t x = run_end(src, 0, n, 0); x < n; x = run_end(src, x, n, 0)) {
+        Py_ssize_t e = run_end(src, x, n, 1);
+        Py_ssize_t lo = x - d + 1 > 0 ? x - d + 1 : 0, hi = e - 1 + d < n ? e - 1 + d : n - 1;
+        memset(out + lo, 1, (size_t)(hi - lo + 1));
+        x = e;
     }
 }
 
-/* out[x] = 1 when any src[t] is set for t in [x - d, x + d - 1] (a 2d window anchored at d), from the
-   running count of set values in the window; stride steps between the values of one line */
-static void window_any(const uint8_t *src, uint8_t *out, Py_ssize_t n, Py_ssize_t d) {
-    Py_ssize_t count = 0, x;
-    for (x = 0; x < d - 1 && x < n; x++) count += src[x];  /* window of x = 0 is [-d, d-1] */
-    for (x = 0; x < n; x++) {
-        if (x + d - 1 < n) count += src[x + d - 1];
-        if (x - d - 1 >= 0) count -= src[x - d - 1];
-        out[x] = count > 0;
+/* band = rows then columns of the 2d x 2d window over the non-uniform blocks, plus a frame of d */
+static void band_of_ids(const void *ids, int itemsize, Py_ssize_t h, Py_ssize_t w, Py_ssize_t d,
+                        uint8_t *restrict band, uint8_t *restrict rows, uint8_t *restrict edge,
+                        int32_t *restrict cols) {
+    for (Py_ssize_t y = 0; y < h; y++) {
+        edge_row(ids, itemsize, y, h, w, edge);
+        window_any(edge, rows + y * w, w, d);
+    }
+    /* columns: per-column count of the set values of rows [y - d, y + d - 1] */
+    memset(cols, 0, (size_t)w * sizeof(int32_t));
+    for (Py_ssize_t y = 0; y < d - 1 && y < h; y++) {
+        const uint8_t *restrict in = rows + y * w;
+        for (Py_ssize_t x = 0; x < w; x++) cols[x] += in[x];
+    }
+    for (Py_ssize_t y = 0; y < h; y++) {
+        if (y + d - 1 < h) {
+            const uint8_t *restrict in = rows + (y + d - 1) * w;
+            for (Py_ssize_t x = 0; x < w; x++) cols[x] += in[x];
+        }
+        if (y - d - 1 >= 0) {
+            const uint8_t *restrict gone = rows + (y - d - 1) * w;
+            for (Py_ssize_t x = 0; x < w; x++) cols[x] -= gone[x];
+        }
+        uint8_t *restrict o = band + y * w;
+        if (y < d || y >= h - d) {
+            memset(o, 1, (size_t)w);
+            continue;
+        }
+        for (Py_ssize_t x = 0; x < w; x++) o[x] = (uint8_t)(cols[x] > 0);
+        memset(o, 1, (size_t)(d < w ? d : w));
+        if (w > d) memset(o + w - d, 1, (size_t)d);
     }
 }
 
@@ -267,49 +305,21 @@ static PyObject *boundary_band(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "boundary_band: needs 4- or 8-byte (H, W) ids, d >= 1, (H, W) uint8 out");
         return NULL;
     }
-    uint8_t *edge = (uint8_t *)malloc((size_t)(h * w) + 1);
-    uint8_t *line = (uint8_t *)malloc((size_t)w + 1);
-    int32_t *cols = (int32_t *)calloc((size_t)w + 1, sizeof(int32_t));
-    if (edge == NULL || line == NULL || cols == NULL) {
-        free(edge);
-        free(line);
-        free(cols);
-        PyBuffer_Release(&ids);
-        PyBuffer_Release(&out);
-        return PyErr_NoMemory();
+    uint8_t *rows = (uint8_t *)malloc((size_t)(h * w) + 1);
+    uint8_t *edge = (uint8_t *)malloc((size_t)w + 1);
+    int32_t *cols = (int32_t *)malloc(((size_t)w + 1) * sizeof(int32_t));
+    if (rows != NULL && edge != NULL && cols != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        band_of_ids(ids.buf, itemsize, h, w, d, (uint8_t *)out.buf, rows, edge, cols);
+        Py_END_ALLOW_THREADS
     }
-    Py_BEGIN_ALLOW_THREADS
-    uint8_t *band = (uint8_t *)out.buf;
-    edge_blocks(ids.buf, itemsize, h, w, edge);
-    /* rows: horizontal window, in place (edge row -> its own dilated row) */
-    for (Py_ssize_t y = 0; y < h; y++) {
-        window_any(edge + y * w, line, w, d);
-        memcpy(edge + y * w, line, (size_t)w);
-    }
-    /* columns: running per-column count over rows [y - d, y + d - 1] */
-    for (Py_ssize_t y = 0; y < d - 1 && y < h; y++)
-        for (Py_ssize_t x = 0; x < w; x++) cols[x] += edge[y * w + x];
-    for (Py_ssize_t y = 0; y < h; y++) {
-        if (y + d - 1 < h) {
-            const uint8_t *in = edge + (y + d - 1) * w;
-            for (Py_ssize_t x = 0; x < w; x++) cols[x] += in[x];
-        }
-        if (y - d - 1 >= 0) {
-            const uint8_t *gone = edge + (y - d - 1) * w;
-            for (Py_ssize_t x = 0; x < w; x++) cols[x] -= gone[x];
-        }
-        uint8_t *o = band + y * w;
-        int frame_row = y < d || y >= h - d;
-        for (Py_ssize_t x = 0; x < w; x++) o[x] = (uint8_t)(frame_row | (cols[x] > 0));
-        for (Py_ssize_t x = 0; x < d && x < w; x++) o[x] = 1;
-        for (Py_ssize_t x = w - d > 0 ? w - d : 0; x < w; x++) o[x] = 1;
-    }
-    Py_END_ALLOW_THREADS
+    int ok = rows != NULL && edge != NULL && cols != NULL;
+    free(rows);
     free(edge);
-    free(line);
     free(cols);
     PyBuffer_Release(&ids);
     PyBuffer_Release(&out);
+    if (!ok) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -396,28 +406,69 @@ static Py_ssize_t table_entry(PairTable *t, uint64_t g, uint64_t p) {
     return i;
 }
 
-/* runs of equal (gt, pred[, code]); one table look-up per run */
-#define COUNT_RUNS(T)                                                                           \
+/* the end of the run of pixels equal to pixel i in gt, pred and (when given) both bands: the first
+   j > i that differs. 32-bit ids: 8 (with bands 4) pixels per step, compared as 64-bit words. */
+static inline Py_ssize_t run_end_u32(const uint32_t *G, const uint32_t *P, const uint8_t *gb, const uint8_t *pb,
+                                     Py_ssize_t i, Py_ssize_t n) {
+    const uint32_t g = G[i], p = P[i];
+    const uint64_t gg = g * 0x100000001ULL, pp = p * 0x100000001ULL;
+    Py_ssize_t j = i + 1;
+    uint64_t a[4], b[4];
+    if (gb) {
+        const uint8_t cg = gb[i], cp = pb[i];
+        const uint32_t cgg = cg * 0x01010101u, cpp = cp * 0x01010101u;
+        uint32_t x, y;
+        for (; j + 4 <= n; j += 4) {
+            memcpy(a, G + j, 16);
+            memcpy(b, P + j, 16);
+            memcpy(&x, gb + j, 4);
+            memcpy(&y, pb + j, 4);
+            if ((a[0] ^ gg) | (a[1] ^ gg) | (b[0] ^ pp) | (b[1] ^ pp) | (uint64_t)((x ^ cgg) | (y ^ cpp))) break;
+        }
+        while (j < n && G[j] == g && P[j] == p && gb[j] == cg && pb[j] == cp) j++;
+    } else {
+        for (; j + 8 <= n; j += 8) {
+            memcpy(a, G + j, 32);
+            memcpy(b, P + j, 32);
+            if ((a[0] ^ gg) | (a[1] ^ gg) | (a[2] ^ gg) | (a[3] ^ gg) | (b[0] ^ pp) | (b[1] ^ pp) | (b[2] ^ pp) |
+                (b[3] ^ pp))
+                break;
+        }
+        while (j < n && G[j] == g && P[j] == p) j++;
+    }
+    return j;
+}
+
+static inline Py_ssize_t run_end_u64(const uint64_t *G, const uint64_t *P, const uint8_t *gb, const uint8_t *pb,
+                                     Py_ssize_t i, Py_ssize_t n) {
+    const uint64_t g = G[i], p = P[i];
+    Py_ssize_t j = i + 1;
+    if (gb) {
+        while (j < n && G[j] == g && P[j] == p && gb[j] == gb[i] && pb[j] == pb[i]) j++;
+    } else {
+        while (j < n && G[j] == g && P[j] == p) j++;
+    }
+    return j;
+}
+
+/* all runs; one table look-up per run (none while the pair stays the same) */
+#define COUNT_RUNS(T, RUN_END)                                                                  \
     {                                                                                           \
         const T *G = (const T *)gt_buf, *P = (const T *)pred_buf;                               \
-        Py_ssize_t i = 0;                                                                       \
-        while (i < n) {                                                                         \
-            T g = G[i], p = P[i];                                                               \
-            int c = gb ? (gb[i] | (pb[i] << 1)) : 0;                                            \
-            Py_ssize_t j = i + 1;                                                               \
-            if (gb) {                                                                           \
-                while (j < n && G[j] == g && P[j] == p && (gb[j] | (pb[j] << 1)) == c) j++;     \
-            } else {                                                                            \
-                while (j < n && G[j] == g && P[j] == p) j++;                                    \
+        T last_g = 0, last_p = 0;                                                               \
+        for (Py_ssize_t i = 0, j; i < n; i = j) {                                               \
+            j = RUN_END(G, P, gb, pb, i, n);                                                    \
+            if (G[i] != last_g || P[i] != last_p || last < 0) {                                  \
+                last = table_entry(&t, (uint64_t)G[i], (uint64_t)P[i]);                         \
+                if (last < 0) {                                                                 \
+                    oom = 1;                                                                    \
+                    break;                                                                      \
+                }                                                                               \
+                last_g = G[i];                                                                  \
+                last_p = P[i];                                                                  \
             }                                                                                   \
-            if (g != last_g || p != last_p || last < 0) {                                        \
-                last = table_entry(&t, (uint64_t)g, (uint64_t)p);                               \
-                if (last < 0) { oom = 1; break; }                                               \
-                last_g = g;                                                                     \
-                last_p = p;                                                                     \
-            }                                                                                   \
-            t.counts[last * n_codes + c] += j - i;                                              \
-            i = j;                                                                              \
+            int code = gb ? (gb[i] != 0) | ((pb[i] != 0) << 1) : 0;                             \
+            t.counts[last * n_codes + code] += j - i;                                           \
         }                                                                                       \
     }
 
@@ -463,13 +514,10 @@ static PyObject *count_pairs(PyObject *self, PyObject *args) {
     const uint8_t *gb = with_band ? (const uint8_t *)gbv.buf : NULL;
     const uint8_t *pb = with_band ? (const uint8_t *)pbv.buf : NULL;
     Py_ssize_t last = -1;
-    if (itemsize == 4) {
-        uint32_t last_g = 0, last_p = 0;
-        COUNT_RUNS(uint32_t)
-    } else {
-        uint64_t last_g = 0, last_p = 0;
-        COUNT_RUNS(uint64_t)
-    }
+    if (itemsize == 4)
+        COUNT_RUNS(uint32_t, run_end_u32)
+    else
+        COUNT_RUNS(uint64_t, run_end_u64)
     Py_END_ALLOW_THREADS
     PyObject *result = NULL;
     if (oom) {
@@ -489,7 +537,8 @@ release:
 
 static PyMethodDef methods[] = {
     {"unfilter_ids", unfilter_ids, METH_VARARGS,
-     "unfilter_ids(raw, height, width, channels, out): PNG unfilter + RGB -> uint32 id (GIL released)."},
+     "unfilter_ids(raw, y0, width, channels, out): PNG unfilter of whole scanlines into rows y0.. of the "
+     "uint32 (H, W) out (R | G << 8 | B << 16 | A << 24; GIL released)."},
     {"boundary_band", boundary_band, METH_VARARGS,
      "boundary_band(ids, height, width, d, out): Boundary PQ band of an id map into uint8 out."},
     {"count_pairs", count_pairs, METH_VARARGS,
