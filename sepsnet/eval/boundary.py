@@ -22,7 +22,6 @@ helper (``pq_native``) computes the same band with running box counts (O(1) per 
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from sepsnet.eval import pq_native
@@ -62,6 +61,8 @@ def boundary_band(id_map: np.ndarray, width: int) -> np.ndarray:
         band = np.empty(ids.shape, np.uint8)
         native.boundary_band(np.ascontiguousarray(ids), ids.shape[0], ids.shape[1], width, band)
         return band.view(bool)
+    import cv2  # the fallback only: the fast path runs without it (and without its import time)
+
     # block top-left t covers x when x - t lies in [-(width - 1), width] on both axes
     kernel = np.ones((2 * width, 2 * width), np.uint8)
     band = cv2.dilate(nonuniform_blocks(ids), kernel, anchor=(width, width),

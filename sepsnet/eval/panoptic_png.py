@@ -17,7 +17,6 @@ import zlib
 from dataclasses import dataclass, field
 from types import ModuleType
 
-import cv2
 import numpy as np
 
 from sepsnet.data.panoptic_ids import rgb_to_id
@@ -123,14 +122,20 @@ def read_id_png(path: str) -> np.ndarray:
     16-bit grey PNGs are returned as they are (their value is the id)."""
     native = pq_native.NATIVE
     if native is None:
+        import cv2  # not on the fast path, which runs without it (and its import time)
+
         return _cv2_ids(cv2.imread(path, cv2.IMREAD_UNCHANGED), path)
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise DataError(f"cannot read panoptic PNG {path} ({exc.strerror or exc})") from None
+    if not data:
+        raise DataError(f"cannot read panoptic PNG {path} (empty file)")
     ids = decode_id_png(data, path, native)
     if ids is None:
+        import cv2
+
         ids = _cv2_ids(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), path)
     return ids
 
@@ -146,6 +151,8 @@ def _cv2_ids(img: np.ndarray | None, path: str) -> np.ndarray:
         raise DataError(f"panoptic PNG {path} must be 8-bit RGB(A), got shape {img.shape} {img.dtype}")
     if sys.byteorder != "little":  # pragma: no cover
         return rgb_to_id(img[..., :3], bgr=True)
+    import cv2
+
     code = cv2.COLOR_BGR2RGBA if img.shape[2] == 3 else cv2.COLOR_BGRA2RGBA
     ids = cv2.cvtColor(img, code).view(np.uint32)[..., 0]  # R | G << 8 | B << 16 | A << 24
     np.bitwise_and(ids, 0xFFFFFF, out=ids)
