@@ -128,11 +128,21 @@ static inline int unfilter_pixel_row(int filter, const uint8_t *src, const uint3
     case 3:
         for (x = 0; x < w; x++) cur[x] = left = add_bytes(load_pixel(src + x * bpp, bpp), mean_bytes(left, prev[x]));
         return 0;
-    case 4:
-        for (x = 0; x < w; x++) {
+    case 4: /* Paeth: where left == upper-left the prediction is the upper pixel, so along zero
+               differences the row repeats the row above from there on */
+        for (x = 0; x < w;) {
+            uint32_t s = load_pixel(src + x * bpp, bpp);
+            if (s == 0 && left == upleft) {
+                Py_ssize_t next = zero_run_end(src, x * bpp, w * bpp) / bpp;
+                memcpy(cur + x, prev + x, (size_t)(next - x) * sizeof(uint32_t));
+                left = upleft = prev[next - 1];
+                x = next;
+                continue;
+            }
             uint32_t up = prev[x];
-            cur[x] = left = add_bytes(load_pixel(src + x * bpp, bpp), paeth_pixel(left, up, upleft, bpp));
+            cur[x] = left = add_bytes(s, paeth_pixel(left, up, upleft, bpp));
             upleft = up;
+            x++;
         }
         return 0;
     default:
