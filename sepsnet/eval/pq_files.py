@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from sepsnet.errors import DataError
@@ -119,8 +118,11 @@ def pq_compute_files_multi(gt_json: str, pred_json: str, gt_folder: str | None =
         n_chunks = min(len(pairs), workers * 4)
         chunks = [pairs[i::n_chunks] for i in range(n_chunks)]
         stats = [PQStat(list(categories)) for _ in ratios]
-        executor = ProcessPoolExecutor if pq_native.NATIVE is None else ThreadPoolExecutor
-        with executor(max_workers=workers) as pool:
+        if pq_native.NATIVE is None:
+            from concurrent.futures import ProcessPoolExecutor as Executor
+        else:
+            from concurrent.futures import ThreadPoolExecutor as Executor
+        with Executor(max_workers=workers) as pool:
             for parts in pool.map(_chunk_stats, [(c, gt_folder, pred_folder, categories, ratios) for c in chunks]):
                 for stat, part in zip(stats, parts):
                     stat += part
