@@ -82,6 +82,24 @@ def test_band_equals_per_segment_erosion(d: int, pq_path: str) -> None:
         np.testing.assert_array_equal(boundary_band(ids.astype(np.uint32), d), band)
 
 
+def test_compiled_band_equals_opencv_dilation(monkeypatch) -> None:
+    """The C helper's band (row runs, column counts) against the fallback's cv2.dilate, on maps
+    larger than the window with widths around the block size."""
+    from sepsnet.eval import pq_native
+
+    if pq_native.NATIVE is None:
+        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it)")
+    rng = np.random.default_rng(9)
+    maps = [make_gt(rng, 150, 173)[0] for _ in range(4)]
+    maps.append(rng.integers(0, 3, (60, 71)))  # noise: edges everywhere
+    for d in (1, 2, 3, 7, 16, 31):
+        native = [boundary_band(m.astype(np.uint32), d) for m in maps]
+        with monkeypatch.context() as m:
+            m.setattr(pq_native, "NATIVE", None)
+            for ids, band in zip(maps, native):
+                np.testing.assert_array_equal(band, boundary_band(ids, d))
+
+
 def test_band_by_hand(pq_path: str) -> None:
     ids = np.zeros((7, 7), np.int32)
     ids[1:6, 1:6] = 5

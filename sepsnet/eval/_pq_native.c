@@ -8,7 +8,8 @@
  *       COCO panoptic id conversion: out (H, W) uint32 gets R | G << 8 | B << 16 (| A << 24 for RGBA,
  *       which the caller masks off; grey: the value). Row y0 - 1 of out must already be decoded.
  *   boundary_band(ids, height, width, d, out)         the Boundary PQ band of an id map (boundary.py):
- *       non-uniform 2x2 blocks dilated by a 2d x 2d square (box counts: O(1) per pixel), plus a frame of d.
+ *       non-uniform 2x2 blocks dilated by a 2d x 2d square (runs along rows, running counts down
+ *       columns: O(1) per pixel for any d), plus a frame of d.
  *   count_pairs(gt, pred, gt_band, pred_band)         run-length (gt id, pred id[, band code]) pair counts
  *       in one pass with an open-addressing hash table; returns (gt ids, pred ids, counts) as bytes.
  */
