@@ -264,6 +264,27 @@ static void window_any(const uint8_t *restrict src, uint8_t *restrict out, Py_ss
     }
 }
 
+/* columns: per-column count of the set values of rows [y - d, y + d - 1], updated row by row (one
+   row enters, one leaves) in one fused pass; T holds counts up to min(2d, h) */
+#define COLUMN_PASS(T)                                                                          \
+    {                                                                                           \
+        T *restrict count = (T *)cols;                                                          \
+        memset(count, 0, (size_t)w * sizeof(T));                                                \
+        for (Py_ssize_t y = 0; y < d - 1 && y < h; y++) {                                       \
+            const uint8_t *restrict in = rows + y * w;                                          \
+            for (Py_ssize_t x = 0; x < w; x++) count[x] += in[x];                               \
+        }                                                                                       \
+        for (Py_ssize_t y = 0; y < h; y++) {                                                    \
+            const uint8_t *restrict in = y + d - 1 < h ? rows + (y + d - 1) * w : zeros;         \
+            const uint8_t *restrict gone = y - d - 1 >= 0 ? rows + (y - d - 1) * w : zeros;     \
+            uint8_t *restrict o = band + y * w;                                                 \
+            for (Py_ssize_t x = 0; x < w; x++) {                                                \
+                count[x] = (T)(count[x] + in[x] - gone[x]);                                     \
+                o[x] = count[x] != 0;                                                           \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
 /* band = rows then columns of the 2d x 2d window over the non-uniform blocks, plus a frame of d */
 static void band_of_ids(const void *ids, int itemsize, Py_ssize_t h, Py_ssize_t w, Py_ssize_t d,
                         uint8_t *restrict band, uint8_t *restrict rows, uint8_t *restrict edge,
@@ -272,29 +293,19 @@ static void band_of_ids(const void *ids, int itemsize, Py_ssize_t h, Py_ssize_t 
         edge_row(ids, itemsize, y, h, w, edge);
         window_any(edge, rows + y * w, w, d);
     }
-    /* columns: per-column count of the set values of rows [y - d, y + d - 1] */
-    memset(cols, 0, (size_t)w * sizeof(int32_t));
-    for (Py_ssize_t y = 0; y < d - 1 && y < h; y++) {
-        const uint8_t *restrict in = rows + y * w;
-        for (Py_ssize_t x = 0; x < w; x++) cols[x] += in[x];
-    }
-    for (Py_ssize_t y = 0; y < h; y++) {
-        if (y + d - 1 < h) {
-            const uint8_t *restrict in = rows + (y + d - 1) * w;
-            for (Py_ssize_t x = 0; x < w; x++) cols[x] += in[x];
-        }
-        if (y - d - 1 >= 0) {
-            const uint8_t *restrict gone = rows + (y - d - 1) * w;
-            for (Py_ssize_t x = 0; x < w; x++) cols[x] -= gone[x];
-        }
-        uint8_t *restrict o = band + y * w;
+    const uint8_t *zeros = edge; /* the last edge row is all zeros (it has no blocks) */
+    if ((2 * d < h ? 2 * d : h) <= 65535)
+        COLUMN_PASS(uint16_t)
+    else
+        COLUMN_PASS(int32_t)
+    for (Py_ssize_t y = 0; y < h; y++) { /* the frame */
+        uint8_t *o = band + y * w;
         if (y < d || y >= h - d) {
             memset(o, 1, (size_t)w);
-            continue;
+        } else {
+            memset(o, 1, (size_t)(d < w ? d : w));
+            if (w > d) memset(o + w - d, 1, (size_t)d);
         }
-        for (Py_ssize_t x = 0; x < w; x++) o[x] = (uint8_t)(cols[x] > 0);
-        memset(o, 1, (size_t)(d < w ? d : w));
-        if (w > d) memset(o + w - d, 1, (size_t)d);
     }
 }
 
