@@ -177,3 +177,25 @@ def test_damaged_files_raise_data_error(tmp_path) -> None:
     assert "truncated" in messages["truncated"]
     assert "CRC" in messages["CRC error"]
     assert "filter type 7" in messages["filter type 7"]
+
+
+@needs_native
+def test_decoding_into_an_earlier_result(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    a, b = rgb_of(id_image(rng, 30, 40)), rgb_of(id_image(rng, 30, 40))
+    for name, img in (("a.png", a), ("b.png", b), ("small.png", a[:10])):
+        (tmp_path / name).write_bytes(encode_png(img, [4] * len(img)))
+    first = read_id_png(str(tmp_path / "a.png"))
+    again = read_id_png(str(tmp_path / "b.png"), out=first)
+    assert again is first and np.array_equal(again, ids_of(b))
+    small = read_id_png(str(tmp_path / "small.png"), out=first)  # another size: a new array
+    assert small is not first and np.array_equal(small, ids_of(a[:10])) and np.array_equal(first, ids_of(b))
+
+
+@needs_native
+def test_huge_header_is_refused(tmp_path) -> None:
+    data = encode_png(rgb_of(id_image(np.random.default_rng(9), 4, 4)), [0] * 4)
+    huge = data.replace(data[8:8 + 25], _chunk(b"IHDR", struct.pack(">IIBBBBB", 70000, 70000, 8, 2, 0, 0, 0)))
+    (tmp_path / "huge.png").write_bytes(huge)
+    with pytest.raises(DataError, match="too large"):
+        read_id_png(str(tmp_path / "huge.png"))

@@ -7,7 +7,7 @@
  *       of the PNG specification, section 9) of whole scanlines (rows y0.. of the image) fused with the
  *       COCO panoptic id conversion: out (H, W) uint32 gets R | G << 8 | B << 16 (| A << 24 for RGBA,
  *       which the caller masks off; grey: the value). Row y0 - 1 of out must already be decoded.
- *   boundary_band(ids, height, width, d, out)         the Boundary PQ band of an id map (boundary.py):
+ *   boundary_band(ids, height, width, d, out, scratch)  the Boundary PQ band of an id map (boundary.py):
  *       non-uniform 2x2 blocks dilated by a 2d x 2d square (runs along rows, running counts down
  *       columns: O(1) per pixel for any d), plus a frame of d.
  *   count_pairs(gt, pred, gt_band, pred_band)         run-length (gt id, pred id[, band code]) pair counts
@@ -288,7 +288,7 @@ static void window_any(const uint8_t *restrict src, uint8_t *restrict out, Py_ss
 /* band = rows then columns of the 2d x 2d window over the non-uniform blocks, plus a frame of d */
 static void band_of_ids(const void *ids, int itemsize, Py_ssize_t h, Py_ssize_t w, Py_ssize_t d,
                         uint8_t *restrict band, uint8_t *restrict rows, uint8_t *restrict edge,
-                        int32_t *restrict cols) {
+                        void *restrict cols) {
     for (Py_ssize_t y = 0; y < h; y++) {
         edge_row(ids, itemsize, y, h, w, edge);
         window_any(edge, rows + y * w, w, d);
@@ -310,38 +310,46 @@ static void band_of_ids(const void *ids, int itemsize, Py_ssize_t h, Py_ssize_t 
 }
 
 static PyObject *boundary_band(PyObject *self, PyObject *args) {
-    PyObject *ids_obj, *out_obj;
+    PyObject *ids_obj, *out_obj, *rows_obj;
     Py_ssize_t h, w, d;
-    if (!PyArg_ParseTuple(args, "OnnnO", &ids_obj, &h, &w, &d, &out_obj)) return NULL;
-    Py_buffer ids, out;
+    if (!PyArg_ParseTuple(args, "OnnnOO", &ids_obj, &h, &w, &d, &out_obj, &rows_obj)) return NULL;
+    Py_buffer ids, out, rows;
     if (get_buffer(ids_obj, &ids, 0, "ids") != 0) return NULL;
     if (get_buffer(out_obj, &out, 1, "out") != 0) {
         PyBuffer_Release(&ids);
         return NULL;
     }
-    int itemsize = (int)ids.itemsize;
-    if (h < 0 || w < 0 || d < 1 || (itemsize != 4 && itemsize != 8) || ids.len != h * w * itemsize ||
-        out.len != h * w) {
+    if (get_buffer(rows_obj, &rows, 1, "scratch") != 0) {
         PyBuffer_Release(&ids);
         PyBuffer_Release(&out);
-        PyErr_SetString(PyExc_ValueError, "boundary_band: needs 4- or 8-byte (H, W) ids, d >= 1, (H, W) uint8 out");
         return NULL;
     }
-    uint8_t *rows = (uint8_t *)malloc((size_t)(h * w) + 1);
-    uint8_t *edge = (uint8_t *)malloc((size_t)w + 1);
-    int32_t *cols = (int32_t *)malloc(((size_t)w + 1) * sizeof(int32_t));
-    if (rows != NULL && edge != NULL && cols != NULL) {
+    int itemsize = (int)ids.itemsize;
+    int ok = h >= 0 && w >= 0 && d >= 1 && (itemsize == 4 || itemsize == 8) && ids.len == h * w * itemsize &&
+             out.len == h * w && rows.len == h * w;
+    uint8_t *edge = NULL;
+    void *cols = NULL;
+    if (ok) {
+        edge = (uint8_t *)malloc((size_t)w + 1);
+        cols = malloc(((size_t)w + 1) * sizeof(int32_t));
+    }
+    if (ok && edge != NULL && cols != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        band_of_ids(ids.buf, itemsize, h, w, d, (uint8_t *)out.buf, rows, edge, cols);
+        band_of_ids(ids.buf, itemsize, h, w, d, (uint8_t *)out.buf, (uint8_t *)rows.buf, edge, cols);
         Py_END_ALLOW_THREADS
     }
-    int ok = rows != NULL && edge != NULL && cols != NULL;
-    free(rows);
+    int oom = ok && (edge == NULL || cols == NULL);
     free(edge);
     free(cols);
     PyBuffer_Release(&ids);
     PyBuffer_Release(&out);
-    if (!ok) return PyErr_NoMemory();
+    PyBuffer_Release(&rows);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError,
+                        "boundary_band: needs 4- or 8-byte (H, W) ids, d >= 1, (H, W) uint8 out and scratch");
+        return NULL;
+    }
+    if (oom) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -562,7 +570,8 @@ static PyMethodDef methods[] = {
      "unfilter_ids(raw, y0, width, channels, out): PNG unfilter of whole scanlines into rows y0.. of the "
      "uint32 (H, W) out (R | G << 8 | B << 16 | A << 24; GIL released)."},
     {"boundary_band", boundary_band, METH_VARARGS,
-     "boundary_band(ids, height, width, d, out): Boundary PQ band of an id map into uint8 out."},
+     "boundary_band(ids, height, width, d, out, scratch): Boundary PQ band of an id map into uint8 out "
+     "(scratch: (H, W) uint8 work memory)."},
     {"count_pairs", count_pairs, METH_VARARGS,
      "count_pairs(gt, pred[, gt_band, pred_band]) -> (gt ids, pred ids, counts) as bytes of uint64/int64."},
     {NULL, NULL, 0, NULL},

@@ -50,16 +50,19 @@ def nonuniform_blocks(id_map: np.ndarray) -> np.ndarray:
     return blocks
 
 
-def boundary_band(id_map: np.ndarray, width: int) -> np.ndarray:
+def boundary_band(id_map: np.ndarray, width: int, out: np.ndarray | None = None) -> np.ndarray:
     """bool (H, W): pixels whose segment does not fill the (2*width+1)^2 window around them
-    (another id, or the image border, within Chebyshev distance ``width``)."""
+    (another id, or the image border, within Chebyshev distance ``width``). ``out``: a uint8 (H, W)
+    array the C helper may write the band into."""
     ids = np.asarray(id_map)
     if ids.ndim != 2:
         raise ValueError(f"boundary_band needs an (H, W) id map, got shape {ids.shape}")
     native = pq_native.NATIVE
     if native is not None and ids.dtype.kind in "iu" and ids.dtype.itemsize in (4, 8):
-        band = np.empty(ids.shape, np.uint8)
-        native.boundary_band(np.ascontiguousarray(ids), ids.shape[0], ids.shape[1], width, band)
+        usable = out is not None and out.shape == ids.shape and out.dtype == np.uint8 and out.flags.c_contiguous
+        band = out if usable else np.empty(ids.shape, np.uint8)
+        native.boundary_band(np.ascontiguousarray(ids), ids.shape[0], ids.shape[1], width, band,
+                             pq_native.scratch("band_rows", ids.shape))
         return band.view(bool)
     import cv2  # the fallback only: the fast path runs without it (and without its import time)
 

@@ -34,6 +34,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # 8-bit colour types of the fast path -> bytes per pixel (0 grey, 2 RGB, 6 RGBA)
 FAST_COLOR_TYPES = {0: 1, 2: 3, 6: 4}
 CRITICAL_CHUNKS = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+MAX_PIXELS = 1 << 30  # as OpenCV's default limit: larger is a damaged or hostile header
 
 
 @dataclass
@@ -85,14 +86,19 @@ def parse_png(data: bytes, path: str) -> PngImage | None:
 INFLATE_STEP = 1 << 18
 
 
-def decode_id_png(data: bytes, path: str, native: ModuleType) -> np.ndarray | None:
-    """(H, W) uint32 ids of a PNG file's bytes with the C helper ``native``; None when the PNG is
-    outside the fast path (see ``parse_png``). The image data is inflated a few hundred kB at a
-    time and each block of whole scanlines unfiltered at once."""
+def decode_id_png(data: bytes, path: str, native: ModuleType, out: np.ndarray | None = None) -> np.ndarray | None:
+    """(H, W) uint32 ids of a PNG file's bytes with the C helper ``native`` (written into ``out``
+    when that is a C-contiguous uint32 array of this size); None when the PNG is outside the fast
+    path (see ``parse_png``). The image data is inflated a few hundred kB at a time and each block
+    of whole scanlines unfiltered at once."""
     png = parse_png(data, path)
     if png is None:
         return None
-    ids = np.empty((png.height, png.width), np.uint32)
+    if png.height * png.width > MAX_PIXELS:
+        raise DataError(f"panoptic PNG {path} is too large ({png.width} x {png.height} pixels)")
+    reusable = (out is not None and out.shape == (png.height, png.width) and out.dtype == np.uint32
+                and out.flags.c_contiguous and out.flags.writeable)
+    ids = out if reusable else np.empty((png.height, png.width), np.uint32)
     line = 1 + png.width * png.channels
     step = max(1, INFLATE_STEP // line) * line
     inflater = _inflate_lib.decompressobj()
@@ -116,10 +122,11 @@ def decode_id_png(data: bytes, path: str, native: ModuleType) -> np.ndarray | No
     return ids
 
 
-def read_id_png(path: str) -> np.ndarray:
+def read_id_png(path: str, out: np.ndarray | None = None) -> np.ndarray:
     """Read a COCO panoptic PNG into an (H, W) id map (uint32 for RGB; DataError if unreadable).
 
-    16-bit grey PNGs are returned as they are (their value is the id)."""
+    16-bit grey PNGs are returned as they are (their value is the id). ``out``: an earlier result
+    whose memory may be reused (the fast path writes into it when the size matches)."""
     native = pq_native.NATIVE
     if native is None:
         import cv2  # not on the fast path, which runs without it (and its import time)
@@ -132,7 +139,7 @@ def read_id_png(path: str) -> np.ndarray:
         raise DataError(f"cannot read panoptic PNG {path} ({exc.strerror or exc})") from None
     if not data:
         raise DataError(f"cannot read panoptic PNG {path} (empty file)")
-    ids = decode_id_png(data, path, native)
+    ids = decode_id_png(data, path, native, out)
     if ids is None:
         import cv2
 

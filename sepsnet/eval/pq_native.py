@@ -7,7 +7,10 @@ the NumPy / OpenCV path, which gives the same numbers.
 from __future__ import annotations
 
 import os
+import threading
 from types import ModuleType
+
+import numpy as np
 
 
 def load_native() -> ModuleType | None:
@@ -21,3 +24,17 @@ def load_native() -> ModuleType | None:
 
 
 NATIVE = load_native()
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: type = np.uint8) -> np.ndarray:
+    """A per-thread work array, reused from image to image while the size stays the same: full-image
+    temporaries allocated afresh for every image cost page faults (kernel time) comparable to the
+    work itself. Its content is undefined; the caller must not keep it."""
+    arr = getattr(_scratch, name, None)
+    if arr is None or arr.shape != shape or arr.dtype != dtype:
+        arr = np.empty(shape, dtype)
+        setattr(_scratch, name, arr)
+    return arr

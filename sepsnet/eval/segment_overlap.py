@@ -117,4 +117,6 @@ def image_overlaps(gt: np.ndarray, pred: np.ndarray, dilation_ratio: float | Non
     if dilation_ratio is None:
         return segment_overlaps(gt, pred)
     d = boundary_width(gt.shape[0], gt.shape[1], dilation_ratio)
-    return segment_overlaps(gt, pred, boundary_band(gt, d), boundary_band(pred, d))
+    gt_band = boundary_band(gt, d, out=pq_native.scratch("gt_band", gt.shape))
+    pred_band = boundary_band(pred, d, out=pq_native.scratch("pred_band", pred.shape))
+    return segment_overlaps(gt, pred, gt_band, pred_band)
