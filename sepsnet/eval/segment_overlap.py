@@ -15,6 +15,7 @@ below is the fallback and the reference the tests compare it with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -93,7 +94,7 @@ def _native_ids(gt: np.ndarray, pred: np.ndarray) -> bool:
             and gt.flags.c_contiguous and pred.flags.c_contiguous)
 
 
-def _native_overlaps(native, gt: np.ndarray, pred: np.ndarray, gt_band: np.ndarray | None,
+def _native_overlaps(native: ModuleType, gt: np.ndarray, pred: np.ndarray, gt_band: np.ndarray | None,
                      pred_band: np.ndarray | None) -> Overlaps:
     with_band = gt_band is not None and pred_band is not None
     bands = (np.ascontiguousarray(gt_band).view(np.uint8), np.ascontiguousarray(pred_band).view(np.uint8)) \
