@@ -73,8 +73,9 @@ def test_png_ids_are_uint32(tmp_path) -> None:
 
 def test_pq_command_does_not_import_torch() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    code = ("import sys, sepsnet.cli.pq, sepsnet.eval.pq; "
-            "heavy = sorted(m for m in ('torch', 'torchvision', 'scipy') if m in sys.modules); print(heavy)")
+    code = ("import sys, sepsnet.cli.pq, sepsnet.eval.pq; from sepsnet.eval import pq_native; "
+            "heavy = ('torch', 'torchvision', 'scipy') + (('cv2',) if pq_native.NATIVE else ()); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
