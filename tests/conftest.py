@@ -29,7 +29,7 @@ def pq_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     from sepsnet.eval import pq_native
 
     if request.param == "native" and pq_native.NATIVE is None:
-        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it)")
+        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it) or SEPSNET_PQ_NATIVE=0")
     if request.param == "fallback":
         monkeypatch.setattr(pq_native, "NATIVE", None)
     return request.param

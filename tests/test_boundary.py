@@ -88,7 +88,7 @@ def test_compiled_band_equals_opencv_dilation(monkeypatch) -> None:
     from sepsnet.eval import pq_native
 
     if pq_native.NATIVE is None:
-        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it)")
+        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it) or SEPSNET_PQ_NATIVE=0")
     rng = np.random.default_rng(9)
     maps = [make_gt(rng, 150, 173)[0] for _ in range(4)]
     maps.append(rng.integers(0, 3, (60, 71)))  # noise: edges everywhere

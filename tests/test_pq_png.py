@@ -15,8 +15,9 @@ from sepsnet.errors import DataError
 from sepsnet.eval import panoptic_png, pq_native
 from sepsnet.eval.panoptic_png import read_id_png
 
-needs_native = pytest.mark.skipif(pq_native.NATIVE is None,
-                                  reason="C helper sepsnet.eval._pq_native not built (pip install -e . builds it)")
+needs_native = pytest.mark.skipif(
+    pq_native.NATIVE is None,
+    reason="C helper sepsnet.eval._pq_native not built (pip install -e . builds it) or SEPSNET_PQ_NATIVE=0")
 
 
 # ---------------------------------------------------------------- a minimal PNG encoder (PNG spec 9.2)
