@@ -5,17 +5,20 @@ Generates ``--n`` COCO-panoptic ground-truth images (``--height`` x ``--width``,
 ~80 segments each: stuff bands, overlapping things, crowd regions (some split into several of one
 class), void; segments_info in shuffled order) and perturbed predictions (dropped, relabelled,
 shifted, split, merged segments; extra ones), written as PNG + JSON (reused from ``--data-dir`` when
-it already holds the same set). Then, ``--repeats`` rounds, each running every tool once as its own
-process, one after the other (so that load from others on a shared machine hits all alike):
+it already holds the same set). ``--png-writer pil`` (default) writes the PNGs as panopticapi does
+(PIL: a filter chosen per row: Sub, Up, Paeth...); ``cv2`` as OpenCV does (Sub on every row).
+Then, ``--repeats`` rounds, each running every tool once as its own process, one after the other
+(so that load from others on a shared machine hits all alike):
 
 - panopticapi: ``pq_compute`` (its own multi-core split over all CPUs);
 - hotcoco: ``hotcoco.panoptic.pq_compute`` (Rust threads over all CPUs);
-- sepsnet-pq: ``python -m sepsnet.cli.pq --workers W`` (W processes, default all CPUs), with and
-  without ``--boundary``.
+- sepsnet-pq: ``python -m sepsnet.cli.pq --workers W`` (W workers, default all CPUs), with and
+  without ``--boundary``; ``sepsnet_fallback``: the same without the C helper
+  (``SEPSNET_PQ_NATIVE=0``: NumPy / OpenCV, processes).
 
-Wall time and CPU time (user + sys of the process and its children) per run; best (min) and
-median per tool, the ratios, the machine load, and the largest difference of any PQ/SQ/RQ number
-(All, Things, Stuff, per class) against panopticapi. JSON to ``--out``.
+Wall time, CPU time (user + sys of the process and its children) and peak resident memory per run;
+best (min) and median per tool, the ratios, the machine load, and the largest difference of any
+PQ/SQ/RQ number (All, Things, Stuff, per class) against panopticapi. JSON to ``--out``.
 
     python benchmarks/pq_speed.py --n 200 --repeats 3 --data-dir /tmp/pq_data --out pq_speed.json
 """
@@ -25,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -123,9 +125,18 @@ def make_pair(rng: np.random.Generator, h: int, w: int) -> tuple:
     return (gt, gt_segs), (pred, pred_segs)
 
 
-def write_data(root: str, n: int, h: int, w: int, seed: int) -> None:
-    """The image set, unless ``root`` already holds the same one (same n, size and seed)."""
-    meta = {"n": n, "height": h, "width": w, "seed": seed, "generator": 2}
+def _write_png(path: str, ids: np.ndarray, writer: str) -> None:
+    if writer == "cv2":
+        cv2.imwrite(path, _bgr(ids))
+    else:
+        from PIL import Image
+
+        Image.fromarray(_bgr(ids)[..., ::-1]).save(path)
+
+
+def write_data(root: str, n: int, h: int, w: int, seed: int, writer: str = "pil") -> None:
+    """The image set, unless ``root`` already holds the same one (same n, size, seed and writer)."""
+    meta = {"n": n, "height": h, "width": w, "seed": seed, "generator": 2, "png_writer": writer}
     meta_path = os.path.join(root, "meta.json")
     if os.path.isfile(meta_path) and json.load(open(meta_path)) == meta:
         return
@@ -136,7 +147,7 @@ def write_data(root: str, n: int, h: int, w: int, seed: int) -> None:
     for i in range(n):
         for name, (ids, segs) in zip(("gt", "pred"), make_pair(rng, h, w)):
             fn = f"{i:06d}.png"
-            cv2.imwrite(os.path.join(root, name, fn), _bgr(ids))
+            _write_png(os.path.join(root, name, fn), ids, writer)
             anns[name].append({"image_id": i, "file_name": fn, "segments_info": segs})
     for name in ("gt", "pred"):
         atomic_write_json({"annotations": anns[name], "categories": CATS}, os.path.join(root, f"{name}.json"),
@@ -169,24 +180,38 @@ def _commands(root: str, workers: int, out: str) -> dict[str, list[str]]:
             "--gt-folder", files[2], "--pred-folder", files[3], "--workers", str(workers), "--json-out"]
     return {"panopticapi": [sys.executable, "-c", _PANOPTICAPI, *files, out],
             "hotcoco": [sys.executable, "-c", _HOTCOCO, *files, out],
-            "sepsnet": [*ours, out], "sepsnet_before": [*ours, out],
+            "sepsnet": [*ours, out], "sepsnet_before": [*ours, out], "sepsnet_fallback": [*ours, out],
             "sepsnet_boundary": [*ours, out, "--boundary"], "sepsnet_boundary_before": [*ours, out, "--boundary"]}
 
 
-def _run(cmd: list[str], cwd: str, pythonpath: str | None = None) -> tuple[float, float]:
-    """(wall s, CPU s of the child and its children); ``pythonpath`` replaces PYTHONPATH. Run in
-    ``cwd`` (not the repository root, whose sepsnet ``python -m`` would put first on the path)."""
-    env = dict(os.environ)
+# runs argv[2:] and writes its wall s, CPU s and peak resident MB to argv[1]. A small process of its own: a
+# child forked straight from this (large) benchmark process would report this process's memory as its peak.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[2:], stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - t
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+json.dump({"rc": rc, "wall": wall, "cpu": r.ru_utime + r.ru_stime, "peak_mb": r.ru_maxrss / 1024},
+          open(sys.argv[1], "w"))
+"""
+
+
+def _run(cmd: list[str], cwd: str, pythonpath: str | None = None, env_extra: dict | None = None
+         ) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak resident MB) of the command and its children; ``pythonpath`` replaces
+    PYTHONPATH. Run in ``cwd`` (not the repository root, whose sepsnet ``python -m`` would put first
+    on the path)."""
+    env = dict(os.environ, **(env_extra or {}))
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
+    report = os.path.join(cwd, "measure.json")
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, report, *cmd], stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=cwd)
+    m = json.load(open(report)) if proc.returncode == 0 else {"rc": proc.returncode}
+    if m["rc"] != 0:
         raise SystemExit(f"{cmd[:3]} failed:\n{proc.stderr[-2000:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return m["wall"], m["cpu"], m["peak_mb"]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -205,7 +230,10 @@ def main() -> None:
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sepsnet-pq --workers")
     p.add_argument("--repeats", type=int, default=3, help="rounds; best (min) and median reported")
-    p.add_argument("--tools", default="panopticapi,hotcoco,sepsnet,sepsnet_boundary")
+    p.add_argument("--tools", default="panopticapi,hotcoco,sepsnet,sepsnet_boundary",
+                   help="comma-separated; also sepsnet_fallback (without the C helper)")
+    p.add_argument("--png-writer", choices=("pil", "cv2"), default="pil",
+                   help="who writes the generated PNGs: PIL as panopticapi (default) or OpenCV")
     p.add_argument("--before", default=None,
                    help="a checkout of an older sepsnet (its root folder): also time its sepsnet-pq "
                         "(tools sepsnet_before, sepsnet_boundary_before) in the same rounds")
@@ -224,17 +252,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir or tmp
         t0 = time.perf_counter()
-        write_data(root, args.n, args.height, args.width, args.seed)
+        write_data(root, args.n, args.height, args.width, args.seed, args.png_writer)
         print(f"data: {args.n} images {args.height}x{args.width} in {root} ({time.perf_counter() - t0:.1f} s)")
         outs = {t: os.path.join(tmp, f"{t}.json") for t in tools}
-        runs: dict[str, dict[str, list[float]]] = {t: {"wall": [], "cpu": []} for t in tools}
+        runs: dict[str, dict[str, list[float]]] = {t: {"wall": [], "cpu": [], "peak_mb": []} for t in tools}
         load = [os.getloadavg()[0]]
         for r in range(args.repeats):
             for tool in tools:  # alternated: every round runs each tool once
                 path = os.path.abspath(args.before) if tool.endswith("_before") else None
-                wall, cpu = _run(_commands(root, args.workers, outs[tool])[tool], tmp, path)
+                env = {"SEPSNET_PQ_NATIVE": "0"} if tool == "sepsnet_fallback" else None
+                wall, cpu, peak = _run(_commands(root, args.workers, outs[tool])[tool], tmp, path, env)
                 runs[tool]["wall"].append(wall)
                 runs[tool]["cpu"].append(cpu)
+                runs[tool]["peak_mb"].append(peak)
             load.append(os.getloadavg()[0])
             print(f"round {r + 1}: " + ", ".join(f"{t} {runs[t]['wall'][-1]:.2f} s" for t in tools)
                   + f" (load {load[-1]:.1f})")
@@ -245,20 +275,22 @@ def main() -> None:
         best = {k: min(v) for k, v in runs[tool].items()}
         med = {k: statistics.median(v) for k, v in runs[tool].items()}
         rows[tool] = {"wall_s": best["wall"], "cpu_s": best["cpu"], "wall_median_s": med["wall"],
-                      "cpu_median_s": med["cpu"], "cpu_ms_per_image": 1000 * best["cpu"] / args.n, "runs": runs[tool]}
+                      "cpu_median_s": med["cpu"], "cpu_ms_per_image": 1000 * best["cpu"] / args.n,
+                      "peak_mb": max(runs[tool]["peak_mb"]), "runs": runs[tool]}
         if ref is not None and not tool.startswith("sepsnet_boundary"):
             rows[tool]["max_abs_diff_vs_panopticapi"] = max_diff(results[tool], ref)
     ratios = {}
     for a, b in (("sepsnet", "hotcoco"), ("sepsnet", "panopticapi"), ("hotcoco", "panopticapi"),
                  ("sepsnet_boundary", "hotcoco"), ("sepsnet_boundary", "sepsnet"),
                  ("sepsnet_before", "sepsnet"), ("sepsnet_boundary_before", "sepsnet_boundary"),
-                 ("sepsnet_before", "hotcoco")):
+                 ("sepsnet_before", "hotcoco"), ("sepsnet_fallback", "sepsnet"), ("sepsnet_fallback", "hotcoco")):
         if a in rows and b in rows:
             ratios[f"{a}/{b}"] = {k: rows[a][k] / rows[b][k] for k in ("wall_s", "cpu_s", "wall_median_s")}
     for tool, r in rows.items():
         diff = r.get("max_abs_diff_vs_panopticapi")
-        print(f"{tool:17s} wall {r['wall_s']:6.2f} s (median {r['wall_median_s']:6.2f})  cpu {r['cpu_s']:6.2f} s "
-              f"({r['cpu_ms_per_image']:.1f} ms/img)" + ("" if diff is None else f"  max|diff| {diff:.1e}"))
+        print(f"{tool:24s} wall {r['wall_s']:6.2f} s (median {r['wall_median_s']:6.2f})  cpu {r['cpu_s']:6.2f} s "
+              f"({r['cpu_ms_per_image']:.1f} ms/img)  peak {r['peak_mb']:.0f} MB"
+              + ("" if diff is None else f"  max|diff| {diff:.1e}"))
     for name, v in ratios.items():
         print(f"{name:28s} wall x{v['wall_s']:.2f} (median x{v['wall_median_s']:.2f})  cpu x{v['cpu_s']:.2f}")
     if "sepsnet_boundary" in results:
@@ -269,10 +301,11 @@ def main() -> None:
                 b, results["sepsnet_boundary_before"]["boundary"])
             print(f"Boundary PQ max|diff| vs before {rows['sepsnet_boundary']['boundary_max_abs_diff_vs_before']:.1e}")
     result = {"n": args.n, "height": args.height, "width": args.width, "repeats": args.repeats,
+              "png_writer": args.png_writer,
               "workers": args.workers, "cpu_count": os.cpu_count(), "loadavg_1min": load,
               "machine": platform.platform(), "processor": platform.processor(), "tools": rows, "ratios": ratios}
     atomic_write_json(result, args.out)
-    print(f"wrote {args.out}")
+    print(f"load (1 min) {', '.join(f'{v:.1f}' for v in load)}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,3 +21,15 @@ def cityscapes_root(request: pytest.FixtureRequest, synthetic_cityscapes: Path) 
     if request.param == "synthetic":
         return synthetic_cityscapes
     return real_cityscapes_sample()
+
+
+@pytest.fixture(params=["native", "fallback"])
+def pq_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """sepsnet-pq's two paths: the C helper (skipped when it is not built) and NumPy / OpenCV."""
+    from sepsnet.eval import pq_native
+
+    if request.param == "native" and pq_native.NATIVE is None:
+        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it) or SEPSNET_PQ_NATIVE=0")
+    if request.param == "fallback":
+        monkeypatch.setattr(pq_native, "NATIVE", None)
+    return request.param

@@ -68,8 +68,8 @@ def loop_stats(gt, gsegs, pred, psegs, cats, ratio):
     return stats
 
 
-@pytest.mark.parametrize("d", [1, 2, 5])
-def test_band_equals_per_segment_erosion(d: int) -> None:
+@pytest.mark.parametrize("d", [1, 2, 5, 40])
+def test_band_equals_per_segment_erosion(d: int, pq_path: str) -> None:
     rng = np.random.default_rng(d)
     for _ in range(20):
         ids, segs = make_gt(rng)
@@ -79,9 +79,28 @@ def test_band_equals_per_segment_erosion(d: int) -> None:
             np.testing.assert_array_equal(band & m, band_by_erosion(m, d))
         big = np.where(ids > 0, ids + (1 << 40), 0)  # ids beyond float32's exact range
         np.testing.assert_array_equal(boundary_band(big, d), band)
+        np.testing.assert_array_equal(boundary_band(ids.astype(np.uint32), d), band)
 
 
-def test_band_by_hand() -> None:
+def test_compiled_band_equals_opencv_dilation(monkeypatch) -> None:
+    """The C helper's band (row runs, column counts) against the fallback's cv2.dilate, on maps
+    larger than the window with widths around the block size."""
+    from sepsnet.eval import pq_native
+
+    if pq_native.NATIVE is None:
+        pytest.skip("C helper sepsnet.eval._pq_native not built (pip install -e . builds it) or SEPSNET_PQ_NATIVE=0")
+    rng = np.random.default_rng(9)
+    maps = [make_gt(rng, 150, 173)[0] for _ in range(4)]
+    maps.append(rng.integers(0, 3, (60, 71)))  # noise: edges everywhere
+    for d in (1, 2, 3, 7, 16, 31):
+        native = [boundary_band(m.astype(np.uint32), d) for m in maps]
+        with monkeypatch.context() as m:
+            m.setattr(pq_native, "NATIVE", None)
+            for ids, band in zip(maps, native):
+                np.testing.assert_array_equal(band, boundary_band(ids, d))
+
+
+def test_band_by_hand(pq_path: str) -> None:
     ids = np.zeros((7, 7), np.int32)
     ids[1:6, 1:6] = 5
     band = boundary_band(ids, 1)
@@ -93,7 +112,7 @@ def test_band_by_hand() -> None:
     assert boundary_width(100, 100) == 3 and boundary_width(1024, 2048) == 46 and boundary_width(5, 5) == 1
 
 
-def test_boundary_pq_equals_pair_loop() -> None:
+def test_boundary_pq_equals_pair_loop(pq_path: str) -> None:
     rng = np.random.default_rng(3)
     cats = {c["id"]: c for c in CATS}
     cat_ids, thing_ids = list(cats), [1, 2, 3]

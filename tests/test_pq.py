@@ -219,7 +219,7 @@ def test_coco_sample_against_itself_and_reference(tmp_path):
     assert_same(ours, reference(gj, gf, pj, pf))
 
 
-def test_many_random_perturbations_match_reference(tmp_path):
+def test_many_random_perturbations_match_reference(tmp_path, pq_path):
     rng = np.random.default_rng(0)
     cat_ids, thing_ids = [c["id"] for c in CATS], [1, 2, 3]
     gts = [make_gt(rng) for _ in range(240)]

@@ -28,14 +28,15 @@ def brute_force(gt: np.ndarray, pred: np.ndarray, code: np.ndarray | None = None
     return {tuple(k): int(c) for k, c in zip(keys.tolist(), counts.tolist())}
 
 
-@pytest.mark.parametrize("offset", [0, 1 << 40, -(1 << 33)])
-def test_overlaps_equal_brute_force(offset: int) -> None:
+@pytest.mark.parametrize("offset,dtype", [(0, np.uint32), (-(1 << 20), np.int32), (0, np.int64),
+                                          (1 << 40, np.int64), (-(1 << 33), np.int64)])
+def test_overlaps_equal_brute_force(offset: int, dtype: type, pq_path: str) -> None:
     rng = np.random.default_rng(11)
     cats, things = [1, 2, 3, 10, 11, 12], [1, 2, 3]
     for _ in range(15):
         gt, gsegs = make_gt(rng, 37, 53)  # odd sizes: runs wrap from one row into the next
         pred, _ = perturb(rng, gt, gsegs, cats, things)
-        gt, pred = gt + offset, pred + offset
+        gt, pred = (gt + offset).astype(dtype), (pred + offset).astype(dtype)
         ov = segment_overlaps(gt, pred)
         got = {(g, p): c for g, p, c in zip(ov.gt.tolist(), ov.pred.tolist(), ov.pixels.tolist())}
         assert got == brute_force(gt, pred)
@@ -49,7 +50,7 @@ def test_overlaps_equal_brute_force(offset: int) -> None:
         assert ov.pixels.tolist() == ov.band.sum(1).tolist()
 
 
-def test_overlaps_of_tiny_maps() -> None:
+def test_overlaps_of_tiny_maps(pq_path: str) -> None:
     one = np.array([[7]], np.uint32)
     ov = segment_overlaps(one, one)
     assert (ov.gt.tolist(), ov.pred.tolist(), ov.pixels.tolist()) == ([7], [7], [1])
@@ -72,8 +73,9 @@ def test_png_ids_are_uint32(tmp_path) -> None:
 
 def test_pq_command_does_not_import_torch() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    code = ("import sys, sepsnet.cli.pq, sepsnet.eval.pq; "
-            "heavy = sorted(m for m in ('torch', 'torchvision', 'scipy') if m in sys.modules); print(heavy)")
+    code = ("import sys, sepsnet.cli.pq, sepsnet.eval.pq; from sepsnet.eval import pq_native; "
+            "heavy = ('torch', 'torchvision', 'scipy') + (('cv2',) if pq_native.NATIVE else ()); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"

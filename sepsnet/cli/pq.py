@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-folder", default=None, help="prediction PNG folder (default: JSON path without .json)")
     p.add_argument("--json-out", default=None, help="write the results (with per-class numbers) here")
     p.add_argument("--workers", type=positive_int, default=None,
-                   help=f"worker processes (default min(cpu, 8) = {default_workers()}; 1 = in-process)")
+                   help=f"parallel workers: threads with the compiled helper, else processes "
+                        f"(default min(cpu, 8) = {default_workers()}; 1 = in the calling thread)")
     p.add_argument("--boundary", action="store_true",
                    help="also report Boundary PQ (pair IoU = min(mask IoU, boundary IoU), Cheng et al. 2021)")
     p.add_argument("--dilation-ratio", type=open_ratio, default=DEFAULT_DILATION_RATIO,

@@ -7,14 +7,20 @@ Three comparisons and one ``flatnonzero`` per image find the run starts (a 1024x
 each start, the run lengths, and one weighted ``bincount`` over the distinct
 (gt id, prediction id[, band code]) keys. No lookup table, no per-pixel index map, no int64 copy of
 the id maps.
+
+With the C helper (``pq_native``) the same run-length walk is one pass over the pixels in C, each
+run added to a hash table of (gt id, prediction id) pairs, with the GIL released; the NumPy code
+below is the fallback and the reference the tests compare it with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
 from sepsnet.errors import DataError
+from sepsnet.eval import pq_native
 from sepsnet.eval.boundary import boundary_band, boundary_width
 
 # band code of a pixel: bit 0 in the gt band, bit 1 in the prediction band
@@ -52,6 +58,9 @@ def segment_overlaps(gt: np.ndarray, pred: np.ndarray, gt_band: np.ndarray | Non
     """Overlap counts of two (H, W) integer id maps of one size (any integer dtype, any id range).
 
     With the bool maps ``gt_band`` and ``pred_band`` the counts are also split by band code."""
+    native = pq_native.NATIVE
+    if native is not None and gt.size and _native_ids(gt, pred):
+        return _native_overlaps(native, gt, pred, gt_band, pred_band)
     if gt.size == 0:
         empty = np.zeros(0, np.int64)
         return Overlaps(empty, empty, empty, None if gt_band is None else np.zeros((0, 4), np.int64))
@@ -79,6 +88,27 @@ def segment_overlaps(gt: np.ndarray, pred: np.ndarray, gt_band: np.ndarray | Non
     return Overlaps(gt_ids[pairs // len(pred_ids)], pred_ids[pairs % len(pred_ids)], counts, band)
 
 
+def _native_ids(gt: np.ndarray, pred: np.ndarray) -> bool:
+    """Whether the C helper takes these maps: one 4- or 8-byte integer type, C-contiguous."""
+    return (gt.dtype == pred.dtype and gt.dtype.kind in "iu" and gt.dtype.itemsize in (4, 8)
+            and gt.flags.c_contiguous and pred.flags.c_contiguous)
+
+
+def _native_overlaps(native: ModuleType, gt: np.ndarray, pred: np.ndarray, gt_band: np.ndarray | None,
+                     pred_band: np.ndarray | None) -> Overlaps:
+    with_band = gt_band is not None and pred_band is not None
+    bands = (np.ascontiguousarray(gt_band).view(np.uint8), np.ascontiguousarray(pred_band).view(np.uint8)) \
+        if with_band else ()
+    g, p, counts = native.count_pairs(gt, pred, *bands)
+    # the helper returns the ids' bits widened to 64; back to the maps' own type
+    g = np.frombuffer(g, np.uint64).astype(gt.dtype)
+    p = np.frombuffer(p, np.uint64).astype(pred.dtype)
+    if not with_band:
+        return Overlaps(g, p, np.frombuffer(counts, np.int64).copy())
+    band = np.frombuffer(counts, np.int64).reshape(-1, 4).copy()
+    return Overlaps(g, p, band.sum(1), band)
+
+
 def image_overlaps(gt: np.ndarray, pred: np.ndarray, dilation_ratio: float | None = None,
                    image: object = "?") -> Overlaps:
     """``segment_overlaps`` of one image; with ``dilation_ratio`` also split by the boundary bands
@@ -88,4 +118,6 @@ def image_overlaps(gt: np.ndarray, pred: np.ndarray, dilation_ratio: float | Non
     if dilation_ratio is None:
         return segment_overlaps(gt, pred)
     d = boundary_width(gt.shape[0], gt.shape[1], dilation_ratio)
-    return segment_overlaps(gt, pred, boundary_band(gt, d), boundary_band(pred, d))
+    gt_band = boundary_band(gt, d, out=pq_native.scratch("gt_band", gt.shape))
+    pred_band = boundary_band(pred, d, out=pq_native.scratch("pred_band", pred.shape))
+    return segment_overlaps(gt, pred, gt_band, pred_band)
