@@ -13,8 +13,15 @@ import sys
 
 import torch
 
-from sepsnet.config import (BackboneConfig, BlenderConfig, ComponentsConfig, FCOSConfig, HeadsConfig,
-                            LossWeightsConfig, ModelConfig)
+from sepsnet.config import (
+    BackboneConfig,
+    BlenderConfig,
+    ComponentsConfig,
+    FCOSConfig,
+    HeadsConfig,
+    LossWeightsConfig,
+    ModelConfig,
+)
 
 #: component switches of the three cases: everything, the baseline, mask aux without the mask loss
 CASES: dict[str, dict[str, bool]] = {
