@@ -151,3 +151,46 @@ def test_imagenet_trunk_loads_into_a_deformable_trunk_with_zero_offsets(tmp_path
 def test_config_checks_name_the_deform_key(backbone, message):
     with pytest.raises(ConfigError, match=message):
         validate_model(ModelConfig(backbone=backbone), "cfg")
+
+
+def _dcn_model_config() -> SEPSNetConfig:
+    cfg = SEPSNetConfig()
+    cfg.model = ModelConfig(backbone=BackboneConfig(name="resnet50", freeze_at=0, deform_on_per_stage=DCNI3,
+                                                    deform_modulated=True, deform_interval=3),
+                            fpn_channels=16, num_thing_classes=3, num_stuff_classes=2)
+    cfg.model.heads.stuff_channels = cfg.model.heads.basis_channels = 16
+    cfg.model.fcos.num_convs = cfg.model.heads.basis_num_convs = 1
+    return cfg
+
+
+def test_deformable_model_exports_to_onnx_deformconv_and_ort_matches(tmp_path):
+    """torch's dynamo exporter maps deform_conv2d to ONNX DeformConv (opset 19); ONNX Runtime runs it.
+    Below opset 19 the export is refused up front, naming the reason."""
+    import onnxruntime as ort
+
+    from sepsnet.errors import EngineError
+    from sepsnet.export import onnx_export
+
+    cfg = _dcn_model_config()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # non-zero offsets and masks, so the graph's DeformConv really deforms
+        for m in model.modules():
+            if isinstance(m, OffsetDeformConv2d):
+                m.offset.weight.normal_(0, 0.05)
+                m.offset.bias.normal_(0, 0.5)
+    shape = onnx_export.ExportShape(height=64, width=64)
+    with pytest.raises(EngineError, match="DeformConv needs opset >= 19, asked for 18"):
+        onnx_export.export_dense(model, cfg, tmp_path / "d18.onnx", shape, opset=18)
+    assert onnx_export.opset_for(cfg) == 19
+    with torch.no_grad():
+        proto = onnx_export.export_dense(model, cfg, tmp_path / "dense.onnx", shape)
+    assert sum(n.op_type == "DeformConv" for n in proto.graph.node) == 5
+    assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 19
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model.forward_dense(image)
+    session = ort.InferenceSession(str(tmp_path / "dense.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": image.numpy()})))
+    for name in ("bases", "p3", "stuff_logits", "scores"):
+        torch.testing.assert_close(torch.from_numpy(got[name]), ref[name], atol=1e-3, rtol=1e-3, msg=name)
