@@ -60,8 +60,6 @@ RULES: dict[str, Rule] = {
     "data.max_size_test": NONNEGATIVE,
     "data.pixel_std": POSITIVE,
     "model.fpn_channels": AT_LEAST_ONE,
-    "model.backbone.deform_interval": AT_LEAST_ONE,
-    "model.backbone.deform_num_groups": AT_LEAST_ONE,
     "model.fcos.num_convs": NONNEGATIVE,
     "model.fcos.strides": AT_LEAST_ONE,
     "model.fcos.sizes_of_interest": AT_LEAST_ONE,

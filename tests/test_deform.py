@@ -163,6 +163,20 @@ def _dcn_model_config() -> SEPSNetConfig:
     return cfg
 
 
+def test_deformable_model_trains_its_offsets():
+    from _loss_batch import toy_batch
+
+    torch.manual_seed(0)
+    model = build_model(_dcn_model_config()).train()
+    images, targets = toy_batch(n=1, size=64, g=2)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    for name in ("layer2.0.conv2.offset.weight", "layer4.0.conv2.offset.bias", "layer3.3.conv2.weight"):
+        grad = model.backbone.body.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
 def test_deformable_model_exports_to_onnx_deformconv_and_ort_matches(tmp_path):
     """torch's dynamo exporter maps deform_conv2d to ONNX DeformConv (opset 19); ONNX Runtime runs it.
     Below opset 19 the export is refused up front, naming the reason."""
