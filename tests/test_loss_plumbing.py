@@ -32,7 +32,7 @@ def test_from_config_reads_every_loss_setting():
     cfg = case_config("all")
     fcos, mask = FCOSLoss.from_config(cfg), MaskLoss.from_config(cfg)
     w = cfg.loss_weights
-    assert (fcos.num_classes, fcos.strides, fcos.sizes_of_interest) == (3, (8, 16, 32, 64, 128), (24, 48, 96, 192))
+    assert (fcos.num_classes, fcos.strides, fcos.sizes_of_interest) == (3, (8, 16, 32, 64, 128), (32, 64, 128, 256))
     assert (fcos.center_sample_radius, fcos.focal_alpha, fcos.focal_gamma) == (2.0, 0.3, 1.5)
     assert (fcos.weight_cls, fcos.weight_box, fcos.weight_ctr) == (w.fcos_cls, w.fcos_box, w.fcos_ctr)
     assert (mask.jaccard_silhouette, mask.weight_bce, mask.weight_iou, mask.weight_aux) == (
