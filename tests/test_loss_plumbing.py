@@ -1,4 +1,5 @@
-"""The losses take explicit arguments built by ``from_config``; training numbers did not change.
+"""Config plumbing: the losses take explicit arguments built by ``from_config`` and training numbers did not
+change; config validation reads the one backbone registry.
 
 ``tests/fixtures/losses_before_from_config.json`` was computed on the toy batch of ``tests/_loss_batch.py``
 by the code before this change (losses reading the whole ModelConfig); the same seeded model and batch
@@ -59,3 +60,19 @@ def test_losses_are_usable_without_a_config():
         outputs = {k: [torch.zeros(1, c, 2, 2)] * 5 for k, c in
                    (("cls_logits", 3), ("bbox_reg", 4), ("centerness", 1), ("attention", 4))}
         fcos(outputs, [torch.zeros(4, 2)] * 5, [{"boxes": torch.zeros(0, 4), "classes": torch.zeros(0)}])
+
+
+def test_config_validation_reads_the_one_backbone_registry(monkeypatch):
+    """Adding or removing a registry entry is all it takes for validation to accept or refuse a name."""
+    from sepsnet.config import BackboneConfig, ModelConfig, validate_model
+    from sepsnet.errors import ConfigError
+    from sepsnet.model import registry
+
+    cfg = ModelConfig(backbone=BackboneConfig(name="resnet152"))
+    with pytest.raises(ConfigError, match="'resnet152' not in"):
+        validate_model(cfg)
+    monkeypatch.setitem(registry.BACKBONES, "resnet152", registry.BackboneSpec("resnet152", (3, 8, 36, 3), True))
+    validate_model(cfg)
+    monkeypatch.delitem(registry.BACKBONES, "resnet50")
+    with pytest.raises(ConfigError, match="'resnet50' not in"):
+        validate_model(ModelConfig())
