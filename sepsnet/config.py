@@ -7,7 +7,6 @@ so a typo in a YAML file never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +32,12 @@ class BackboneConfig:
     stride_in_1x1: bool = False
     # freeze_at > 0 with no pretrained weights freezes random layers; refused unless this is true
     allow_random_frozen: bool = False
+    # deformable 3x3 convs (detectron2 MODEL.RESNETS.DEFORM_*; AdelaiDet *_dcni3_* configs: [false, true,
+    # true, true], modulated, interval 3); bottleneck trunks only; see README "Deformable convolutions"
+    deform_on_per_stage: list[bool] = field(default_factory=lambda: [False, False, False, False])  # res2..res5
+    deform_modulated: bool = False  # DCNv2: a sigmoid mask per kernel tap
+    deform_interval: int = 1  # block i of a deformable stage is deformable when i % interval == 0
+    deform_num_groups: int = 1  # offset groups
 
 
 @dataclass
@@ -252,98 +257,20 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 
 def validate(cfg: SEPSNetConfig, where: str = "config") -> SEPSNetConfig:
-    """Semantic checks that types alone cannot express."""
-    validate_model(cfg.model, where)
-    if cfg.data.format not in ("coco_panoptic", "cityscapes"):
-        raise ConfigError(f"{where}: data.format must be coco_panoptic or cityscapes, got {cfg.data.format!r}")
-    if len(cfg.data.min_size_train) not in (1, 2):
-        raise ConfigError(f"{where}: data.min_size_train must be [size] or [lo, hi]")
-    if len(cfg.data.pixel_mean) != 3 or len(cfg.data.pixel_std) != 3:
-        raise ConfigError(f"{where}: data.pixel_mean/pixel_std need 3 values")
-    if cfg.data.input_format not in ("RGB", "BGR"):
-        raise ConfigError(f"{where}: data.input_format must be RGB or BGR, got {cfg.data.input_format!r}")
-    if any(v <= 0 for v in cfg.data.pixel_std):
-        raise ConfigError(f"{where}: data.pixel_std values must be > 0, got {cfg.data.pixel_std}")
-    if cfg.solver.warmup_method not in ("constant", "linear"):
-        raise ConfigError(f"{where}: solver.warmup_method must be constant or linear")
-    s = cfg.solver
-    for key in ("weight_decay", "weight_decay_norm", "weight_decay_bias"):
-        value = getattr(s, key)
-        if value is not None and value < 0:
-            raise ConfigError(f"{where}: solver.{key} must be >= 0, got {value}")
-    _validate_postprocess(cfg.postprocess, where)
-    from sepsnet.config_checks import check_values
+    """Semantic checks that types alone cannot express; they all live in :mod:`sepsnet.config_checks`."""
+    from sepsnet.config_checks import check_config
 
-    check_values(cfg, where)  # finite numbers everywhere, solver/data/model ranges
+    check_config(cfg, where)
     return cfg
 
 
 def validate_model(m: ModelConfig, where: str = "config", training: bool = False) -> ModelConfig:
-    """Every model-section check in one place (the modules themselves only take explicit values).
-    The backbone names come from the one registry, :data:`sepsnet.model.registry.BACKBONES`.
-    ``training``: also the checks for starting a training run (the pretrained file exists; no frozen
-    random layers); a config stored in a checkpoint does not need its pretrained file."""
-    from sepsnet.model.registry import BACKBONES  # torch-free module
+    """The model-section checks (:func:`sepsnet.config_checks.check_model`); ``training``: also those for
+    starting a training run (the pretrained file exists; no frozen random layers)."""
+    from sepsnet.config_checks import check_model
 
-    b = m.backbone
-    if b.name not in BACKBONES:
-        raise ConfigError(f"{where}: model.backbone.name {b.name!r} not in {sorted(BACKBONES)}")
-    if b.freeze_at not in (0, 1, 2):
-        raise ConfigError(f"{where}: model.backbone.freeze_at must be 0, 1 or 2, got {b.freeze_at}")
-    if training and b.pretrained and not os.path.isfile(b.pretrained):
-        raise ConfigError(f"{where}: model.backbone.pretrained file not found: {b.pretrained}")
-    if training and b.freeze_at > 0 and not b.pretrained and not b.allow_random_frozen:
-        raise ConfigError(
-            f"{where}: model.backbone.freeze_at={b.freeze_at} freezes randomly initialised layers because "
-            f"model.backbone.pretrained is not set; point model.backbone.pretrained at local ImageNet weights "
-            f"(e.g. R-101.pkl), or set model.backbone.freeze_at=0, or model.backbone.allow_random_frozen=true")
-    if b.stride_in_1x1 and not BACKBONES[b.name].bottleneck:
-        raise ConfigError(f"{where}: model.backbone.stride_in_1x1 needs a bottleneck trunk, not {b.name}")
-    positive = {"fpn_channels": m.fpn_channels, "heads.stuff_channels": m.heads.stuff_channels,
-                "heads.basis_channels": m.heads.basis_channels, "blender.num_bases": m.blender.num_bases,
-                "blender.attn_size": m.blender.attn_size, "blender.mask_size": m.blender.mask_size,
-                "blender.max_train_instances": m.blender.max_train_instances}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{where}: model.{key} must be >= 1, got {value}")
-    if m.heads.basis_num_convs < 0 or m.fcos.num_convs < 0:
-        raise ConfigError(f"{where}: model.heads.basis_num_convs and model.fcos.num_convs must be >= 0")
-    if m.heads.basis_norm not in ("GN", "BN"):
-        raise ConfigError(f"{where}: model.heads.basis_norm must be GN or BN, got {m.heads.basis_norm!r}")
-    if m.heads.confidence_roi_size < 2:
-        raise ConfigError(f"{where}: model.heads.confidence_roi_size must be >= 2, got {m.heads.confidence_roi_size}")
-    if len(m.fcos.strides) != 5 or len(m.fcos.sizes_of_interest) != 4:
-        raise ConfigError(f"{where}: model.fcos needs 5 strides (P3..P7) and 4 sizes_of_interest")
-    if list(m.fcos.strides) != [8, 16, 32, 64, 128]:
-        raise ConfigError(f"{where}: model.fcos.strides must be [8, 16, 32, 64, 128] (the P3..P7 strides of "
-                          f"the backbone), got {m.fcos.strides}")
-    if not 0.0 < m.fcos.prior_prob < 1.0:
-        raise ConfigError(f"{where}: model.fcos.prior_prob must be in (0, 1), got {m.fcos.prior_prob}")
-    if m.num_thing_classes < 1 or m.num_stuff_classes < 0:
-        raise ConfigError(f"{where}: model.num_thing_classes must be >= 1, num_stuff_classes >= 0")
-    sizes = m.fcos.sizes_of_interest
-    if any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise ConfigError(f"{where}: model.fcos.sizes_of_interest must be strictly increasing, got {sizes}")
-    if m.blender.sampling_ratio < 0:
-        raise ConfigError(f"{where}: model.blender.sampling_ratio must be >= 0 (0 = adaptive), "
-                          f"got {m.blender.sampling_ratio}")
+    check_model(m, where, training)
     return m
-
-
-_UNIT_INTERVAL = ("score_thresh", "nms_thresh", "alpha", "dedup_iou", "mask_thresh", "overlap_thresh",
-                  "instance_score_thresh")
-
-
-def _validate_postprocess(p: PostprocessConfig, where: str) -> None:
-    for key in _UNIT_INTERVAL:
-        value = getattr(p, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{where}: postprocess.{key} must be in [0, 1], got {value}")
-    for key in ("max_instances", "pre_nms_topk"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"{where}: postprocess.{key} must be >= 1, got {getattr(p, key)}")
-    if p.stuff_area_limit < 0:
-        raise ConfigError(f"{where}: postprocess.stuff_area_limit must be >= 0, got {p.stuff_area_limit}")
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> SEPSNetConfig:

@@ -12,8 +12,8 @@ from sepsnet.config import BackboneConfig, BlenderConfig, FCOSConfig, ModelConfi
 from sepsnet.errors import DataError
 from sepsnet.model.backbone import BackboneFPN
 from sepsnet.model.fcos_head import FCOSHead, compute_locations, dense_predictions, group_norm_groups
-from sepsnet.model.fcos_loss import fcos_losses
-from sepsnet.model.fcos_targets import compute_targets
+from sepsnet.model.fcos_loss import FCOSLoss
+from sepsnet.model.fcos_targets import compute_targets as _compute_targets
 
 STRIDES = [8, 16, 32, 64, 128]
 T = 3
@@ -23,6 +23,17 @@ def _cfg(c: int = 64, radius: float = 1.5, attn: int = 4) -> ModelConfig:
     return ModelConfig(backbone=BackboneConfig(name="resnet18", freeze_at=0), fpn_channels=c,
                        num_thing_classes=T, fcos=FCOSConfig(num_convs=2, center_sample_radius=radius),
                        blender=BlenderConfig(num_bases=4, attn_size=attn))
+
+
+def compute_targets(locs: list[torch.Tensor], targets: list[dict], cfg: ModelConfig):
+    """The target assignment with the settings :class:`FCOSLoss` reads from ``cfg``."""
+    spec = FCOSLoss.from_config(cfg)
+    return _compute_targets(locs, targets, strides=spec.strides, sizes_of_interest=spec.sizes_of_interest,
+                            num_classes=spec.num_classes, center_sample_radius=spec.center_sample_radius)
+
+
+def fcos_losses(out: dict, locs: list[torch.Tensor], targets: list[dict], cfg: ModelConfig):
+    return FCOSLoss.from_config(cfg)(out, locs, targets)
 
 
 def _features(n: int, h: int, w: int, c: int = 64) -> list[torch.Tensor]:

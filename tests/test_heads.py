@@ -7,7 +7,7 @@ import torch
 from sepsnet.config import ComponentsConfig, HeadsConfig, ModelConfig
 from sepsnet.model.basis_head import BasisHead, thing_class_map
 from sepsnet.model.confidence_head import ConfidenceHead
-from sepsnet.model.mask_losses import MaskAux, mask_losses, mask_silhouette_target, mask_targets, soft_jaccard
+from sepsnet.model.mask_losses import MaskAux, MaskLoss, mask_silhouette_target, mask_targets, soft_jaccard
 from sepsnet.model.stuff_head import StuffHead
 
 
@@ -16,6 +16,10 @@ def _cfg(**components) -> ModelConfig:
                        heads=HeadsConfig(stuff_channels=16, basis_channels=16,
                                          basis_num_convs=1),
                        components=ComponentsConfig(**components))
+
+
+def mask_losses(logits, targets, weights, cfg: ModelConfig, aux=None) -> dict[str, torch.Tensor]:
+    return MaskLoss.from_config(cfg)(logits, targets, weights, aux)
 
 
 def _fpn(h: int, w: int, c: int = 16) -> list[torch.Tensor]:

@@ -6,8 +6,10 @@ the per-location outputs hold only the top ``pre_nms_topk`` locations of each FP
 ``instance.onnx``: bases, p3, rois (n,5), attention (n,K*M*M) -> mask_probs (Eq. 3 blend),
 iou_score, silhouette_score, with a dynamic instance count ``instances``.
 Static H/W/batch by default; ``dynamic=True`` makes batch/height/width dynamic too.
-``torch.onnx.export`` (dynamo exporter) maps ``torchvision.ops.roi_align`` to ONNX ``RoiAlign``;
-every export is followed by a graphsurgeon clean-up and assertions (see ``surgery``).
+``torch.onnx.export`` (dynamo exporter) maps ``torchvision.ops.roi_align`` to ONNX ``RoiAlign``
+and ``torchvision.ops.deform_conv2d`` (deformable backbones) to ONNX ``DeformConv``, an opset-19
+operator: such models export at opset 19 (:func:`opset_for`); every export is followed by a
+graphsurgeon clean-up and assertions (see ``surgery``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from sepsnet.export import surgery
 from sepsnet.model.fcos_head import TRT_MAX_TOPK, Preselect
 
 OPSET = 18  # >= 17; 18 is the lowest opset the dynamo exporter implements natively
+DEFORM_OPSET = 19  # ONNX DeformConv exists from opset 19 on
 DENSE_INPUTS = ("image",)
 DENSE_OUTPUTS = ("boxes", "scores", "centerness", "attention", "bases", "p3", "stuff_logits")
 INSTANCE_INPUTS = ("bases", "p3", "rois", "attention")
@@ -134,6 +137,28 @@ def example_rois(n: int, batch: int, height: int, width: int,
     return torch.cat([b, xy, xy + wh], dim=1)
 
 
+def has_deform(cfg: SEPSNetConfig) -> bool:
+    """Whether the model holds deformable convolutions (``model.backbone.deform_on_per_stage``)."""
+    return any(cfg.model.backbone.deform_on_per_stage)
+
+
+def opset_for(cfg: SEPSNetConfig) -> int:
+    """The opset both graphs of this model are exported at: :data:`OPSET`, or :data:`DEFORM_OPSET` for a
+    deformable backbone."""
+    return DEFORM_OPSET if has_deform(cfg) else OPSET
+
+
+def _check_opset(cfg: SEPSNetConfig, opset: int | None) -> int:
+    """The opset to use; EngineError when it cannot hold this model's operators."""
+    if opset is None:
+        return opset_for(cfg)
+    if has_deform(cfg) and opset < DEFORM_OPSET:
+        raise EngineError(f"the model has deformable convolutions (model.backbone.deform_on_per_stage "
+                          f"{cfg.model.backbone.deform_on_per_stage}); ONNX DeformConv needs opset >= "
+                          f"{DEFORM_OPSET}, asked for {opset}")
+    return opset
+
+
 def _run_export(module: torch.nn.Module, args: tuple, input_names: tuple, output_names: tuple,
                 dynamic_shapes: tuple | None, opset: int, where: str) -> onnx.ModelProto:
     with warnings.catch_warnings():
@@ -143,6 +168,10 @@ def _run_export(module: torch.nn.Module, args: tuple, input_names: tuple, output
                                         output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                                         opset_version=opset, dynamo=True, optimize=True, verbose=False)
         except Exception as exc:
+            if opset >= DEFORM_OPSET and "deform" in str(exc).lower():
+                raise EngineError(f"{where}: this torch ({torch.__version__}) cannot export the deformable "
+                                  f"convolutions (torchvision deform_conv2d -> ONNX DeformConv): "
+                                  f"{type(exc).__name__}") from exc
             raise EngineError(f"{where}: torch.onnx.export failed: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     return program.model_proto
@@ -160,9 +189,11 @@ def _dense_dynamic(shape: ExportShape) -> tuple | None:
 
 
 def export_dense(model: torch.nn.Module, cfg: SEPSNetConfig, path: str | Path, shape: ExportShape,
-                 opset: int = OPSET, preselect: Preselect | None = None) -> onnx.ModelProto:
+                 opset: int | None = None, preselect: Preselect | None = None) -> onnx.ModelProto:
     """Export, clean and check ``dense.onnx``; returns the saved model. ``preselect`` (usually
-    :func:`dense_preselect`) keeps the top-k locations per level; None keeps every location."""
+    :func:`dense_preselect`) keeps the top-k locations per level; None keeps every location.
+    ``opset`` None: :func:`opset_for` the model."""
+    opset = _check_opset(cfg, opset)
     batch, h, w = trace_size(shape)
     image = torch.randn(batch, 3, h, w)
     proto = _run_export(DenseGraph(model, preselect).eval(), (image,), DENSE_INPUTS, DENSE_OUTPUTS,
@@ -213,8 +244,10 @@ def _instance_dynamic(shape: ExportShape) -> tuple:
 
 
 def export_instance(model: torch.nn.Module, cfg: SEPSNetConfig, path: str | Path, shape: ExportShape,
-                    opset: int = OPSET) -> onnx.ModelProto:
-    """Export, clean and check ``instance.onnx`` (dynamic instance count); returns the saved model."""
+                    opset: int | None = None) -> onnx.ModelProto:
+    """Export, clean and check ``instance.onnx`` (dynamic instance count); returns the saved model.
+    ``opset`` None: :func:`opset_for` the model (both graphs of a bundle share one opset)."""
+    opset = _check_opset(cfg, opset)
     names = instance_output_names(cfg)
     args = instance_examples(model, shape)
     proto = _run_export(InstanceGraph(model, names).eval(), args, INSTANCE_INPUTS, names,

@@ -244,7 +244,7 @@ class BundleExporter:
         content = bundle.manifest_content(
             cfg, ckpt.get("meta"), ranges=shape.ranges(), dynamic=shape.dynamic,
             instances={"min": 0, "opt": min(shape.max_instances, 32), "max": n_max}, precision=prec,
-            opset=onnx_export.OPSET, graphs=graphs, plugin=None, preselect=preselect)
+            opset=onnx_export.opset_for(cfg), graphs=graphs, plugin=None, preselect=preselect)
         bundle.write_manifest(out, content)
         print(f"wrote ONNX bundle {out} ({prec}): {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
         return out

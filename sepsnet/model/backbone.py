@@ -27,6 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sepsnet.config import ModelConfig
 from sepsnet.errors import CheckpointError, ConfigError, FrameError
+from sepsnet.model.deform import make_deformable
 from sepsnet.model.pretrained import InputConvention, read_trunk_weights
 from sepsnet.model.registry import BACKBONES
 
@@ -44,8 +45,11 @@ def _stage_channels(trunk: torchvision.models.ResNet) -> list[int]:
     return out
 
 
-def build_trunk(name: str, stride_in_1x1: bool = False) -> torchvision.models.ResNet:
-    """The registry's torchvision trunk with FrozenBatchNorm2d, no weights, no ``fc``/``avgpool``."""
+def build_trunk(name: str, stride_in_1x1: bool = False, deform_on_per_stage: tuple[bool, ...] = (False,) * 4,
+                deform_modulated: bool = False, deform_interval: int = 1,
+                deform_num_groups: int = 1) -> torchvision.models.ResNet:
+    """The registry's torchvision trunk with FrozenBatchNorm2d, no weights, no ``fc``/``avgpool``;
+    ``deform_*``: deformable 3x3 convs in the chosen bottlenecks (:mod:`sepsnet.model.deform`)."""
     if name not in BACKBONES:
         raise ConfigError(f"model.backbone.name {name!r} not in {sorted(BACKBONES)}")
     trunk = getattr(torchvision.models, BACKBONES[name].torchvision_fn)(weights=None, norm_layer=FrozenBatchNorm2d)
@@ -57,17 +61,24 @@ def build_trunk(name: str, stride_in_1x1: bool = False) -> torchvision.models.Re
             if not hasattr(first, "conv3"):
                 raise ConfigError(f"model.backbone.stride_in_1x1 needs a bottleneck trunk, not {name}")
             first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    if any(deform_on_per_stage):
+        if not BACKBONES[name].bottleneck:
+            raise ConfigError(f"model.backbone.deform_on_per_stage needs a bottleneck trunk, not {name}")
+        make_deformable([trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4], deform_on_per_stage,
+                        deform_interval, deform_modulated, deform_num_groups)
     return trunk
 
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> InputConvention:
     """Load a local torchvision state dict or detectron2 ``.pkl`` into ``trunk``; returns the input
     convention the weights expect. Raises :class:`CheckpointError` for a missing/unreadable file or
-    mismatching keys/shapes."""
+    mismatching keys/shapes. The offset convs of deformable blocks (``*.conv2.offset.*``) may be absent:
+    ImageNet trunks have none, and they are then set to zero (the plain conv), as in detectron2."""
     own = dict(trunk.state_dict())
     state, convention = read_trunk_weights(path, set(own))
+    offsets = {k for k in own if ".conv2.offset." in k}
     wanted, given = set(own), set(state)
-    missing, unexpected = sorted(wanted - given), sorted(given - wanted)
+    missing, unexpected = sorted(wanted - given - offsets), sorted(given - wanted)
     if missing or unexpected:
         raise CheckpointError(
             f"backbone weights {path} do not match this trunk: "
@@ -75,10 +86,10 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> InputConvention:
             f"{unexpected[:5]} (is model.backbone.name right?)"
         )
     bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in sorted(wanted) if state[k].shape != own[k].shape]
+           for k in sorted(wanted & given) if state[k].shape != own[k].shape]
     if bad:
         raise CheckpointError(f"backbone weights {path}: shape mismatch: {'; '.join(bad[:5])}")
-    trunk.load_state_dict(state, strict=True)
+    trunk.load_state_dict({**{k: own[k].new_zeros(own[k].shape) for k in offsets - given}, **state}, strict=True)
     return convention
 
 
@@ -86,13 +97,15 @@ class BackboneFPN(nn.Module):
     """ResNet/ResNeXt + FPN -> ``{"p2": .., ..., "p7": ..}``, ``out_channels`` channels each."""
 
     def __init__(self, name: str, out_channels: int, freeze_at: int = 2, pretrained: str | None = None,
-                 stride_in_1x1: bool = False) -> None:
+                 stride_in_1x1: bool = False, deform_on_per_stage: tuple[bool, ...] = (False,) * 4,
+                 deform_modulated: bool = False, deform_interval: int = 1, deform_num_groups: int = 1) -> None:
         super().__init__()
         if freeze_at not in (0, 1, 2):
             raise ConfigError(f"model.backbone.freeze_at must be 0, 1 or 2, got {freeze_at}")
         if out_channels < 1:
             raise ConfigError(f"model.fpn_channels must be positive, got {out_channels}")
-        trunk = build_trunk(name, stride_in_1x1)
+        trunk = build_trunk(name, stride_in_1x1, tuple(deform_on_per_stage), deform_modulated, deform_interval,
+                            deform_num_groups)
         self.input_convention: InputConvention | None = None
         if pretrained:
             self.input_convention = load_trunk_weights(trunk, pretrained)
@@ -117,7 +130,8 @@ class BackboneFPN(nn.Module):
         """``load_pretrained=False``: ignore ``backbone.pretrained`` (weights come from a checkpoint)."""
         b = cfg.backbone
         return cls(b.name, cfg.fpn_channels, b.freeze_at, b.pretrained if load_pretrained else None,
-                   b.stride_in_1x1)
+                   b.stride_in_1x1, tuple(b.deform_on_per_stage), b.deform_modulated, b.deform_interval,
+                   b.deform_num_groups)
 
     def _freeze(self, freeze_at: int) -> None:
         """freeze_at: 0 nothing, 1 the stem, 2 the stem and res2 (detectron2 convention)."""

@@ -10,6 +10,9 @@ detectron2 / AdelaiDet key                  sepsnet key
 backbone.bottom_up.stem.conv1[.norm.*]      backbone.body.conv1 / bn1
 backbone.bottom_up.resN.i.convK[.norm.*]    backbone.body.layer{N-1}.i.convK / bnK
 backbone.bottom_up.resN.i.shortcut[.norm]   backbone.body.layer{N-1}.i.downsample.0 / .1
+backbone.bottom_up.resN.i.conv2_offset      backbone.body.layer{N-1}.i.conv2.offset (deformable blocks,
+                                            MODEL.RESNETS.DEFORM_*: stages, interval, modulated, groups
+                                            read from which blocks have one and its 18/27 x G outputs)
 backbone.fpn_lateral{l} / fpn_output{l}     backbone.fpn.inner_blocks.{l-2}.0 / layer_blocks.{l-2}.0
 backbone.top_block.p6 / p7                  backbone.fpn.extra_blocks.p6 / p7
 proposal_generator.fcos_head.*              fcos_head.* (cls_tower, bbox_tower, cls_logits, bbox_pred,
@@ -45,6 +48,7 @@ from torch import Tensor
 
 from sepsnet.config import SEPSNetConfig
 from sepsnet.errors import CheckpointError, ConfigError
+from sepsnet.model.deform import MODULATED_PER_GROUP, OFFSETS_PER_GROUP
 from sepsnet.model.pretrained import MSRA, InputConvention, d2_to_torchvision, safe_unpickle
 from sepsnet.model.registry import BACKBONES, backbone_for
 
@@ -70,6 +74,10 @@ class Layout:
     stuff_silhouette: bool = False
     confidence: bool = False
     mask_aux: bool = False
+    deform_on_per_stage: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    deform_modulated: bool = False
+    deform_interval: int = 1
+    deform_num_groups: int = 1
 
     @property
     def is_detector(self) -> bool:
@@ -159,6 +167,10 @@ def detect_layout(state: dict[str, Tensor]) -> Layout:
                               f"sepsnet's backbones")
     head = "proposal_generator.fcos_head."
     cls_w = _need(state, head + "cls_logits.weight", "FCOS classifier")
+    deform_tower = sorted(k for k in state if re.match(re.escape(head) + r"(cls|bbox)_tower\.\d+\.\w+\.", k))
+    if deform_tower:
+        raise CheckpointError(f"FCOS tower convs with sub-modules ({deform_tower[0]}, ...): deformable FCOS towers "
+                              f"(FCOS.USE_DEFORMABLE) are not supported; only deformable backbones are")
     layout = Layout(
         backbone=name,
         fpn_channels=int(_need(state, "backbone.fpn_lateral3.weight", "FPN").shape[0]),
@@ -167,6 +179,7 @@ def detect_layout(state: dict[str, Tensor]) -> Layout:
         fcos_num_convs=sum(1 for k in state if re.fullmatch(re.escape(head) + r"cls_tower\.\d+\.weight", k)
                            and state[k].dim() == 4),
         use_scale=head + "scales.0.scale" in state)
+    _detect_deform(state, blocks, layout)
     if "top_layer.weight" not in state:
         return layout  # an FCOS detector
     tower = _indices(state, "basis_module.tower")
@@ -192,6 +205,34 @@ def detect_layout(state: dict[str, Tensor]) -> Layout:
     return layout
 
 
+def _detect_deform(state: dict[str, Tensor], blocks: tuple[int, ...], layout: Layout) -> None:
+    """MODEL.RESNETS.DEFORM_ON_PER_STAGE / INTERVAL / MODULATED / NUM_GROUPS from the ``conv2_offset`` tensors."""
+    bu = "backbone.bottom_up."
+    found = {(s, i): state[f"{bu}res{s + 2}.{i}.conv2_offset.weight"]
+             for s in range(4) for i in range(blocks[s]) if f"{bu}res{s + 2}.{i}.conv2_offset.weight" in state}
+    if not found:
+        return
+    channels = {int(w.shape[0]) for w in found.values()}
+    if len(channels) != 1:
+        raise CheckpointError(f"deformable blocks with different offset widths {sorted(channels)}")
+    (c,) = channels
+    plain, modulated = c % OFFSETS_PER_GROUP == 0, c % MODULATED_PER_GROUP == 0
+    if plain == modulated:
+        raise CheckpointError(f"conv2_offset has {c} outputs: not 18 x G (DEFORM_MODULATED False) or 27 x G "
+                              f"(True), or both; cannot tell whether the convs are modulated")
+    on = tuple(any(s == st for st, _ in found) for s in range(4))
+    per_stage = {s: sorted(i for st, i in found if st == s) for s in range(4) if on[s]}
+    gaps = {b - a for idx in per_stage.values() for a, b in zip(idx, idx[1:])}
+    interval = gaps.pop() if len(gaps) == 1 else max(blocks[s] for s in per_stage) if not gaps else 0
+    if interval < 1 or any(idx != list(range(0, blocks[s], interval)) for s, idx in per_stage.items()):
+        raise CheckpointError(f"deformable blocks {per_stage} (per stage index 0 = res2) do not follow "
+                              f"DEFORM_INTERVAL (block i deformable when i % interval == 0)")
+    layout.deform_on_per_stage = on  # type: ignore[assignment]
+    layout.deform_modulated = modulated
+    layout.deform_interval = interval
+    layout.deform_num_groups = c // (MODULATED_PER_GROUP if modulated else OFFSETS_PER_GROUP)
+
+
 def config_for(layout: Layout, base: SEPSNetConfig, convention: InputConvention | None = None,
                stride_in_1x1: bool | None = None) -> SEPSNetConfig:
     """``base`` with every model key the checkpoint decides, and the input convention."""
@@ -214,7 +255,10 @@ def config_for(layout: Layout, base: SEPSNetConfig, convention: InputConvention 
                              mask_aux=layout.mask_aux, silhouette_stuff=layout.stuff_silhouette,
                              mask_loss=layout.confidence)
     model = replace(
-        m, backbone=replace(m.backbone, name=layout.backbone, pretrained=None, stride_in_1x1=stride_in_1x1),
+        m, backbone=replace(m.backbone, name=layout.backbone, pretrained=None, stride_in_1x1=stride_in_1x1,
+                            deform_on_per_stage=list(layout.deform_on_per_stage),
+                            deform_modulated=layout.deform_modulated, deform_interval=layout.deform_interval,
+                            deform_num_groups=layout.deform_num_groups),
         fpn_channels=layout.fpn_channels, num_thing_classes=layout.num_thing_classes,
         num_stuff_classes=m.num_stuff_classes if layout.num_stuff_classes is None else layout.num_stuff_classes,
         fcos=replace(m.fcos, num_convs=layout.fcos_num_convs),
@@ -417,6 +461,10 @@ def convert_state(state: dict[str, Tensor], base: SEPSNetConfig, *, partial: boo
     if layout.num_stuff_classes is not None:
         result.notes.append(f"stuff predictor row {stuff_thing_index} ('things') moved to index "
                             f"{layout.num_stuff_classes}; stuff rows keep their order")
+    if any(layout.deform_on_per_stage):
+        result.notes.append(f"deformable backbone: stages {list(layout.deform_on_per_stage)} (res2..res5), "
+                            f"interval {layout.deform_interval}, modulated {layout.deform_modulated}, "
+                            f"{layout.deform_num_groups} offset group(s)")
     result.notes.append(f"input: {cfg.data.input_format}, mean {cfg.data.pixel_mean}, std {cfg.data.pixel_std}, "
                         f"stride_in_1x1 {cfg.model.backbone.stride_in_1x1}")
     result.state = out

@@ -4,18 +4,19 @@ A location is a positive for a ground-truth box when
 1. it lies in the box's centre region: a square of half-side ``radius * stride`` around
    the box centre, clipped to the box (``center_sample_radius <= 0``: anywhere in the box);
 2. ``max(l, t, r, b)`` to the box is inside the level's size-of-interest range
-   ``[lo, hi]`` (ranges [-1,s0],[s0,s1],...,[s3,inf] from ``cfg.fcos.sizes_of_interest``);
+   ``[lo, hi]`` (ranges [-1,s0],[s0,s1],...,[s3,inf] from ``sizes_of_interest``);
 and when several boxes qualify, the one with the smallest area wins (first one on ties).
-Everything is computed as (L, G) matrices per image: no loop over locations.
+Everything is computed as (L, G) matrices per image: no loop over locations. The functions take
+explicit values; :class:`sepsnet.model.fcos_loss.FCOSLoss` reads them from the config.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from sepsnet.config import ModelConfig
 from sepsnet.errors import DataError
 
 INF = 1.0e8
@@ -31,10 +32,11 @@ class FCOSTargets:
     gt_index: Tensor  # int64 (L,) index into the image's boxes, -1 for negatives
 
 
-def level_tables(locations: list[Tensor], cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+def level_tables(locations: list[Tensor], strides: Sequence[int],
+                 sizes_of_interest: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
     """Concatenated (L,2) locations, (L,) stride and (L,2) size-of-interest range per location."""
-    strides = cfg.fcos.strides
-    soi = [float(s) for s in cfg.fcos.sizes_of_interest]
+    strides = [int(s) for s in strides]
+    soi = [float(s) for s in sizes_of_interest]
     bounds = [-1.0] + soi + [INF]
     if len(locations) != len(strides) or len(bounds) != len(strides) + 1:
         raise ValueError(
@@ -102,9 +104,12 @@ def assign_image(loc: Tensor, stride: Tensor, ranges: Tensor, boxes: Tensor, cla
     return FCOSTargets(labels=labels, reg_targets=reg_t, centerness=ctr, gt_index=gt_index)
 
 
-def compute_targets(locations: list[Tensor], targets: list[dict], cfg: ModelConfig) -> list[FCOSTargets]:
-    """FCOS targets for every image; ``targets[i]`` holds ``boxes`` (G,4) and ``classes`` (G,)."""
-    loc, stride, ranges = level_tables(locations, cfg)
+def compute_targets(locations: list[Tensor], targets: list[dict], *, strides: Sequence[int],
+                    sizes_of_interest: Sequence[float], num_classes: int,
+                    center_sample_radius: float) -> list[FCOSTargets]:
+    """FCOS targets for every image; ``targets[i]`` holds ``boxes`` (G,4) and ``classes`` (G,) in
+    ``[0, num_classes)``."""
+    loc, stride, ranges = level_tables(locations, strides, sizes_of_interest)
     out = []
     for i, t in enumerate(targets):
         if "boxes" not in t or "classes" not in t:
@@ -113,9 +118,8 @@ def compute_targets(locations: list[Tensor], targets: list[dict], cfg: ModelConf
         classes = torch.as_tensor(t["classes"], device=loc.device).reshape(-1)
         if boxes.shape[0] != classes.shape[0]:
             raise DataError(f"FCOS targets: image {i} has {boxes.shape[0]} boxes but {classes.shape[0]} classes")
-        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= cfg.num_thing_classes):
-            raise DataError(f"FCOS targets: image {i} class ids must be in [0, {cfg.num_thing_classes}), "
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+            raise DataError(f"FCOS targets: image {i} class ids must be in [0, {num_classes}), "
                             f"got {classes.tolist()[:10]}")
-        out.append(assign_image(loc, stride, ranges, boxes, classes, cfg.num_thing_classes,
-                                float(cfg.fcos.center_sample_radius)))
+        out.append(assign_image(loc, stride, ranges, boxes, classes, num_classes, float(center_sample_radius)))
     return out

@@ -8,8 +8,13 @@
   the binarised Laplacian (> 0: inner boundary ring) of the target, weight 0.5 w.
   With ``components.mask_loss`` off: BCE only.
 - Mask aux: 3x3 conv (1->1), ReLU, 1x1 conv on the mask logits -> silhouette logits, Dice.
+
+:class:`MaskLoss` takes the switches and weights explicitly; :meth:`MaskLoss.from_config` is the one
+place that reads them from the config.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,31 +68,47 @@ class MaskAux(nn.Module):
         return self.conv2(F.relu(self.conv1(mask_logits[:, None])))[:, 0]
 
 
-def mask_losses(logits: Tensor, targets: Tensor, weights: Tensor, cfg: ModelConfig,
-                aux_logits: Tensor | None = None) -> dict[str, Tensor]:
-    """Weighted mask losses for n instances: logits/targets (n,R,R), weights (n,) centerness."""
-    lw = cfg.loss_weights
-    zero = logits.sum() * 0.0
-    out: dict[str, Tensor] = {}
-    if logits.shape[0] == 0:
-        out["loss_mask_bce"] = zero
-        if cfg.components.mask_loss:
-            out["loss_mask_iou"] = zero
-            out["loss_mask_silhouette"] = zero
+@dataclass(frozen=True)
+class MaskLoss:
+    """Weighted mask losses (module docstring). ``jaccard_silhouette``: ``components.mask_loss`` (soft
+    Jaccard + silhouette Dice besides the BCE); the aux loss is computed when aux logits are given."""
+
+    jaccard_silhouette: bool = True
+    weight_bce: float = 1.0
+    weight_iou: float = 1.0  # w; the silhouette Dice on the mask gets 0.5 w
+    weight_aux: float = 0.3
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> MaskLoss:
+        """``model.components.mask_loss`` and ``model.loss_weights.mask_bce/mask_iou/mask_aux``."""
+        w = cfg.loss_weights
+        return cls(jaccard_silhouette=cfg.components.mask_loss, weight_bce=w.mask_bce, weight_iou=w.mask_iou,
+                   weight_aux=w.mask_aux)
+
+    def __call__(self, logits: Tensor, targets: Tensor, weights: Tensor,
+                 aux_logits: Tensor | None = None) -> dict[str, Tensor]:
+        """n instances: logits/targets (n,R,R), weights (n,) centerness, aux_logits (n,R,R) or None."""
+        zero = logits.sum() * 0.0
+        out: dict[str, Tensor] = {}
+        if logits.shape[0] == 0:
+            out["loss_mask_bce"] = zero
+            if self.jaccard_silhouette:
+                out["loss_mask_iou"] = zero
+                out["loss_mask_silhouette"] = zero
+            if aux_logits is not None:
+                out["loss_mask_aux"] = zero + aux_logits.sum() * 0.0
+            return out
+        logits = logits.float()
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2))
+        out["loss_mask_bce"] = (bce * weights).sum() / weights.sum().clamp(min=1e-6) * self.weight_bce
+        sil_gt = None
+        if self.jaccard_silhouette or aux_logits is not None:
+            sil_gt = mask_silhouette_target(targets)
+        if self.jaccard_silhouette:
+            prob = torch.sigmoid(logits)
+            out["loss_mask_iou"] = soft_jaccard(prob, targets).mean() * self.weight_iou
+            pred_sil = soft_silhouette(prob[:, None])[:, 0]
+            out["loss_mask_silhouette"] = dice_loss(pred_sil, sil_gt) * (0.5 * self.weight_iou)
         if aux_logits is not None:
-            out["loss_mask_aux"] = zero + aux_logits.sum() * 0.0
+            out["loss_mask_aux"] = dice_loss(torch.sigmoid(aux_logits), sil_gt) * self.weight_aux
         return out
-    logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2))
-    out["loss_mask_bce"] = (bce * weights).sum() / weights.sum().clamp(min=1e-6) * lw.mask_bce
-    sil_gt = None
-    if cfg.components.mask_loss or aux_logits is not None:
-        sil_gt = mask_silhouette_target(targets)
-    if cfg.components.mask_loss:
-        prob = torch.sigmoid(logits)
-        out["loss_mask_iou"] = soft_jaccard(prob, targets).mean() * lw.mask_iou
-        pred_sil = soft_silhouette(prob[:, None])[:, 0]
-        out["loss_mask_silhouette"] = dice_loss(pred_sil, sil_gt) * (0.5 * lw.mask_iou)
-    if aux_logits is not None:
-        out["loss_mask_aux"] = dice_loss(torch.sigmoid(aux_logits), sil_gt) * lw.mask_aux
-    return out

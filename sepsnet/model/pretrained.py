@@ -127,10 +127,14 @@ def _c2_to_torchvision(name: str) -> str | None:
 
 
 def d2_to_torchvision(name: str) -> str | None:
-    """detectron2 ResNet key (``stem.conv1.norm.weight``, ``res3.0.shortcut.weight``) -> torchvision key."""
+    """detectron2 ResNet key (``stem.conv1.norm.weight``, ``res3.0.shortcut.weight``) -> torchvision key;
+    a deformable block's offset conv ``resN.i.conv2_offset.*`` -> ``layer{N-1}.i.conv2.offset.*``."""
     m = re.fullmatch(r"stem\.conv1\.(weight|norm\.(weight|bias|running_mean|running_var))", name)
     if m:
         return "conv1.weight" if m.group(1) == "weight" else f"bn1.{m.group(2)}"
+    m = re.fullmatch(r"res(\d)\.(\d+)\.conv2_offset\.(weight|bias)", name)
+    if m:
+        return f"layer{int(m.group(1)) - 1}.{m.group(2)}.conv2.offset.{m.group(3)}"
     m = re.fullmatch(r"res(\d)\.(\d+)\.(shortcut|conv[123])\.(weight|norm\.(weight|bias|running_mean|running_var))",
                      name)
     if not m:

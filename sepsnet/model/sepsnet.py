@@ -20,8 +20,8 @@ from sepsnet.model.basis_head import BasisHead
 from sepsnet.model.blender import Blender
 from sepsnet.model.confidence_head import ConfidenceHead
 from sepsnet.model.fcos_head import FCOSHead, Preselect, compute_locations, dense_predictions
-from sepsnet.model.fcos_loss import fcos_losses
-from sepsnet.model.mask_losses import MaskAux, mask_losses, mask_targets
+from sepsnet.model.fcos_loss import FCOSLoss
+from sepsnet.model.mask_losses import MaskAux, MaskLoss, mask_targets
 from sepsnet.model.stuff_head import StuffHead
 
 #: train-only submodules (dotted names); present only when built and not deploy
@@ -32,8 +32,8 @@ class SEPSNet(nn.Module):
     """The full network; see the module docstring and docs/INTERFACES.md."""
 
     def __init__(self, cfg: ModelConfig, deploy: bool = False, load_pretrained: bool = False) -> None:
-        """Every part is built from the (validated) config here, in one place; the parts themselves
-        take explicit arguments (``from_config`` maps the config keys to them)."""
+        """Every part, the losses included, is built from the (validated) config here, in one place; the
+        parts themselves take explicit arguments (``from_config`` maps the config keys to them)."""
         super().__init__()
         validate_model(cfg, "model config", training=load_pretrained)
         self.cfg = cfg
@@ -47,6 +47,11 @@ class SEPSNet(nn.Module):
         self.confidence_head: ConfidenceHead | None = (
             ConfidenceHead.from_config(cfg) if cfg.components.mask_score else None)
         self.strides = list(cfg.fcos.strides)
+        # losses and the mask-branch sampling (train only; plain values, no parameters)
+        self.fcos_loss = FCOSLoss.from_config(cfg)
+        self.mask_loss = MaskLoss.from_config(cfg)
+        self.max_train_instances = int(cfg.blender.max_train_instances)
+        self.mask_size = int(cfg.blender.mask_size)
 
     # ------------------------------------------------------------------ helpers
     def aux_module_names(self) -> list[str]:
@@ -94,7 +99,7 @@ class SEPSNet(nn.Module):
         f = self._features(images)
         levels = [f["p3"], f["p4"], f["p5"], f["p6"], f["p7"]]
         head = self.fcos_head(levels)
-        losses, pos = fcos_losses(head, compute_locations(levels, self.strides), targets, self.cfg)
+        losses, pos = self.fcos_loss(head, compute_locations(levels, self.strides), targets)
 
         stuff_logits, stuff_sil = self.stuff_head([f["p2"], f["p3"], f["p4"], f["p5"]])
         stuff = torch.stack([t["stuff"].to(images.device, torch.int64) for t in targets])
@@ -106,7 +111,7 @@ class SEPSNet(nn.Module):
         # ---- mask branch on sampled positives, ground-truth boxes as RoIs (BlendMask)
         n_pos = pos["batch_index"].shape[0]
         keep = torch.arange(n_pos, device=images.device)
-        limit = self.cfg.blender.max_train_instances
+        limit = self.max_train_instances
         if n_pos > limit:
             keep = torch.randperm(n_pos, device=images.device)[:limit]
         b_idx, g_idx = pos["batch_index"][keep], pos["gt_index"][keep]
@@ -121,10 +126,10 @@ class SEPSNet(nn.Module):
             uniq, inv = torch.unique(row, return_inverse=True)
             gt_masks = torch.cat([t["masks"].to(images.device) for t in targets])[uniq]
             tgt = mask_targets(gt_masks, torch.cat([inv.to(box.dtype)[:, None], box], 1),
-                               self.cfg.blender.mask_size)
+                               self.mask_size)
         aux = self.mask_aux(logits) if self.mask_aux is not None else None
         weights = pos["centerness_target"][keep]
-        losses.update(mask_losses(logits, tgt, weights, self.cfg, aux))
+        losses.update(self.mask_loss(logits, tgt, weights, aux))
 
         if self.confidence_head is not None:
             probs = torch.sigmoid(logits).detach()
