@@ -349,3 +349,32 @@ def test_backend_auto_says_which_and_device_selection(artifacts: tuple[Path, Pat
             PanopticPredictor.from_bundle(artifacts[1], device="cuda:1")
     with pytest.raises(EngineError, match="unknown device"):
         PanopticPredictor.from_bundle(artifacts[1], device="tpu:0")
+
+
+def test_reused_input_buffer_padding_follows_the_frame_size(artifacts: tuple[Path, Path]) -> None:
+    """The per-thread input buffer zeroes its padding only when the resized size changes; after a
+    larger and a smaller frame in any order it still equals a fresh tensor (zero padding)."""
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort")
+    rng = np.random.default_rng(4)
+    big, small = (rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((300, 520), (60, 90)))
+    ptrs = set()
+    for frame in (big, small, small, big, small):
+        got, sizes = pred.preprocess(frame)
+        fresh, fresh_sizes = pred.preprocess(frame, reuse=False)
+        (rh, rw), _ = sizes
+        assert sizes == fresh_sizes and (rh, rw) != tuple(got.shape[2:])  # a padded case
+        assert torch.equal(got, fresh) and not fresh[..., rh:, :].any() and not fresh[..., :rh, rw:].any()
+        ptrs.add(got.data_ptr())
+    assert len(ptrs) == 1  # one reused buffer
+
+
+def test_ort_sessions_do_not_spin_by_default(tmp_path: Path) -> None:
+    """Intra-op threads that busy-wait after a run steal a core from the post-processing that follows
+    (benchmarks/predictor_overhead.py); spinning is opt-in."""
+    from sepsnet.engines.ort_backend import OrtBackend
+
+    graph = _add_cast_graph(tmp_path / "t.onnx")
+    key = "session.intra_op.allow_spinning"
+    assert OrtBackend(graph, threads=2).session.get_session_options().get_session_config_entry(key) == "0"
+    assert OrtBackend(graph, threads=2, spinning=True).session.get_session_options().get_session_config_entry(
+        key) == "1"
