@@ -378,3 +378,27 @@ def test_ort_sessions_do_not_spin_by_default(tmp_path: Path) -> None:
     assert OrtBackend(graph, threads=2).session.get_session_options().get_session_config_entry(key) == "0"
     assert OrtBackend(graph, threads=2, spinning=True).session.get_session_options().get_session_config_entry(
         key) == "1"
+
+
+def test_instance_engine_rewritten_for_cpu_gives_the_exported_outputs(artifacts: tuple[Path, Path]) -> None:
+    """The bundle's instance graph loads on the CPU with its attention softmax rewritten and the two
+    crops of the bases shared (sepsnet.engines.ort_graph); on a real photo's candidates its outputs
+    are the graph's as exported, up to float rounding."""
+    from sepsnet.engines.ort_backend import OrtBackend
+    from sepsnet.postprocess.candidates import level_entries, select_candidates
+
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
+    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1}
+    plain = OrtBackend(artifacts[1] / "instance.onnx", device="cpu", cpu_rewrites=False)
+    prepared = pred.prepare(read_rgb(PHOTOS[0]))
+    dense, _ = pred.run_dense(prepared)
+    cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
+                              level_entries(dense["p3"].shape[-2:], pred.preselect), pred.postprocess,
+                              [prepared.sizes[0]])[0]
+    assert len(cands) > 1
+    feeds = {"bases": dense["bases"], "p3": dense["p3"], "attention": cands.attention,
+             "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
+    got, ref = pred.instance.run(feeds), plain.run(feeds)
+    assert set(got) == set(ref) == {"mask_probs", "iou_score", "silhouette_score"}
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6), name

@@ -1,0 +1,136 @@
+"""CPU-friendly forms of a bundle graph, made in memory before ONNX Runtime's CPU provider loads it
+(issue 13: the instance engine's share of a frame). The files of the bundle are not changed
+(TensorRT and the CUDA provider get the graph as exported), and every rewrite computes the same
+function:
+
+* ``Softmax`` over an axis that is not the last -> ``exp(x - max) / sum`` over that axis
+  (``ReduceMax``, ``Sub``, ``Exp``, ``ReduceSum``, ``Div``), the formula the Softmax kernels use,
+  so equal up to float rounding. ONNX Runtime's CPU Softmax moves the axis last and normalises
+  row by row; the blender's attention (n, K, R, R) with K = 4 is n*R*R rows of 4 values, and that
+  row loop cost more than the rest of the blend (paper Eq. 3).
+* ``RoiAlign`` of a channel ``Slice`` of X beside a ``RoiAlign`` of all of X with the same boxes,
+  batch indices and attributes -> a ``Slice`` of the latter's output. RoiAlign works channel by
+  channel, so this is bit-identical: the blender crops the K blend bases and the confidence head
+  all K+1 bases, with the same boxes (Sec. III-F/G).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _softmax_axis(node, opset: int) -> int | None:
+    """The non-negative axis of a Softmax worth rewriting (a known axis that is not the last), else None."""
+    if opset < 13:  # before opset 13 Softmax flattens from ``axis`` on: another function
+        return None
+    axis = int(node.attrs.get("axis", -1))
+    shape = node.inputs[0].shape
+    rank = len(shape) if shape is not None else None
+    if axis < 0:
+        if rank is None:
+            return None
+        axis += rank
+    if rank is not None and axis == rank - 1:
+        return None
+    return axis
+
+
+def _rewrite_softmax(graph, opset: int) -> int:
+    import onnx_graphsurgeon as gs
+
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Softmax":
+            continue
+        axis = _softmax_axis(node, opset)
+        if axis is None:
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        tag = f"{node.name or 'softmax'}_{count}"
+        axes = gs.Constant(f"{tag}_axes", np.array([axis], dtype=np.int64))
+
+        mx, shifted, ex, total = (gs.Variable(f"{tag}_{name}", dtype=x.dtype) for name in ("max", "shifted", "exp",
+                                                                                           "sum"))
+        reduce_max = (gs.Node("ReduceMax", inputs=[x, axes], outputs=[mx], attrs={"keepdims": 1}) if opset >= 18
+                      else gs.Node("ReduceMax", inputs=[x], outputs=[mx], attrs={"keepdims": 1, "axes": [axis]}))
+        graph.nodes += [reduce_max,
+                        gs.Node("Sub", inputs=[x, mx], outputs=[shifted]),
+                        gs.Node("Exp", inputs=[shifted], outputs=[ex]),
+                        gs.Node("ReduceSum", inputs=[ex, axes], outputs=[total], attrs={"keepdims": 1}),
+                        gs.Node("Div", inputs=[ex, total], outputs=[y])]
+        node.outputs.clear()
+        count += 1
+    return count
+
+
+def _channel_slice(node) -> tuple[object, list] | None:
+    """(sliced tensor, [starts, ends, axes]) of a Slice along axis 1 with step 1 and constant bounds."""
+    import onnx_graphsurgeon as gs
+
+    if node.op != "Slice" or len(node.inputs) < 4:
+        return None
+    bounds = node.inputs[1:]
+    if not all(isinstance(b, gs.Constant) for b in bounds):
+        return None
+    axes = bounds[2].values.reshape(-1).tolist()
+    steps = bounds[3].values.reshape(-1).tolist() if len(bounds) > 3 else [1]
+    if axes != [1] or steps != [1]:
+        return None
+    return node.inputs[0], bounds[:3]
+
+
+def _share_roi_align(graph) -> int:
+    import onnx_graphsurgeon as gs
+
+    aligns = [n for n in graph.nodes if n.op == "RoiAlign" and len(n.inputs) == 3]
+    count = 0
+    for node in aligns:
+        src = node.inputs[0]
+        producer = src.inputs[0] if len(src.inputs) == 1 else None
+        sliced = _channel_slice(producer) if producer is not None else None
+        if sliced is None:
+            continue
+        full_input, bounds = sliced
+        twin = next((n for n in aligns if n is not node and n.inputs[0] is full_input
+                     and n.inputs[1] is node.inputs[1] and n.inputs[2] is node.inputs[2] and n.attrs == node.attrs
+                     and n.outputs), None)
+        if twin is None:
+            continue
+        out = node.outputs[0]
+        node.outputs.clear()
+        graph.nodes.append(gs.Node("Slice", name=f"{node.name or 'roi_align'}_shared",
+                                   inputs=[twin.outputs[0], *bounds], outputs=[out]))
+        count += 1
+    return count
+
+
+def cpu_graph(path: str | Path) -> tuple[bytes | None, dict[str, int]]:
+    """The graph at ``path`` with the rewrites of the module docstring, serialised, and how many of
+    each were made; ``(None, counts)`` when there is nothing to rewrite (load the file as it is)."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts = {"softmax": 0, "roi_align": 0}
+    ops = {n.op_type for n in model.graph.node}
+    if not ({"Softmax", "RoiAlign"} & ops) or _has_external_data(model):
+        return None, counts
+    import onnx_graphsurgeon as gs
+
+    opset = _opset(model)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    counts["softmax"] = _rewrite_softmax(graph, opset)
+    counts["roi_align"] = _share_roi_align(graph)
+    if not any(counts.values()):
+        return None, counts
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    return out.SerializeToString(), counts
