@@ -20,8 +20,12 @@ medians of the per-frame ratios: ``non_dense_share`` = (frame - dense) / frame (
 load (load average before and after, this process's CPU use) is saved alongside, since a loaded
 machine inflates the threaded stages differently from the engines.
 
+``--compare-ort-defaults`` also builds the predictor with ONNX Runtime's own defaults (intra-op
+threads that spin after a run, graphs loaded as exported: ``OrtBackend(spinning=True,
+cpu_rewrites=False)``) and alternates passes with it, so both are measured under the same load.
+
     python benchmarks/predictor_overhead.py --bundle BUNDLE [--images DIR] [--size 512x1024]
-        [--repeats 10] [--warmup 2] [--threads 2] [--out predictor_overhead.json]
+        [--repeats 10] [--warmup 2] [--threads 2] [--compare-ort-defaults] [--out predictor_overhead.json]
 """
 from __future__ import annotations
 
@@ -113,33 +117,66 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def measure(predictor: Any, frames: list[tuple[str, Any]], repeats: int, warmup: int,
+def measure(predictors: dict[str, Any], frames: list[tuple[str, Any]], repeats: int, warmup: int,
             progress: Callable[[str], None] = print) -> dict[str, Any]:
-    dense, instance = TimedBackend(predictor.dense), TimedBackend(predictor.instance)
-    predictor.dense, predictor.instance = dense, instance
-    predictor.timing = True
+    """Alternate passes over ``frames`` between the ``predictors`` (so a change in machine load hits
+    them alike); per predictor the medians over every frame run and per image."""
+    timed = {}
+    for key, predictor in predictors.items():
+        timed[key] = (TimedBackend(predictor.dense), TimedBackend(predictor.instance))
+        predictor.dense, predictor.instance = timed[key]
+        predictor.timing = True
     for _ in range(warmup):
-        for _, frame in frames:
-            predictor(frame, bgr=True)
-    per_frame: dict[str, list[dict[str, float]]] = {name: [] for name, _ in frames}
+        for predictor in predictors.values():
+            for _, frame in frames:
+                predictor(frame, bgr=True)
+    per_frame = {key: {name: [] for name, _ in frames} for key in predictors}
     load_before = os.getloadavg()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for r in range(repeats):
-        for name, frame in frames:
-            per_frame[name].append(time_frame(predictor, dense, instance, frame))
-        last = [runs[-1] for runs in per_frame.values()]
-        progress(f"pass {r + 1}/{repeats}: frame {statistics.median(x['frame'] for x in last):.1f} ms, dense "
-                 f"{statistics.median(x['dense'] for x in last):.1f} ms")
+        line = []
+        for key, predictor in predictors.items():
+            for name, frame in frames:
+                per_frame[key][name].append(time_frame(predictor, *timed[key], frame))
+            last = [runs[-1] for runs in per_frame[key].values()]
+            line.append(f"{key}: frame {statistics.median(x['frame'] for x in last):.1f} ms, dense "
+                        f"{statistics.median(x['dense'] for x in last):.1f} ms")
+        progress(f"pass {r + 1}/{repeats}: " + "; ".join(line))
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     load_after = os.getloadavg()
-    predictor.dense, predictor.instance = dense._backend, instance._backend
-    every = [run for runs in per_frame.values() for run in runs]
-    return {"median": median_of(every), "per_image": {name: median_of(runs) for name, runs in per_frame.items()},
-            "machine": {"load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
-                        "cpu_count": os.cpu_count(),
-                        "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                        "process_cpu_s": cpu, "wall_s": wall, "process_cpu_per_wall": cpu / wall}}
+    for key, predictor in predictors.items():
+        predictor.dense, predictor.instance = (t._backend for t in timed[key])
+    out: dict[str, Any] = {}
+    for key in predictors:
+        every = [run for runs in per_frame[key].values() for run in runs]
+        out[key] = {"median": median_of(every),
+                    "per_image": {name: median_of(runs) for name, runs in per_frame[key].items()}}
+    out["machine"] = {"load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(load_after),
+                      "cpu_count": os.cpu_count(),
+                      "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                      "process_cpu_s": cpu, "wall_s": wall, "process_cpu_per_wall": cpu / wall}
+    return out
+
+
+def summary(med: dict[str, float]) -> dict[str, Any]:
+    return {"median_ms": {k: v for k, v in med.items() if not k.endswith("share")
+                          and k not in ("instances", "thing_segments")},
+            "instances_per_frame": med["instances"], "thing_segments_per_frame": med["thing_segments"],
+            "non_dense_share": med["non_dense_share"], "overhead_share": med["overhead_share"]}
+
+
+def ort_defaults_predictor(bundle: str, threads: int) -> Any:
+    """The same bundle with ONNX Runtime's own defaults: spinning intra-op threads, graphs as exported."""
+    from sepsnet.engines.ort_backend import OrtBackend
+    from sepsnet.engines.predictor import PanopticPredictor
+
+    predictor = PanopticPredictor.from_bundle(bundle, backend="ort", device="cpu", threads=threads)
+    for role in ("dense", "instance"):
+        backend = getattr(predictor, role)
+        setattr(predictor, role, OrtBackend(backend.path, device="cpu", threads=threads, spinning=True,
+                                            cpu_rewrites=False))
+    return predictor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads and torch threads")
+    p.add_argument("--compare-ort-defaults", action="store_true",
+                   help="also time the bundle with ONNX Runtime's defaults (spinning threads, graphs as exported), "
+                        "alternating passes with the predictor's settings")
     p.add_argument("--out", default="predictor_overhead.json")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0 or a.threads < 1:
@@ -165,23 +205,25 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     predictor = PanopticPredictor.from_bundle(a.bundle, backend="ort", device="cpu", threads=a.threads)
-    got = measure(predictor, frames, a.repeats, a.warmup)
-    med = got["median"]
+    predictors = {"predictor": predictor}
+    if a.compare_ort_defaults:
+        predictors["ort_defaults"] = ort_defaults_predictor(a.bundle, a.threads)
+    got = measure(predictors, frames, a.repeats, a.warmup)
+    med = got["predictor"]["median"]
     result = {
         "bundle": str(a.bundle), "input_hw": predictor.input_hw, "backend": predictor.backend_choice,
         "images": [name for name, _ in frames], "frame_hw": list(hw),
         "network_input_resized_hw": list(predictor.preprocess(frames[0][1])[1][0]),
         "threads": a.threads, "repeats": a.repeats, "warmup": a.warmup,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "median_ms": {k: v for k, v in med.items() if not k.endswith("share") and k not in ("instances",
-                                                                                           "thing_segments")},
-        "instances_per_frame": med["instances"], "thing_segments_per_frame": med["thing_segments"],
-        "non_dense_share": med["non_dense_share"], "overhead_share": med["overhead_share"],
+        "onnxruntime": onnxruntime.__version__, **summary(med),
         "targets": {"non_dense_share <= 0.20": med["non_dense_share"] <= 0.20,
                     "non_dense_share <= 0.10 (aim)": med["non_dense_share"] <= 0.10},
-        "machine": got["machine"], "per_image": got["per_image"],
+        "machine": got["machine"], "per_image": got["predictor"]["per_image"],
     }
+    if a.compare_ort_defaults:
+        result["ort_defaults"] = {**summary(got["ort_defaults"]["median"]),
+                                  "per_image": got["ort_defaults"]["per_image"]}
     atomic_write_json(result, a.out)
     print(f"predictor overhead, {predictor.backend_choice}, {a.threads} threads, {len(frames)} image(s) at "
           f"{hw[0]}x{hw[1]}, {med['instances']:.0f} instances/frame")
@@ -195,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{med['overhead_share']:.1%}")
     print(f"  load average {m['load_average_1_5_15_before'][0]:.2f} -> {m['load_average_1_5_15_after'][0]:.2f} "
           f"on {m['cpu_count']} CPUs; this process used {m['process_cpu_per_wall']:.2f} CPUs")
+    if a.compare_ort_defaults:
+        od = got["ort_defaults"]["median"]
+        print(f"  same run, ONNX Runtime defaults (spinning threads, graphs as exported): frame {od['frame']:.1f} ms, "
+              f"dense {od['dense']:.1f}, instance engine {od['instance_engine']:.1f}, post-processing "
+              f"{od['postprocess']:.1f} ms; non-dense share {od['non_dense_share']:.1%}")
     print(f"  saved {a.out}")
     return 0
 
