@@ -188,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads and torch threads")
+    p.add_argument("--postprocess-threads", type=int, default=None,
+                   help="torch threads for the post-processing (predictor.postprocess_threads; default: --threads)")
     p.add_argument("--compare-ort-defaults", action="store_true",
                    help="also time the bundle with ONNX Runtime's defaults (spinning threads, graphs as exported), "
                         "alternating passes with the predictor's settings")
     p.add_argument("--out", default="predictor_overhead.json")
     a = p.parse_args(argv)
-    if a.repeats < 1 or a.warmup < 0 or a.threads < 1:
-        raise SystemExit("--repeats and --threads must be >= 1, --warmup >= 0")
+    if a.repeats < 1 or a.warmup < 0 or a.threads < 1 or (a.postprocess_threads or 1) < 1:
+        raise SystemExit("--repeats, --threads and --postprocess-threads must be >= 1, --warmup >= 0")
     hw = parse_hw(a.size)
     frames = load_frames(Path(a.images), hw)
     import onnxruntime
@@ -208,13 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     predictors = {"predictor": predictor}
     if a.compare_ort_defaults:
         predictors["ort_defaults"] = ort_defaults_predictor(a.bundle, a.threads)
+    for each in predictors.values():
+        each.postprocess_threads = a.postprocess_threads
     got = measure(predictors, frames, a.repeats, a.warmup)
     med = got["predictor"]["median"]
     result = {
         "bundle": str(a.bundle), "input_hw": predictor.input_hw, "backend": predictor.backend_choice,
         "images": [name for name, _ in frames], "frame_hw": list(hw),
         "network_input_resized_hw": list(predictor.preprocess(frames[0][1])[1][0]),
-        "threads": a.threads, "repeats": a.repeats, "warmup": a.warmup,
+        "threads": a.threads, "postprocess_threads": a.postprocess_threads or a.threads, "repeats": a.repeats,
+        "warmup": a.warmup,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, **summary(med),
         "targets": {"non_dense_share <= 0.20": med["non_dense_share"] <= 0.20,
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         result["ort_defaults"] = {**summary(got["ort_defaults"]["median"]),
                                   "per_image": got["ort_defaults"]["per_image"]}
     atomic_write_json(result, a.out)
-    print(f"predictor overhead, {predictor.backend_choice}, {a.threads} threads, {len(frames)} image(s) at "
+    print(f"predictor overhead, {predictor.backend_choice}, {a.threads} threads (post-processing "
+          f"{a.postprocess_threads or a.threads}), {len(frames)} image(s) at "
           f"{hw[0]}x{hw[1]}, {med['instances']:.0f} instances/frame")
     for k in ("frame", "dense", "instance_engine", "preprocess", "postprocess", "other"):
         print(f"  {k:16s} {med[k]:8.1f} ms")

@@ -80,6 +80,9 @@ class PanopticPredictor:
         check_preselect(self.preselect, postprocess)
         self.timing = timing
         self.return_masks = True  # instance masks as crops per box (PanopticResult.masks)
+        #: torch intra-op threads for the post-processing of a frame (None: torch's setting). Set on the
+        #: calling thread around :meth:`finish` only (OpenMP's thread count is per calling thread).
+        self.postprocess_threads: int | None = None
         self.dense, self.instance = dense, instance
         self.data, self.postprocess = data, postprocess
         self.classes = classes
@@ -295,9 +298,10 @@ class PanopticPredictor:
         t2 = time.perf_counter()
         timer = StageTimer(self.timing, self.dense.device)
         timer.start()
-        result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
-                                    num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
-                                    preselect=self.preselect, timer=timer)[0]
+        with _torch_threads(self.postprocess_threads):
+            result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
+                                        num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
+                                        preselect=self.preselect, timer=timer)[0]
         total = prepared.seconds + dense_seconds + time.perf_counter() - t2
         if self.timing:
             result.timings = {**timer.snapshot(), **result.timings, "preprocess": prepared.seconds,
@@ -308,6 +312,20 @@ class PanopticPredictor:
         return result
 
     predict = __call__
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch intra-op threads ``n`` inside the block (nothing changes for None), restored after."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:
