@@ -36,7 +36,7 @@ def test_softmax_over_a_middle_axis_is_rewritten_and_equal(tmp_path: Path, opset
                  {"x": ("f", [3, 4, 5, 6])}, {"y": [3, 4, 5, 6]}, opset)
     x = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype(np.float32) * 20
     rewritten, counts = cpu_graph(path)
-    assert counts == {"softmax": 1, "roi_align": 0} and rewritten is not None
+    assert counts == {"softmax": 1, "roi_align": 0, "conv_channels": 0} and rewritten is not None
     assert "Softmax" not in {n.op_type for n in onnx.load_from_string(rewritten).graph.node}
     got, = _run(rewritten, {"x": x})
     ref, = _run(str(path), {"x": x})
@@ -49,7 +49,7 @@ def test_softmax_left_alone(tmp_path: Path, axis: int, opset: int) -> None:
     """The last axis is already fast; before opset 13 Softmax flattens from ``axis`` (another function)."""
     path = _save(tmp_path / "s.onnx", [helper.make_node("Softmax", ["x"], ["y"], axis=axis)],
                  {"x": ("f", [3, 4, 5, 6])}, {"y": [3, 4, 5, 6]}, opset)
-    assert cpu_graph(path) == (None, {"softmax": 0, "roi_align": 0})
+    assert cpu_graph(path) == (None, {"softmax": 0, "roi_align": 0, "conv_channels": 0})
 
 
 def _roi_graph(tmp_path: Path, same_rois: bool) -> Path:
@@ -71,15 +71,34 @@ def test_roi_align_of_a_channel_slice_shares_the_full_crop(tmp_path: Path) -> No
              "idx": np.zeros(3, np.int64)}
     path = _roi_graph(tmp_path, same_rois=True)
     rewritten, counts = cpu_graph(path)
-    assert counts == {"softmax": 0, "roi_align": 1}
+    assert counts == {"softmax": 0, "roi_align": 1, "conv_channels": 0}
     assert [n.op_type for n in onnx.load_from_string(rewritten).graph.node].count("RoiAlign") == 1
     got, ref = _run(rewritten, feeds), _run(str(path), feeds)
     assert all(np.array_equal(g, r) for g, r in zip(got, ref))  # RoiAlign is per channel: bit-identical
-    assert cpu_graph(_roi_graph(tmp_path, same_rois=False)) == (None, {"softmax": 0, "roi_align": 0})
+    none = {"softmax": 0, "roi_align": 0, "conv_channels": 0}
+    assert cpu_graph(_roi_graph(tmp_path, same_rois=False)) == (None, none)
 
 
 def test_backend_loads_the_rewritten_graph_on_cpu_only_when_asked(tmp_path: Path) -> None:
     path = _save(tmp_path / "s.onnx", [helper.make_node("Softmax", ["x"], ["y"], axis=1)],
                  {"x": ("f", [2, 4, 3])}, {"y": [2, 4, 3]})
-    assert OrtBackend(path, device="cpu").rewrites == {"softmax": 1, "roi_align": 0}
+    assert OrtBackend(path, device="cpu").rewrites == {"softmax": 1, "roi_align": 0, "conv_channels": 0}
     assert OrtBackend(path, device="cpu", cpu_rewrites=False).rewrites == {}
+
+
+@pytest.mark.parametrize("cin, padded", [(70, True), (64, False), (3, False)])
+def test_conv_input_channels_padded_to_whole_blocks(tmp_path: Path, cin: int, padded: bool) -> None:
+    """A Conv whose input channels do not fill whole blocks gets zero channels (input and weight): the same
+    output up to float rounding; full blocks and small inputs (an RGB stem) are left alone."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((16, cin, 3, 3)).astype(np.float32)
+    path = _save(tmp_path / "c.onnx", [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                 {"x": ("f", [4, cin, 9, 9])}, {"y": [4, 16, 9, 9]}, 17, {"w": weight})
+    rewritten, counts = cpu_graph(path)
+    assert counts["conv_channels"] == int(padded) and (rewritten is not None) == padded
+    if padded:
+        x = rng.standard_normal((4, cin, 9, 9)).astype(np.float32)
+        model = onnx.load_from_string(rewritten)
+        assert [n.op_type for n in model.graph.node] == ["Pad", "Conv"]
+        assert {tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 4} == {(16, 72, 3, 3)}
+        np.testing.assert_allclose(_run(rewritten, {"x": x})[0], _run(str(path), {"x": x})[0], rtol=1e-5, atol=1e-4)

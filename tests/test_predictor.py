@@ -381,14 +381,14 @@ def test_ort_sessions_do_not_spin_by_default(tmp_path: Path) -> None:
 
 
 def test_instance_engine_rewritten_for_cpu_gives_the_exported_outputs(artifacts: tuple[Path, Path]) -> None:
-    """The bundle's instance graph loads on the CPU with its attention softmax rewritten and the two
-    crops of the bases shared (sepsnet.engines.ort_graph); on a real photo's candidates its outputs
-    are the graph's as exported, up to float rounding."""
+    """The bundle's instance graph loads on the CPU with its attention softmax rewritten, the two crops
+    of the bases shared and the confidence head's 70-channel conv padded to 72 (sepsnet.engines.ort_graph);
+    on a real photo's candidates its outputs are the graph's as exported, up to float rounding."""
     from sepsnet.engines.ort_backend import OrtBackend
     from sepsnet.postprocess.candidates import level_entries, select_candidates
 
     pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
-    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1}
+    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1}
     plain = OrtBackend(artifacts[1] / "instance.onnx", device="cpu", cpu_rewrites=False)
     prepared = pred.prepare(read_rgb(PHOTOS[0]))
     dense, _ = pred.run_dense(prepared)
