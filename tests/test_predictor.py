@@ -430,3 +430,33 @@ def test_postprocess_threads_apply_to_the_frame_only(artifacts: tuple[Path, Path
     assert (got.id_map != ref.id_map).float().mean() < 0.001
     assert [(s["category_id"], s["isthing"]) for s in got.segments_info] == [
         (s["category_id"], s["isthing"]) for s in ref.segments_info]
+
+
+def test_predictor_overhead_benchmark_runs_on_a_folder_of_images(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    """benchmarks/predictor_overhead.py on a user folder: every part of the frame accounted for, shares
+    consistent, JSON saved; a folder without images is a one-line error."""
+    import importlib.util
+
+    import cv2
+
+    spec = importlib.util.spec_from_file_location("predictor_overhead", ROOT / "benchmarks" / "predictor_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    images = tmp_path / "frames"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.jpg"), cv2.imread(str(PHOTOS[0])))
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "o.json"
+    assert bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--size", "96x160", "--repeats", "1",
+                       "--warmup", "0", "--compare-ort-defaults", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == ["a.jpg"] and doc["frame_hw"] == [96, 160]
+    for section in (doc, doc["ort_defaults"]):
+        ms = section["median_ms"]
+        parts = ms["dense"] + ms["instance_engine"] + ms["preprocess"] + ms["postprocess"] + ms["other"]
+        assert abs(parts - ms["frame"]) < 1e-6 * max(1.0, ms["frame"]) and ms["dense"] > 0
+        assert 0 < section["non_dense_share"] < 1 and section["overhead_share"] <= section["non_dense_share"]
+    assert doc["machine"]["wall_s"] > 0 and len(doc["machine"]["load_average_1_5_15_before"]) == 3
+    (images / "a.jpg").unlink()
+    with pytest.raises(SystemExit, match="no images"):
+        bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--out", str(out)])
