@@ -239,7 +239,9 @@ class PanopticPredictor:
     def preprocess(self, frame: np.ndarray, bgr: bool = False, reuse: bool = True) -> tuple[torch.Tensor, tuple]:
         """Validated frame -> (1,3,H,W) input (the calling thread's reused buffer, or a fresh tensor
         when ``reuse`` is False) and ((resized), (original)) sizes. With a CUDA dense backend the
-        frame is resized and normalised on the GPU (``preprocess_on = "device"``), else with OpenCV."""
+        frame is resized and normalised on the GPU (``preprocess_on = "device"``), else with OpenCV
+        straight into the buffer (``write_input``). The reused buffer is read-only to callers: its
+        zero padding is written only when the resized size changes."""
         frame = validate_frame(frame)
         h, w = frame.shape[:2]
         (rh, rw), (H, W) = self._target_sizes(h, w)
