@@ -13,10 +13,11 @@ function:
   channel, so this is bit-identical: the blender crops the K blend bases and the confidence head
   all K+1 bases, with the same boxes (Sec. III-F/G).
 * A 2-d ``Conv`` (group 1, constant weight) whose input channel count is above ``CHANNEL_BLOCK``
-  and not a multiple of it -> zero channels appended to its input (``Pad``) and zero slices to its
-  weight: the same sums plus zeros. ONNX Runtime runs such a Conv in its blocked NCHWc layout only
-  when the channels fill whole blocks; the confidence head's first conv takes 64 + K + 2 = 70
-  channels (P3 crop, bases, mask; Sec. III-G) and ran about a third slower than it needs.
+  and a few channels short of a multiple of it (at most 1/8 more work) -> zero channels appended to
+  its input (``Pad``) and zero slices to its weight: the same sums plus zeros. ONNX Runtime runs a
+  Conv in its blocked NCHWc layout only when the channels fill whole blocks; the confidence head's
+  first conv takes 64 + K + 2 = 70 channels (P3 crop, bases, mask; Sec. III-G) and ran about a
+  third slower than it needs.
 """
 from __future__ import annotations
 
@@ -124,6 +125,13 @@ def _share_roi_align(graph) -> int:
 CHANNEL_BLOCK = 8
 
 
+def _channels_to_add(cin: int) -> int:
+    """Zero channels that bring ``cin`` to a multiple of ``CHANNEL_BLOCK``; 0 when it is one already,
+    when ``cin`` is a small stem input (an image), or when padding would add more than 1/8 of the work."""
+    extra = -cin % CHANNEL_BLOCK
+    return extra if cin > CHANNEL_BLOCK and 8 * extra <= cin else 0
+
+
 def _pad_conv_channels(graph, opset: int) -> int:
     import onnx_graphsurgeon as gs
 
@@ -136,9 +144,8 @@ def _pad_conv_channels(graph, opset: int) -> int:
         weight = node.inputs[1]
         if not isinstance(weight, gs.Constant) or weight.values.ndim != 4:
             continue
-        cin = weight.values.shape[1]
-        extra = -cin % CHANNEL_BLOCK
-        if cin <= CHANNEL_BLOCK or extra == 0:
+        extra = _channels_to_add(weight.values.shape[1])
+        if extra == 0:
             continue
         tag = f"{node.name or 'conv'}_{count}"
         padded = gs.Variable(f"{tag}_padded_input", dtype=node.inputs[0].dtype)
@@ -158,8 +165,7 @@ def _conv_candidates(model: onnx.ModelProto) -> bool:
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and len(dims.get(node.input[1], [])) == 4:
-            cin = dims[node.input[1]][1]
-            if cin > CHANNEL_BLOCK and cin % CHANNEL_BLOCK:
+            if _channels_to_add(dims[node.input[1]][1]):
                 return True
     return False
 
