@@ -364,3 +364,114 @@ def test_backend_auto_says_which_and_device_selection(artifacts: tuple[Path, Pat
             PanopticPredictor.from_bundle(artifacts[1], device="cuda:1")
     with pytest.raises(EngineError, match="unknown device"):
         PanopticPredictor.from_bundle(artifacts[1], device="tpu:0")
+
+
+def test_reused_input_buffer_padding_follows_the_frame_size(artifacts: tuple[Path, Path]) -> None:
+    """The per-thread input buffer zeroes its padding only when the resized size changes; after a
+    larger and a smaller frame in any order it still equals a fresh tensor (zero padding)."""
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort")
+    rng = np.random.default_rng(4)
+    big, small = (rng.integers(0, 256, hw + (3,), dtype=np.uint8) for hw in ((300, 520), (60, 90)))
+    ptrs = set()
+    for frame in (big, small, small, big, small):
+        got, sizes = pred.preprocess(frame)
+        fresh, fresh_sizes = pred.preprocess(frame, reuse=False)
+        (rh, rw), _ = sizes
+        assert sizes == fresh_sizes and (rh, rw) != tuple(got.shape[2:])  # a padded case
+        assert torch.equal(got, fresh) and not fresh[..., rh:, :].any() and not fresh[..., :rh, rw:].any()
+        ptrs.add(got.data_ptr())
+    assert len(ptrs) == 1  # one reused buffer
+
+
+def test_ort_sessions_do_not_spin_by_default(tmp_path: Path) -> None:
+    """Intra-op threads that busy-wait after a run steal a core from the post-processing that follows
+    (benchmarks/predictor_overhead.py); spinning is opt-in."""
+    from sepsnet.engines.ort_backend import OrtBackend
+
+    graph = _add_cast_graph(tmp_path / "t.onnx")
+    key = "session.intra_op.allow_spinning"
+    assert OrtBackend(graph, threads=2).session.get_session_options().get_session_config_entry(key) == "0"
+    assert OrtBackend(graph, threads=2, spinning=True).session.get_session_options().get_session_config_entry(
+        key) == "1"
+
+
+def test_instance_engine_rewritten_for_cpu_gives_the_exported_outputs(artifacts: tuple[Path, Path]) -> None:
+    """The bundle's instance graph loads on the CPU with its attention softmax rewritten, the two crops
+    of the bases shared and the confidence head's 70-channel conv padded to 72 (sepsnet.engines.ort_graph);
+    on a real photo's candidates its outputs are the graph's as exported, up to float rounding."""
+    from sepsnet.engines.ort_backend import OrtBackend
+    from sepsnet.postprocess.candidates import level_entries, select_candidates
+
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
+    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1}
+    plain = OrtBackend(artifacts[1] / "instance.onnx", device="cpu", cpu_rewrites=False)
+    prepared = pred.prepare(read_rgb(PHOTOS[0]))
+    dense, _ = pred.run_dense(prepared)
+    cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
+                              level_entries(dense["p3"].shape[-2:], pred.preselect), pred.postprocess,
+                              [prepared.sizes[0]])[0]
+    assert len(cands) > 1
+    feeds = {"bases": dense["bases"], "p3": dense["p3"], "attention": cands.attention,
+             "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
+    got, ref = pred.instance.run(feeds), plain.run(feeds)
+    assert set(got) == set(ref) == {"mask_probs", "iou_score", "silhouette_score"}
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_postprocess_threads_apply_to_the_frame_only(artifacts: tuple[Path, Path]) -> None:
+    """``postprocess_threads`` sets torch's intra-op threads around the post-processing of a frame (seen
+    from inside it, here by the instance engine's call) and restores them; the result is the same."""
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
+    frame = read_rgb(PHOTOS[0])
+    ref = pred(frame)
+    seen: list[int] = []
+    engine = pred.instance
+
+    class Spy:
+        thread_safe, device, name = engine.thread_safe, engine.device, engine.name
+
+        def run(self, feeds: dict) -> dict:
+            seen.append(torch.get_num_threads())
+            return engine.run(feeds)
+
+    pred.instance = Spy()
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    pred.postprocess_threads = want
+    got = pred(frame)
+    assert seen == [want] and torch.get_num_threads() == before
+    # a matmul may round differently on another thread count: pixels on the 0.5 threshold may flip
+    assert (got.id_map != ref.id_map).float().mean() < 0.001
+    assert [(s["category_id"], s["isthing"]) for s in got.segments_info] == [
+        (s["category_id"], s["isthing"]) for s in ref.segments_info]
+
+
+def test_predictor_overhead_benchmark_runs_on_a_folder_of_images(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    """benchmarks/predictor_overhead.py on a user folder: every part of the frame accounted for, shares
+    consistent, JSON saved; a folder without images is a one-line error."""
+    import importlib.util
+
+    import cv2
+
+    spec = importlib.util.spec_from_file_location("predictor_overhead", ROOT / "benchmarks" / "predictor_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    images = tmp_path / "frames"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.jpg"), cv2.imread(str(PHOTOS[0])))
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "o.json"
+    assert bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--size", "96x160", "--repeats", "1",
+                       "--warmup", "0", "--compare-ort-defaults", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == ["a.jpg"] and doc["frame_hw"] == [96, 160]
+    for section in (doc, doc["ort_defaults"]):
+        ms = section["median_ms"]
+        parts = ms["dense"] + ms["instance_engine"] + ms["preprocess"] + ms["postprocess"] + ms["other"]
+        assert abs(parts - ms["frame"]) < 1e-6 * max(1.0, ms["frame"]) and ms["dense"] > 0
+        assert 0 < section["non_dense_share"] < 1 and section["overhead_share"] <= section["non_dense_share"]
+    assert doc["machine"]["wall_s"] > 0 and len(doc["machine"]["load_average_1_5_15_before"]) == 3
+    (images / "a.jpg").unlink()
+    with pytest.raises(SystemExit, match="no images"):
+        bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--out", str(out)])

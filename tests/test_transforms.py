@@ -14,11 +14,16 @@ from sepsnet.data.synthetic import generate
 from sepsnet.data.transforms import (
     boxes_to_original,
     collate,
+    inference_sizes,
     map_to_original,
+    normalize,
     pad_to,
     pick_short_edge,
+    prepare_input,
     preprocess_image,
+    resize_image,
     resize_shape,
+    write_input,
 )
 from sepsnet.errors import DataError
 
@@ -106,6 +111,29 @@ def test_preprocess_image_matches_dataset(syn: Path) -> None:
     assert torch.allclose(t[:, 0, 0], expect)
     with pytest.raises(DataError, match="HxWx3 uint8"):
         preprocess_image(np.zeros((8, 8), np.uint8), cfg)
+
+
+@pytest.mark.parametrize("input_format", ["RGB", "BGR"])
+def test_inference_input_is_the_evaluation_input_bit_for_bit(input_format: str) -> None:
+    """write_input (the runtime's in-place fill) gives exactly normalize(resize_image(...)) (what
+    evaluation feeds the network), from an RGB frame and from the same frame in BGR order, into
+    either network channel order; the padding prepare_input adds is zero."""
+    rng = np.random.default_rng(3)
+    cfg = DataConfig(min_size_test=96, max_size_test=150, input_format=input_format,
+                     pixel_mean=[103.53, 116.28, 123.675], pixel_std=[57.375, 57.12, 58.395])
+    rgb = rng.integers(0, 256, (123, 201, 3), dtype=np.uint8)
+    (rh, rw), (H, W) = inference_sizes(123, 201, cfg, (128, 160))
+    assert (rh, rw) != (123, 201) and (H, W) == (128, 160)
+    expected = normalize(resize_image(rgb, (rh, rw)), cfg)
+    for frame, bgr in ((rgb, False), (np.ascontiguousarray(rgb[..., ::-1]), True), (rgb[..., ::-1], True)):
+        out = torch.full((3, H, W), 7.0)
+        write_input(frame, cfg, (rh, rw), out, bgr=bgr)
+        assert torch.equal(out[:, :rh, :rw], expected)
+        assert bool((out[:, rh:] == 7.0).all()) and bool((out[:, :rh, rw:] == 7.0).all())  # padding: the caller's
+    batch, resized = prepare_input(rgb, cfg, (128, 160))
+    assert resized == (rh, rw) and batch.shape == (1, 3, H, W)
+    assert torch.equal(batch[0, :, :rh, :rw], expected)
+    assert not batch[0, :, rh:].any() and not batch[0, :, :rh, rw:].any()
 
 
 def test_inverse_mapping_round_trip() -> None:

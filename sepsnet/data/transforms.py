@@ -167,12 +167,39 @@ def inference_sizes(h: int, w: int, cfg: DataConfig,
     return (rh, rw), (H, W)
 
 
-def write_input(frame_rgb: np.ndarray, cfg: DataConfig, resized_hw: tuple[int, int], out: torch.Tensor) -> None:
-    """Resize (OpenCV bilinear, as the datasets do) and normalise an HxWx3 uint8 RGB frame into the
-    top-left ``resized_hw`` corner of ``out`` (3, H, W); the rest of ``out`` is left as it is (the
-    caller zeroes it: 0 is the mean colour after normalisation)."""
+def write_input(frame: np.ndarray, cfg: DataConfig, resized_hw: tuple[int, int], out: torch.Tensor,
+                bgr: bool = False) -> None:
+    """Resize (OpenCV bilinear, as the datasets do) and normalise an HxWx3 uint8 frame (RGB, or BGR
+    with ``bgr``) into the top-left ``resized_hw`` corner of ``out`` (3, H, W) float32; the rest of
+    ``out`` is left as it is (the caller zeroes it: 0 is the mean colour after normalisation).
+
+    Bit-identical to :func:`normalize` of :func:`resize_image` (the evaluation input): the same
+    float32 ``(x - mean) / std`` per element, written channel by channel straight into ``out``
+    (no float intermediate of the frame, no channel flip copy: the resize works per channel, so a
+    BGR frame is resized as it is and its channels are read in the network's order)."""
     rh, rw = resized_hw
-    out[:, :rh, :rw] = normalize(resize_image(frame_rgb, (rh, rw)), cfg)
+    img = resize_image(frame, (rh, rw))
+    if out.device.type != "cpu":
+        rgb = img[..., ::-1] if bgr else img
+        out[:, :rh, :rw] = normalize(rgb, cfg).to(out.device)
+        return
+    dst = out.numpy()
+    # network channel c reads frame channel order[c]: RGB/BGR frame into an RGB/BGR network
+    flip = bgr != (cfg.input_format == "BGR")
+    order = (2, 1, 0) if flip else (0, 1, 2)
+    mean = np.asarray(cfg.pixel_mean, dtype=np.float32)
+    std = np.asarray(cfg.pixel_std, dtype=np.float32)
+    for c in range(3):
+        plane = dst[c, :rh, :rw]
+        np.subtract(img[:, :, order[c]], mean[c], out=plane, dtype=np.float32)
+        np.divide(plane, std[c], out=plane)
+
+
+def zero_padding(out: torch.Tensor, resized_hw: tuple[int, int]) -> None:
+    """Zero ``out`` (..., H, W) outside its top-left ``resized_hw`` corner (the padding)."""
+    rh, rw = resized_hw
+    out[..., rh:, :] = 0
+    out[..., :rh, rw:] = 0
 
 
 def prepare_input(frame_rgb: np.ndarray, cfg: DataConfig,
@@ -181,7 +208,8 @@ def prepare_input(frame_rgb: np.ndarray, cfg: DataConfig,
     inference resize policy (:func:`inference_sizes` + :func:`write_input`)."""
     check_rgb(frame_rgb, "frame")
     (rh, rw), (H, W) = inference_sizes(frame_rgb.shape[0], frame_rgb.shape[1], cfg, input_hw)
-    buf = torch.zeros((1, 3, H, W), dtype=torch.float32)
+    buf = torch.empty((1, 3, H, W), dtype=torch.float32)
+    zero_padding(buf, (rh, rw))
     write_input(frame_rgb, cfg, (rh, rw), buf[0])
     return buf, (rh, rw)
 

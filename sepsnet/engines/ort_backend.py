@@ -37,9 +37,15 @@ class OrtBackend:
     thread_safe = True
 
     def __init__(self, onnx_path: str | Path, device: str | int | torch.device = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, spinning: bool = False, cpu_rewrites: bool = True) -> None:
         """``device``: ``auto`` (CUDA when onnxruntime has the CUDA provider and a GPU is visible, else
-        CPU), ``cpu``, ``cuda`` or ``cuda:N`` (the GPU of the CUDA provider's ``device_id``)."""
+        CPU), ``cpu``, ``cuda`` or ``cuda:N`` (the GPU of the CUDA provider's ``device_id``).
+        ``threads``: intra-op threads (ONNX Runtime's default: one per core). ``spinning``: let the
+        intra-op threads busy-wait for work (ONNX Runtime's default). Off by default: a spinning
+        worker keeps a core busy after ``run`` returns, so the torch post-processing that follows
+        on a small CPU runs on one core less (issue 13: benchmarks/predictor_overhead.py).
+        ``cpu_rewrites``: on the CPU provider, load the graph in the equivalent CPU-friendly form of
+        :mod:`sepsnet.engines.ort_graph` (``self.rewrites`` counts them; the file is not changed)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -64,13 +70,23 @@ class OrtBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = int(threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        #: rewrites made before loading (sepsnet.engines.ort_graph), per kind
+        self.rewrites: dict[str, int] = {}
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            source: str | bytes = str(path)
+            if cpu_rewrites and not use_cuda:
+                from sepsnet.engines.ort_graph import cpu_graph
+
+                rewritten, self.rewrites = cpu_graph(path)
+                source = rewritten if rewritten is not None else source
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:
             raise EngineError(f"onnxruntime cannot load {path}: {exc}") from None
         self.device = target
         self.name = f"onnxruntime-{'cuda' if use_cuda else 'cpu'}"
         self.path = path
+        self.spinning = spinning
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sepsnet.config import DataConfig, PostprocessConfig, SEPSNetConfig, config_from_dict
-from sepsnet.data.transforms import inference_sizes, write_input
+from sepsnet.data.transforms import inference_sizes, write_input, zero_padding
 from sepsnet.engines.backend import Backend
 from sepsnet.engines.device import resolve_device
 from sepsnet.errors import BundleError, EngineError, FrameError
@@ -80,6 +80,9 @@ class PanopticPredictor:
         check_preselect(self.preselect, postprocess)
         self.timing = timing
         self.return_masks = True  # instance masks as crops per box (PanopticResult.masks)
+        #: torch intra-op threads for the post-processing of a frame (None: torch's setting). Set on the
+        #: calling thread around :meth:`finish` only (OpenMP's thread count is per calling thread).
+        self.postprocess_threads: int | None = None
         self.dense, self.instance = dense, instance
         self.data, self.postprocess = data, postprocess
         self.classes = classes
@@ -191,20 +194,28 @@ class PanopticPredictor:
         (``sepsnet.data.transforms.inference_sizes``, shared with int8 calibration)."""
         return inference_sizes(h, w, self.data, self.input_hw)
 
-    def _input_buffer(self, H: int, W: int, device: torch.device, reuse: bool = True) -> torch.Tensor:
-        """The calling thread's reused (1,3,H,W) input tensor, zeroed (padding must be 0 = the mean
-        colour); a fresh one when ``reuse`` is False."""
+    def _input_buffer(self, H: int, W: int, resized_hw: tuple[int, int], device: torch.device,
+                      reuse: bool = True) -> torch.Tensor:
+        """The calling thread's reused (1,3,H,W) input tensor, or a fresh one when ``reuse`` is False,
+        with its padding (outside ``resized_hw``) zeroed: 0 is the mean colour. The frame area is
+        left to the fill; a reused buffer whose padding is already zero for this size is not
+        touched again (nothing but the fill writes to it)."""
         if not reuse:
-            return torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
-        buf = getattr(self._local, "buffer", None)
+            buf = torch.empty((1, 3, H, W), dtype=torch.float32, device=device)
+            zero_padding(buf, resized_hw)
+            return buf
+        local = self._local
+        buf = getattr(local, "buffer", None)
         if buf is None or tuple(buf.shape[2:]) != (H, W) or buf.device != device:
-            buf = self._local.buffer = torch.zeros((1, 3, H, W), dtype=torch.float32, device=device)
-        else:
-            buf.zero_()
+            buf = local.buffer = torch.empty((1, 3, H, W), dtype=torch.float32, device=device)
+            local.buffer_resized = None
+        if local.buffer_resized != resized_hw:
+            zero_padding(buf, resized_hw)
+            local.buffer_resized = resized_hw
         return buf
 
     def _fill_with_opencv(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
-        write_input(frame[..., ::-1] if bgr else frame, self.data, (rh, rw), buf[0])
+        write_input(frame, self.data, (rh, rw), buf[0], bgr=bgr)
 
     def _fill_with_torch(self, frame: np.ndarray, bgr: bool, rh: int, rw: int, buf: torch.Tensor) -> None:
         """Device path: upload the uint8 frame (a quarter of the float bytes; pinned staging on CUDA),
@@ -228,13 +239,15 @@ class PanopticPredictor:
     def preprocess(self, frame: np.ndarray, bgr: bool = False, reuse: bool = True) -> tuple[torch.Tensor, tuple]:
         """Validated frame -> (1,3,H,W) input (the calling thread's reused buffer, or a fresh tensor
         when ``reuse`` is False) and ((resized), (original)) sizes. With a CUDA dense backend the
-        frame is resized and normalised on the GPU (``preprocess_on = "device"``), else with OpenCV."""
+        frame is resized and normalised on the GPU (``preprocess_on = "device"``), else with OpenCV
+        straight into the buffer (``write_input``). The reused buffer is read-only to callers: its
+        zero padding is written only when the resized size changes."""
         frame = validate_frame(frame)
         h, w = frame.shape[:2]
         (rh, rw), (H, W) = self._target_sizes(h, w)
         on_device = self.preprocess_on == "device"
         device = self.dense.device if on_device else torch.device("cpu")
-        buf = self._input_buffer(H, W, device, reuse)
+        buf = self._input_buffer(H, W, (rh, rw), device, reuse)
         if on_device:
             self._fill_with_torch(frame, bgr, rh, rw, buf)
         else:
@@ -287,9 +300,10 @@ class PanopticPredictor:
         t2 = time.perf_counter()
         timer = StageTimer(self.timing, self.dense.device)
         timer.start()
-        result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
-                                    num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
-                                    preselect=self.preselect, timer=timer)[0]
+        with _torch_threads(self.postprocess_threads):
+            result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
+                                        num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
+                                        preselect=self.preselect, timer=timer)[0]
         total = prepared.seconds + dense_seconds + time.perf_counter() - t2
         if self.timing:
             result.timings = {**timer.snapshot(), **result.timings, "preprocess": prepared.seconds,
@@ -300,6 +314,20 @@ class PanopticPredictor:
         return result
 
     predict = __call__
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch intra-op threads ``n`` inside the block (nothing changes for None), restored after."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:

@@ -1,0 +1,105 @@
+"""CPU graph rewrites before ONNX Runtime loads a graph (sepsnet.engines.ort_graph): the same function,
+fewer slow kernels; what must not be rewritten is left alone."""
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sepsnet.engines.ort_backend import OrtBackend
+from sepsnet.engines.ort_graph import cpu_graph
+
+
+def _save(path: Path, nodes: list, inputs: dict, outputs: dict[str, list], opset: int = 17,
+          inits: dict | None = None) -> Path:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT if v[0] == "f" else TensorProto.INT64, v[1])
+                     for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _run(source: str | bytes, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_softmax_over_a_middle_axis_is_rewritten_and_equal(tmp_path: Path, opset: int) -> None:
+    path = _save(tmp_path / "s.onnx", [helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+                 {"x": ("f", [3, 4, 5, 6])}, {"y": [3, 4, 5, 6]}, opset)
+    x = np.random.default_rng(0).standard_normal((3, 4, 5, 6)).astype(np.float32) * 20
+    rewritten, counts = cpu_graph(path)
+    assert counts == {"softmax": 1, "roi_align": 0, "conv_channels": 0} and rewritten is not None
+    assert "Softmax" not in {n.op_type for n in onnx.load_from_string(rewritten).graph.node}
+    got, = _run(rewritten, {"x": x})
+    ref, = _run(str(path), {"x": x})
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis, opset", [(-1, 17), (3, 17), (1, 11)])
+def test_softmax_left_alone(tmp_path: Path, axis: int, opset: int) -> None:
+    """The last axis is already fast; before opset 13 Softmax flattens from ``axis`` (another function)."""
+    path = _save(tmp_path / "s.onnx", [helper.make_node("Softmax", ["x"], ["y"], axis=axis)],
+                 {"x": ("f", [3, 4, 5, 6])}, {"y": [3, 4, 5, 6]}, opset)
+    assert cpu_graph(path) == (None, {"softmax": 0, "roi_align": 0, "conv_channels": 0})
+
+
+def _roi_graph(tmp_path: Path, same_rois: bool) -> Path:
+    starts, ends, axes = (np.array([v], np.int64) for v in (0, 4, 1))
+    attrs = {"output_height": 7, "output_width": 7, "sampling_ratio": 1, "spatial_scale": 0.25,
+             "coordinate_transformation_mode": "half_pixel"}
+    nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["xs"]),
+             helper.make_node("RoiAlign", ["xs", "rois", "idx"], ["a"], **attrs),
+             helper.make_node("RoiAlign", ["x", "rois" if same_rois else "rois2", "idx"], ["b"], **attrs)]
+    inputs = {"x": ("f", [1, 5, 16, 20]), "rois": ("f", [3, 4]), "rois2": ("f", [3, 4]), "idx": ("i", [3])}
+    return _save(tmp_path / "r.onnx", nodes, inputs, {"a": [3, 4, 7, 7], "b": [3, 5, 7, 7]}, 17,
+                 {"starts": starts, "ends": ends, "axes": axes})
+
+
+def test_roi_align_of_a_channel_slice_shares_the_full_crop(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rois = np.array([[0, 0, 30, 20], [10.5, 3, 70, 60], [40, 40, 79, 63]], np.float32)
+    feeds = {"x": rng.standard_normal((1, 5, 16, 20)).astype(np.float32), "rois": rois, "rois2": rois + 1,
+             "idx": np.zeros(3, np.int64)}
+    path = _roi_graph(tmp_path, same_rois=True)
+    rewritten, counts = cpu_graph(path)
+    assert counts == {"softmax": 0, "roi_align": 1, "conv_channels": 0}
+    assert [n.op_type for n in onnx.load_from_string(rewritten).graph.node].count("RoiAlign") == 1
+    got, ref = _run(rewritten, feeds), _run(str(path), feeds)
+    assert all(np.array_equal(g, r) for g, r in zip(got, ref))  # RoiAlign is per channel: bit-identical
+    none = {"softmax": 0, "roi_align": 0, "conv_channels": 0}
+    assert cpu_graph(_roi_graph(tmp_path, same_rois=False)) == (None, none)
+
+
+def test_backend_loads_the_rewritten_graph_on_cpu_only_when_asked(tmp_path: Path) -> None:
+    path = _save(tmp_path / "s.onnx", [helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+                 {"x": ("f", [2, 4, 3])}, {"y": [2, 4, 3]})
+    assert OrtBackend(path, device="cpu").rewrites == {"softmax": 1, "roi_align": 0, "conv_channels": 0}
+    assert OrtBackend(path, device="cpu", cpu_rewrites=False).rewrites == {}
+
+
+@pytest.mark.parametrize("cin, padded", [(70, True), (64, False), (3, False), (18, False)])
+def test_conv_input_channels_padded_to_whole_blocks(tmp_path: Path, cin: int, padded: bool) -> None:
+    """A Conv whose input channels do not fill whole blocks gets zero channels (input and weight): the same
+    output up to float rounding; full blocks, small inputs (an RGB stem) and counts that would need more than
+    1/8 more work (18 -> 24) are left alone."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((16, cin, 3, 3)).astype(np.float32)
+    path = _save(tmp_path / "c.onnx", [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                 {"x": ("f", [4, cin, 9, 9])}, {"y": [4, 16, 9, 9]}, 17, {"w": weight})
+    rewritten, counts = cpu_graph(path)
+    assert counts["conv_channels"] == int(padded) and (rewritten is not None) == padded
+    if padded:
+        x = rng.standard_normal((4, cin, 9, 9)).astype(np.float32)
+        model = onnx.load_from_string(rewritten)
+        assert [n.op_type for n in model.graph.node] == ["Pad", "Conv"]
+        assert {tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 4} == {(16, 72, 3, 3)}
+        np.testing.assert_allclose(_run(rewritten, {"x": x})[0], _run(str(path), {"x": x})[0], rtol=1e-5, atol=1e-4)
