@@ -100,8 +100,9 @@ def test_device_preprocess_equals_opencv(artifacts: tuple[Path, Path], bgr: bool
 
 
 @pytest.mark.parametrize("bad, why", [
-    (np.zeros((64, 64), np.uint8), "HxWx3"),
+    (np.zeros((64, 64, 2), np.uint8), "HxWx3"),
     (np.zeros((64, 64, 4), np.uint8), "HxWx3"),
+    (np.zeros((2, 64, 64, 3), np.uint8), "HxWx3"),
     (np.zeros((0, 64, 3), np.uint8), "empty"),
     (np.full((64, 64, 3), np.nan, np.float32), "NaN"),
     (np.zeros((64, 64, 3), np.int16), "dtype"),
@@ -113,6 +114,16 @@ def test_bad_frame_then_good_frame(artifacts: tuple[Path, Path], bad: object, wh
         pred(bad)  # type: ignore[arg-type]
     good = pred(np.full((100, 150, 3), 120, np.uint8))
     assert good.id_map.shape == (100, 150)
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (96, 128, 1)])
+def test_grey_frame_is_the_rgb_frame_with_equal_channels(artifacts: tuple[Path, Path], shape: tuple) -> None:
+    """A mono camera's HxW (or HxWx1) frame gives the result of the RGB frame with three equal channels."""
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort")
+    grey = np.random.default_rng(1).integers(0, 256, (96, 128), dtype=np.uint8)
+    ref = pred(np.repeat(grey[..., None], 3, axis=2))
+    got = pred(grey.reshape(shape))
+    assert np.array_equal(got.id_map, ref.id_map) and got.segments_info == ref.segments_info
 
 
 def test_threads_share_a_predictor(artifacts: tuple[Path, Path]) -> None:

@@ -50,20 +50,25 @@ class PreparedFrame:
 
 
 def validate_frame(frame: Any) -> np.ndarray:
-    """HxWx3 uint8 (or finite float 0..255) -> uint8 array; FrameError naming the problem."""
+    """HxWx3 uint8 (or finite float 0..255) -> uint8 array; FrameError naming the problem.
+
+    A grey frame (HxW or HxWx1, e.g. a mono camera) is replicated into the three channels."""
     if not isinstance(frame, np.ndarray):
         raise FrameError(f"frame must be a numpy array (HxWx3), got {type(frame).__name__}")
-    if frame.ndim != 3 or frame.shape[2] != 3:
-        raise FrameError(f"frame must have shape HxWx3, got {frame.shape}")
+    grey = frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1)
+    if not grey and (frame.ndim != 3 or frame.shape[2] != 3):
+        raise FrameError(f"frame must have shape HxWx3 (or HxW grey), got {frame.shape}")
     if frame.shape[0] < 8 or frame.shape[1] < 8:
         raise FrameError(f"frame is empty or too small: {frame.shape}")
-    if frame.dtype == np.uint8:
-        return frame
-    if np.issubdtype(frame.dtype, np.floating):
+    if frame.dtype != np.uint8:
+        if not np.issubdtype(frame.dtype, np.floating):
+            raise FrameError(f"frame dtype must be uint8 (or float 0..255), got {frame.dtype}")
         if not np.isfinite(frame).all():
             raise FrameError("frame contains NaN or Inf values")
-        return np.clip(frame, 0, 255).astype(np.uint8)
-    raise FrameError(f"frame dtype must be uint8 (or float 0..255), got {frame.dtype}")
+        frame = np.clip(frame, 0, 255).astype(np.uint8)
+    if grey:
+        frame = np.repeat(frame.reshape(frame.shape[0], frame.shape[1], 1), 3, axis=2)
+    return frame
 
 
 class PanopticPredictor:
