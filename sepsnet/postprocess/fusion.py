@@ -83,45 +83,46 @@ def _fuse_things(masks: PastedMasks, scores: list[float], classes: list[int], id
 def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: int,
                 pp: Any) -> list[dict[str, Any]]:
     """Step 2 of the module docstring: stuff classes take the still-void pixels, in row bands.
-    Pass 1 counts every class's void pixels per row and per column (area and bbox); pass 2 writes
-    the classes that reach ``stuff_area_limit``."""
+    Pass 1 counts every class's void pixels per row and per column (area and bbox); pass 2 adds
+    the segment ids of the classes that reach ``stuff_area_limit`` (0 for the others) to the
+    void pixels."""
     h, w = id_map.shape
     device = id_map.device
     k = num_stuff + 1
     band = max(1, BAND_PIXELS // max(1, w))
-    counts = torch.zeros(k, dtype=torch.long, device=device)
-    row_hits = torch.zeros((h, k), dtype=torch.bool, device=device)
-    col_hits = torch.zeros((w, k), dtype=torch.long, device=device)
-    col_key = torch.arange(w, device=device, dtype=torch.int32)[None, :] * k
+    row_counts = torch.zeros((h, k), dtype=torch.long, device=device)
+    col_counts = torch.zeros((w, k), dtype=torch.long, device=device)
+    col_key = torch.arange(w, device=device, dtype=torch.int32) * k
+    row_key = torch.arange(h, device=device, dtype=torch.int32)[:, None] * k
     masked = torch.empty((h, w), dtype=torch.uint8 if k <= 256 else torch.int32, device=device)
+    signed = stuff_labels.dtype.is_signed
     for s in range(0, h, band):
         e = min(h, s + band)
         lab = stuff_labels[s:e]
-        is_stuff = (id_map[s:e] == 0) & (lab >= 0) & (lab < num_stuff)
-        m = torch.where(is_stuff, lab.to(torch.int32), num_stuff)
+        is_stuff = (id_map[s:e] == 0) & (lab < num_stuff)
+        if signed:
+            is_stuff &= lab >= 0
+        m = lab.to(masked.dtype).masked_fill(~is_stuff, num_stuff)  # (torch.where with a scalar goes via int64)
         masked[s:e] = m
-        per_row = torch.bincount((m + torch.arange(e - s, device=device, dtype=torch.int32)[:, None] * k).reshape(-1),
-                                 minlength=(e - s) * k).view(e - s, k)
-        counts += per_row.sum(0)
-        row_hits[s:e] = per_row > 0
-        col_hits += torch.bincount((m + col_key).reshape(-1), minlength=w * k).view(w, k)
-    count_list = counts[:num_stuff].tolist()
+        m32 = m.to(torch.int32)
+        row_counts[s:e] = torch.bincount((m32 + row_key[: e - s]).view(-1), minlength=(e - s) * k).view(e - s, k)
+        col_counts += torch.bincount((m32 + col_key).view(-1), minlength=w * k).view(w, k)
+    count_list = row_counts[:, :num_stuff].sum(0).tolist()
     lut = torch.zeros(k, dtype=torch.int32)
     segments: list[dict[str, Any]] = []
     for c in range(num_stuff):
         if count_list[c] > 0 and count_list[c] >= pp.stuff_area_limit:
             seg_id = first_id + len(segments)
             lut[c] = seg_id
-            y0, y1 = _first_last(row_hits[:, c])
-            x0, x1 = _first_last(col_hits[:, c] > 0)
+            y0, y1 = _first_last(row_counts[:, c] > 0)
+            x0, x1 = _first_last(col_counts[:, c] > 0)
             segments.append({"id": seg_id, "category_id": c, "isthing": False, "score": 1.0,
                              "area": int(count_list[c]), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
     if segments:
         lut = lut.to(device)
-        for s in range(0, h, band):
+        for s in range(0, h, band):  # void pixels hold 0, the others get lut[num_stuff] = 0
             e = min(h, s + band)
-            m = masked[s:e].long()
-            id_map[s:e] = torch.where(m < num_stuff, lut[m], id_map[s:e])
+            id_map[s:e] += lut.index_select(0, masked[s:e].reshape(-1).to(torch.int32)).view(e - s, w)
     return segments
 
 
