@@ -17,6 +17,13 @@ the running occupancy (the id map itself), its area and bbox taken from the pixe
 (stuff never overwrites a thing); stuff areas and bboxes come from per-row and per-column
 counts of the void pixels of each class, in row bands, so no full-image plane per class or per
 instance is ever made.
+
+No host synchronisation until the end (issue 13): the keep/skip decision of each instance, its
+segment id (a running count on the device), kept area and bbox stay tensors on the id map's
+device; a skipped instance writes nothing (its write mask is all False). Stuff ids and areas are
+likewise made on the device, and one transfer at the end (:func:`_segments_info`) turns all of
+it into ``segments_info``. The order of visits and the crop regions are host values the caller
+already has (scores and boxes), so no tensor value is read while fusing.
 """
 from __future__ import annotations
 
@@ -43,16 +50,23 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
 BAND_PIXELS = 1 << 22
 
 
-def _first_last(flags: torch.Tensor) -> tuple[int, int]:
-    """First and last index of True in a 1-d bool tensor (it has at least one)."""
-    idx = flags.nonzero()
-    return int(idx[0]), int(idx[-1])
+def _first_last(flags: torch.Tensor) -> torch.Tensor:
+    """First and last index of True in a 1-d bool tensor, as a (2,) long tensor (no host read;
+    meaningless when none is True)."""
+    n = flags.numel()
+    f = flags.to(torch.uint8)
+    return torch.stack([f.argmax(), n - 1 - f.flip(0).argmax()])
 
 
-def _fuse_things(masks: PastedMasks, scores: list[float], classes: list[int], id_map: torch.Tensor,
-                 pp: Any) -> list[dict[str, Any]]:
-    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``."""
-    segments: list[dict[str, Any]] = []
+def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
+                 pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``.
+    Returns the visited instances (host indices), and per visit device tensors: int64
+    (v, 6) ``[kept, area, y0, y1, x0, x1]`` and the running segment count after all visits."""
+    device = id_map.device
+    count = torch.zeros((), dtype=torch.int32, device=device)
+    visits: list[int] = []
+    rows: list[torch.Tensor] = []
     order = sorted(range(len(masks)), key=lambda i: -scores[i])
     areas = None
     for i in order:
@@ -62,30 +76,29 @@ def _fuse_things(masks: PastedMasks, scores: list[float], classes: list[int], id
         if x1 <= x0 or y1 <= y0:
             continue
         if areas is None:
-            areas = masks.areas
+            areas = masks.area_tensor()
         area = areas[i]
-        if area == 0:
-            continue
         occupied = id_map[y0:y1, x0:x1]
         kept = masks.crop(i) & (occupied == 0)
-        kept_area = int(kept.sum())
-        if (area - kept_area) / area > pp.overlap_thresh or kept_area == 0:
-            continue
-        seg_id = len(segments) + 1
-        occupied.masked_fill_(kept, seg_id)
-        ky0, ky1 = _first_last(kept.any(dim=1))
-        kx0, kx1 = _first_last(kept.any(dim=0))
-        segments.append({"id": seg_id, "category_id": int(classes[i]), "isthing": True, "score": float(scores[i]),
-                         "area": kept_area, "bbox": [x0 + kx0, y0 + ky0, kx1 - kx0 + 1, ky1 - ky0 + 1]})
-    return segments
+        kept_area = kept.sum()
+        # skip when (area - kept) / area > overlap_thresh, or nothing is left (float64 as in Python)
+        ok = (kept_area > 0) & ((area - kept_area).double() / area.double() <= pp.overlap_thresh)
+        count += ok
+        occupied.masked_fill_(kept & ok, count)
+        rows.append(torch.cat([ok.long()[None], kept_area[None], _first_last(kept.any(dim=1)) + y0,
+                               _first_last(kept.any(dim=0)) + x0]))
+        visits.append(i)
+    stats = torch.stack(rows) if rows else torch.zeros((0, 6), dtype=torch.long, device=device)
+    return visits, stats, count
 
 
-def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: int,
-                pp: Any) -> list[dict[str, Any]]:
+def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: torch.Tensor,
+                pp: Any) -> torch.Tensor:
     """Step 2 of the module docstring: stuff classes take the still-void pixels, in row bands.
     Pass 1 counts every class's void pixels per row and per column (area and bbox); pass 2 adds
     the segment ids of the classes that reach ``stuff_area_limit`` (0 for the others) to the
-    void pixels."""
+    void pixels. ``first_id``: device scalar, the id of the first stuff segment. Returns int64
+    (S, 6) ``[taken, area, y0, y1, x0, x1]`` per stuff class, on the device."""
     h, w = id_map.shape
     device = id_map.device
     k = num_stuff + 1
@@ -107,22 +120,34 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
         m32 = m.to(torch.int32)
         row_counts[s:e] = torch.bincount((m32 + row_key[: e - s]).view(-1), minlength=(e - s) * k).view(e - s, k)
         col_counts += torch.bincount((m32 + col_key).view(-1), minlength=w * k).view(w, k)
-    count_list = row_counts[:, :num_stuff].sum(0).tolist()
-    lut = torch.zeros(k, dtype=torch.int32)
+    counts = row_counts[:, :num_stuff].sum(0)
+    taken = (counts > 0) & (counts >= pp.stuff_area_limit)
+    ids = (first_id + torch.cumsum(taken, 0) - 1).to(torch.int32)
+    lut = torch.zeros(k, dtype=torch.int32, device=device)
+    lut[:num_stuff] = torch.where(taken, ids, 0)
+    for s in range(0, h, band):  # void pixels hold 0, the others get lut[num_stuff] = 0
+        e = min(h, s + band)
+        id_map[s:e] += lut.index_select(0, masked[s:e].reshape(-1).to(torch.int32)).view(e - s, w)
+    present_r = (row_counts[:, :num_stuff] > 0).to(torch.uint8)
+    present_c = (col_counts[:, :num_stuff] > 0).to(torch.uint8)
+    return torch.stack([taken.long(), counts, present_r.argmax(0), h - 1 - present_r.flip(0).argmax(0),
+                        present_c.argmax(0), w - 1 - present_c.flip(0).argmax(0)], 1)
+
+
+def _segments_info(visits: list[int], thing_stats: torch.Tensor, stuff_stats: torch.Tensor | None,
+                   scores: list[float], classes: list[int]) -> list[dict[str, Any]]:
+    """The one host transfer of the fusion: device statistics -> ``segments_info``."""
+    both = thing_stats if stuff_stats is None else torch.cat([thing_stats, stuff_stats])
+    rows = both.cpu().tolist()
     segments: list[dict[str, Any]] = []
-    for c in range(num_stuff):
-        if count_list[c] > 0 and count_list[c] >= pp.stuff_area_limit:
-            seg_id = first_id + len(segments)
-            lut[c] = seg_id
-            y0, y1 = _first_last(row_counts[:, c] > 0)
-            x0, x1 = _first_last(col_counts[:, c] > 0)
-            segments.append({"id": seg_id, "category_id": c, "isthing": False, "score": 1.0,
-                             "area": int(count_list[c]), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
-    if segments:
-        lut = lut.to(device)
-        for s in range(0, h, band):  # void pixels hold 0, the others get lut[num_stuff] = 0
-            e = min(h, s + band)
-            id_map[s:e] += lut.index_select(0, masked[s:e].reshape(-1).to(torch.int32)).view(e - s, w)
+    for i, (ok, area, y0, y1, x0, x1) in zip(visits, rows):
+        if ok:
+            segments.append({"id": len(segments) + 1, "category_id": int(classes[i]), "isthing": True,
+                             "score": float(scores[i]), "area": area, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
+    for c, (ok, area, y0, y1, x0, x1) in enumerate(rows[len(visits):]):
+        if ok:
+            segments.append({"id": len(segments) + 1, "category_id": c, "isthing": False, "score": 1.0,
+                             "area": area, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
     return segments
 
 
@@ -134,6 +159,8 @@ def panoptic_fusion(
     cfg: Any,
     num_stuff_classes: int | None = None,
     regions: torch.Tensor | None = None,
+    host_scores: list[float] | None = None,
+    host_classes: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Fuse instance masks with the stuff argmax ``stuff_labels`` (h, w) (any integer dtype).
 
@@ -141,6 +168,8 @@ def panoptic_fusion(
     planes, then ``regions`` optionally gives int (n, 4) [x0, y0, x1, y1) boxes containing each
     mask (tight boxes when None). ``cfg``: full config or postprocess section (then give
     ``num_stuff_classes``). Work is per box crop plus two passes over the stuff map.
+    ``host_scores``/``host_classes``: the same values as host lists when the caller has them
+    (then no tensor is read before the final transfer).
     """
     pp = postprocess_cfg(cfg)
     num_stuff = _num_stuff(cfg, num_stuff_classes)
@@ -156,10 +185,10 @@ def panoptic_fusion(
         raise ConfigError(f"panoptic_fusion: masks of {n} instances at {tuple(masks.image_size)}, scores "
                           f"{tuple(scores.shape)}, classes {tuple(classes.shape)} do not match stuff_labels ({h},{w})")
     id_map = torch.zeros((h, w), dtype=torch.int32, device=stuff_labels.device)
-    segments: list[dict[str, Any]] = []
-    if n:
-        segments = _fuse_things(masks, scores.detach().float().cpu().tolist(), classes.detach().cpu().tolist(),
-                                id_map, pp)
-    if num_stuff > 0:
-        segments += _fuse_stuff(stuff_labels, id_map, num_stuff, len(segments) + 1, pp)
-    return id_map, segments
+    score_list = scores if host_scores is None else host_scores
+    score_list = score_list.detach().float().cpu().tolist() if isinstance(score_list, torch.Tensor) else score_list
+    visits, thing_stats, count = _fuse_things(masks, score_list, id_map, pp)
+    stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
+    class_list = classes if host_classes is None else host_classes
+    class_list = class_list.detach().cpu().tolist() if isinstance(class_list, torch.Tensor) else class_list
+    return id_map, _segments_info(visits, thing_stats, stuff_stats, score_list, class_list)

@@ -130,6 +130,7 @@ class PastedMasks:
     crops: list[torch.Tensor | None] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     _areas: list[int] | None = None
+    _area_t: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -145,11 +146,20 @@ class PastedMasks:
 
     @property
     def areas(self) -> list[int]:
-        """Foreground pixels per mask (computed once)."""
+        """Foreground pixels per mask (computed once; reads the device)."""
         if self._areas is None:
-            sums = [self.crop(i).sum() for i in range(len(self))]
-            self._areas = [int(v) for v in torch.stack(sums).tolist()] if sums else []
+            self._areas = self.area_tensor().tolist()
         return self._areas
+
+    def area_tensor(self) -> torch.Tensor:
+        """Foreground pixels per mask as an int64 (n,) tensor on the masks' device (no host read)."""
+        if self._area_t is None:
+            if self._areas is not None:
+                self._area_t = torch.tensor(self._areas, dtype=torch.long, device=self.device)
+            else:
+                sums = [self.crop(i).sum() for i in range(len(self))]
+                self._area_t = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.long, device=self.device)
+        return self._area_t
 
     def select(self, keep: Sequence[int]) -> PastedMasks:
         """The masks at indices ``keep`` (in that order)."""
@@ -160,7 +170,8 @@ class PastedMasks:
             probs=None if self.probs is None else self.probs[idx],
             boxes=None if self.boxes is None else self.boxes[idx], threshold=self.threshold,
             crops=[self.crops[k] for k in keep], device=self.device,
-            _areas=None if self._areas is None else [self._areas[k] for k in keep])
+            _areas=None if self._areas is None else [self._areas[k] for k in keep],
+            _area_t=None if self._area_t is None else self._area_t[idx])
 
     def dense(self) -> torch.Tensor:
         """Bool (n, h, w): every mask as a full-image plane (n x h x w bytes)."""
@@ -216,10 +227,13 @@ def paste_mask_crops(
     out_hw: tuple[int, int],
     threshold: float = 0.5,
     budget_bytes: int = CROP_BUDGET_BYTES,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> PastedMasks:
     """Paste ``mask_probs`` (n, R, R) at ``boxes`` (n, 4) xyxy (output pixels) into an ``out_hw``
     image -> :class:`PastedMasks` (one crop per box; boxes partly or fully outside are clipped).
-    Crops are kept up to ``budget_bytes``; the others are pasted again when used."""
+    Crops are kept up to ``budget_bytes``; the others are pasted again when used. ``regions``:
+    the :func:`paste_regions` of ``boxes`` as host ints when the caller already has them (else
+    they are read from the device here)."""
     if mask_probs.dim() != 3 or mask_probs.shape[1] != mask_probs.shape[2]:
         raise ConfigError(f"paste_masks: mask_probs must be (n,R,R), got {tuple(mask_probs.shape)}")
     if boxes.shape != (mask_probs.shape[0], 4):
@@ -228,7 +242,9 @@ def paste_mask_crops(
     device = mask_probs.device
     boxes = boxes.to(device=device, dtype=torch.float32)
     probs = mask_probs.float()
-    regions = [tuple(r) for r in paste_regions(boxes, (h, w), mask_probs.shape[-1]).tolist()]
+    if regions is None:
+        regions = paste_regions(boxes, (h, w), mask_probs.shape[-1]).tolist()
+    regions = [tuple(int(v) for v in r) for r in regions]
     crops: list[torch.Tensor | None] = []
     kept, used = [], 0
     for x0, y0, x1, y1 in regions:
