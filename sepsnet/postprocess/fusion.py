@@ -48,6 +48,9 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
 
 #: label pixels per band of the stuff pass (bounds the int32 scratch at any image size)
 BAND_PIXELS = 1 << 22
+#: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
+#: False runs the deferred-read form used on other devices (tests run it on CPU)
+READ_ON_CPU = True
 
 
 def _first_last(flags: torch.Tensor) -> torch.Tensor:
@@ -61,10 +64,13 @@ def _first_last(flags: torch.Tensor) -> torch.Tensor:
 def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
                  pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``.
-    Returns the visited instances (host indices), and per visit device tensors: int64
-    (v, 6) ``[kept, area, y0, y1, x0, x1]`` and the running segment count after all visits."""
+    Returns the visited instances (host indices), per visit int64 (v, 6) ``[kept, area, y0, y1,
+    x0, x1]`` and the number of segments made (0-dim), on ``id_map``'s device. On CPU, where a
+    read costs no device synchronisation, a skipped instance is left at once (same result)."""
     device = id_map.device
+    on_host = device.type == "cpu" and READ_ON_CPU
     count = torch.zeros((), dtype=torch.int32, device=device)
+    made = 0
     visits: list[int] = []
     rows: list[torch.Tensor] = []
     order = sorted(range(len(masks)), key=lambda i: -scores[i])
@@ -77,19 +83,41 @@ def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
             continue
         if areas is None:
             areas = masks.area_tensor()
-        area = areas[i]
+            host_areas = masks.areas if on_host else None
         occupied = id_map[y0:y1, x0:x1]
         kept = masks.crop(i) & (occupied == 0)
         kept_area = kept.sum()
-        # skip when (area - kept) / area > overlap_thresh, or nothing is left (float64 as in Python)
-        ok = (kept_area > 0) & ((area - kept_area).double() / area.double() <= pp.overlap_thresh)
-        count += ok
-        occupied.masked_fill_(kept & ok, count)
-        rows.append(torch.cat([ok.long()[None], kept_area[None], _first_last(kept.any(dim=1)) + y0,
-                               _first_last(kept.any(dim=0)) + x0]))
+        if on_host:
+            area, k = host_areas[i], int(kept_area)
+            if area == 0 or k == 0 or (area - k) / area > pp.overlap_thresh:
+                continue
+            made += 1
+            occupied.masked_fill_(kept, made)
+            write = kept
+            ok = torch.ones((), dtype=torch.bool)
+        else:
+            # skip when (area - kept) / area > overlap_thresh or nothing is left (float64 as in Python)
+            area = areas[i]
+            ok = (kept_area > 0) & ((area - kept_area).double() / area.double() <= pp.overlap_thresh)
+            count += ok
+            write = kept & ok
+            occupied.copy_(torch.where(write, count, occupied))  # (masked_fill_ reads a tensor value on the host)
+        rows.append(torch.cat([ok.long()[None], kept_area[None], _first_last(write.any(dim=1)) + y0,
+                               _first_last(write.any(dim=0)) + x0]))
         visits.append(i)
+    if on_host:
+        count = torch.tensor(made, dtype=torch.int32)
     stats = torch.stack(rows) if rows else torch.zeros((0, 6), dtype=torch.long, device=device)
     return visits, stats, count
+
+
+def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of each value ``0..n-1`` of int ``keys`` (all in range): ``bincount`` on CPU; a
+    scatter-add elsewhere (CUDA ``bincount`` reads the maximum on the host to size its output)."""
+    if keys.device.type == "cpu" and READ_ON_CPU:
+        return torch.bincount(keys, minlength=n)
+    return torch.zeros(n, dtype=torch.long, device=keys.device).index_add_(
+        0, keys.long(), torch.ones(1, dtype=torch.long, device=keys.device).expand(keys.numel()))
 
 
 def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: torch.Tensor,
@@ -118,8 +146,8 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
         m = lab.to(masked.dtype).masked_fill(~is_stuff, num_stuff)  # (torch.where with a scalar goes via int64)
         masked[s:e] = m
         m32 = m.to(torch.int32)
-        row_counts[s:e] = torch.bincount((m32 + row_key[: e - s]).view(-1), minlength=(e - s) * k).view(e - s, k)
-        col_counts += torch.bincount((m32 + col_key).view(-1), minlength=w * k).view(w, k)
+        row_counts[s:e] = _count((m32 + row_key[: e - s]).view(-1), (e - s) * k).view(e - s, k)
+        col_counts += _count((m32 + col_key).view(-1), w * k).view(w, k)
     counts = row_counts[:, :num_stuff].sum(0)
     taken = (counts > 0) & (counts >= pp.stuff_area_limit)
     ids = (first_id + torch.cumsum(taken, 0) - 1).to(torch.int32)

@@ -42,7 +42,7 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
         # a replicated extra cell makes the output cover (oh, ow) whatever rounding
         x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
         sf = (stride * oh / rh, stride * ow / rw)
-        tiles = _row_tiles(x.shape[2], oh, sf[0], torch.get_num_threads()) if dev.type == "cpu" else None
+        tiles = _row_tiles(x.shape[2], oh, sf[0], _intra_op_threads()) if dev.type == "cpu" else None
         if tiles is not None:
             n = tiles[0][2]
             batch = torch.cat([x[:, :, s:s + n] for _, s, _, _ in tiles]).contiguous(memory_format=torch.channels_last)
@@ -74,6 +74,10 @@ def stuff_labels_at(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
                     stride: int = STUFF_STRIDE) -> torch.Tensor:
     """:func:`stuff_label_map` as int64 (oh, ow)."""
     return stuff_label_map(stuff_logits, resized_hw, original_hw, stride).long()
+
+
+def _intra_op_threads() -> int:
+    return torch.get_num_threads()
 
 
 def source_taps(out_n: int, in_n: int, sf: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
