@@ -127,7 +127,8 @@ def test_cuda_host_reads_do_not_grow_with_instances() -> None:
                 torch.cuda.set_sync_debug_mode("default")
         assert res.num_instances > 0
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    assert counts[0] == counts[1], counts
+    # the dedup read happens only when some same-class boxes overlap, hence the one of slack
+    assert abs(counts[1] - counts[0]) <= 1, counts
 
 
 def _check_randomized(seed: int) -> None:
