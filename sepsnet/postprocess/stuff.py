@@ -51,12 +51,13 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
             labels = torch.empty((oh, ow), dtype=dtype, device=dev)
             for b, (y0, _, _, k0) in enumerate(tiles):
                 y1 = tiles[b + 1][0] if b + 1 < len(tiles) else oh
-                labels[y0:y1] = up[b, k0:k0 + y1 - y0, :ow].argmax(-1).to(dtype)
+                labels[y0:y1] = up[b, k0:k0 + y1 - y0, :ow].max(-1).indices.to(dtype)
             return labels
         up = F.interpolate(x, scale_factor=sf, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-        # argmax over the contiguous channel axis of the channels-last result (same values, same
-        # first-maximum rule as ``up[0, :, :oh, :ow].argmax(0)``, about twice as fast)
-        return up[0].permute(1, 2, 0)[:oh, :ow].argmax(-1).to(dtype)
+        # index of the maximum over the contiguous channel axis of the channels-last result (same
+        # values, same first-maximum rule as ``up[0, :, :oh, :ow].argmax(0)``; ``max`` is faster
+        # than ``argmax`` there, both about twice as fast as over the strided axis)
+        return up[0].permute(1, 2, 0)[:oh, :ow].max(-1).indices.to(dtype)
     # logit-map coordinate u of original pixel y: u = (y + 0.5) * (rh / oh) / stride - 0.5
     gx = (torch.arange(ow, device=dev, dtype=torch.float32) + 0.5) * (2.0 * rw / (ow * stride * ws)) - 1.0
     gy_all = (torch.arange(oh, device=dev, dtype=torch.float32) + 0.5) * (2.0 * rh / (oh * stride * hs)) - 1.0
