@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
@@ -61,54 +62,67 @@ def _first_last(flags: torch.Tensor) -> torch.Tensor:
     return torch.stack([f.argmax(), n - 1 - f.flip(0).argmax()])
 
 
+def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor,
+                      pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """:func:`_fuse_things` on CPU with NumPy views of the same memory: one thread, microsecond
+    calls, values read as they come and a skipped instance left at once."""
+    ids = id_map.numpy()
+    areas = masks.areas
+    visits: list[int] = []
+    rows: list[list[int]] = []
+    for i in order:
+        x0, y0, x1, y1 = masks.regions[i]
+        area = areas[i]
+        if area == 0:
+            continue
+        occupied = ids[y0:y1, x0:x1]
+        kept = masks.crop(i).numpy() & (occupied == 0)
+        k = int(np.count_nonzero(kept))
+        if k == 0 or (area - k) / area > pp.overlap_thresh:
+            continue
+        occupied[kept] = len(visits) + 1
+        ys = np.flatnonzero(kept.any(axis=1))
+        xs = np.flatnonzero(kept.any(axis=0))
+        rows.append([1, k, y0 + int(ys[0]), y0 + int(ys[-1]), x0 + int(xs[0]), x0 + int(xs[-1])])
+        visits.append(i)
+    stats = torch.tensor(rows, dtype=torch.long).reshape(-1, 6)
+    return visits, stats, torch.tensor(len(visits), dtype=torch.int32)
+
+
 def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
                  pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``.
     Returns the visited instances (host indices), per visit int64 (v, 6) ``[kept, area, y0, y1,
-    x0, x1]`` and the number of segments made (0-dim), on ``id_map``'s device. On CPU, where a
-    read costs no device synchronisation, a skipped instance is left at once (same result)."""
+    x0, x1]`` and the number of segments made (0-dim), on ``id_map``'s device, read by no one
+    until :func:`_segments_info`."""
     device = id_map.device
-    on_host = device.type == "cpu" and READ_ON_CPU
-    count = torch.zeros((), dtype=torch.int32, device=device)
-    made = 0
-    visits: list[int] = []
-    rows: list[torch.Tensor] = []
-    order = sorted(range(len(masks)), key=lambda i: -scores[i])
-    areas = None
-    for i in order:
+    order = []
+    for i in sorted(range(len(masks)), key=lambda i: -scores[i]):
         if scores[i] < pp.instance_score_thresh:
             break
         x0, y0, x1, y1 = masks.regions[i]
-        if x1 <= x0 or y1 <= y0:
-            continue
-        if areas is None:
-            areas = masks.area_tensor()
-            host_areas = masks.areas if on_host else None
+        if x1 > x0 and y1 > y0:
+            order.append(i)
+    if device.type == "cpu" and READ_ON_CPU:
+        return _fuse_things_host(masks, order, id_map, pp)
+    count = torch.zeros((), dtype=torch.int32, device=device)
+    rows: list[torch.Tensor] = []
+    areas = masks.area_tensor() if order else None
+    for i in order:
+        x0, y0, x1, y1 = masks.regions[i]
+        area = areas[i]
         occupied = id_map[y0:y1, x0:x1]
         kept = masks.crop(i) & (occupied == 0)
         kept_area = kept.sum()
-        if on_host:
-            area, k = host_areas[i], int(kept_area)
-            if area == 0 or k == 0 or (area - k) / area > pp.overlap_thresh:
-                continue
-            made += 1
-            occupied.masked_fill_(kept, made)
-            write = kept
-            ok = torch.ones((), dtype=torch.bool)
-        else:
-            # skip when (area - kept) / area > overlap_thresh or nothing is left (float64 as in Python)
-            area = areas[i]
-            ok = (kept_area > 0) & ((area - kept_area).double() / area.double() <= pp.overlap_thresh)
-            count += ok
-            write = kept & ok
-            occupied.copy_(torch.where(write, count, occupied))  # (masked_fill_ reads a tensor value on the host)
+        # skip when (area - kept) / area > overlap_thresh or nothing is left (float64 as in Python)
+        ok = (kept_area > 0) & ((area - kept_area).double() / area.double() <= pp.overlap_thresh)
+        count += ok
+        write = kept & ok
+        occupied.copy_(torch.where(write, count, occupied))  # (masked_fill_ reads a tensor value on the host)
         rows.append(torch.cat([ok.long()[None], kept_area[None], _first_last(write.any(dim=1)) + y0,
                                _first_last(write.any(dim=0)) + x0]))
-        visits.append(i)
-    if on_host:
-        count = torch.tensor(made, dtype=torch.int32)
     stats = torch.stack(rows) if rows else torch.zeros((0, 6), dtype=torch.long, device=device)
-    return visits, stats, count
+    return order, stats, count
 
 
 def _count(keys: torch.Tensor, n: int) -> torch.Tensor:

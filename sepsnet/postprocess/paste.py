@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
@@ -156,6 +157,9 @@ class PastedMasks:
         if self._area_t is None:
             if self._areas is not None:
                 self._area_t = torch.tensor(self._areas, dtype=torch.long, device=self.device)
+            elif self.device.type == "cpu":  # NumPy counts: one thread, microsecond calls
+                self._area_t = torch.tensor([int(np.count_nonzero(self.crop(i).numpy())) for i in range(len(self))],
+                                            dtype=torch.long)
             else:
                 sums = [self.crop(i).sum() for i in range(len(self))]
                 self._area_t = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.long, device=self.device)

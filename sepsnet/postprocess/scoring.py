@@ -25,6 +25,7 @@ untouched (they still count for mask AP) and never remove anything.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
@@ -104,7 +105,10 @@ def dedup_keep(masks: PastedMasks, classes: list[int], silhouette: list[float], 
             ri, rj = masks.regions[i], masks.regions[j]
             a = masks.crop(i)[y0 - ri[1]:y1 - ri[1], x0 - ri[0]:x1 - ri[0]]
             b = masks.crop(j)[y0 - rj[1]:y1 - rj[1], x0 - rj[0]:x1 - rj[0]]
-            inters.append((a & b).sum())
+            if masks.device.type == "cpu":
+                inters.append(torch.tensor(int(np.count_nonzero(a.numpy() & b.numpy()))))
+            else:
+                inters.append((a & b).sum())
         got = torch.cat([torch.stack(inters), masks.area_tensor()]).tolist()
         areas = got[len(pairs):]
         for (i, j), inter in zip(pairs, got[:len(pairs)]):
