@@ -143,6 +143,8 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
     (S, 6) ``[taken, area, y0, y1, x0, x1]`` per stuff class, on the device."""
     h, w = id_map.shape
     device = id_map.device
+    if h == 0 or w == 0:
+        return torch.zeros((num_stuff, 6), dtype=torch.long, device=device)
     k = num_stuff + 1
     band = max(1, BAND_PIXELS // max(1, w))
     row_counts = torch.zeros((h, k), dtype=torch.long, device=device)
