@@ -107,21 +107,15 @@ def _row_tiles(in_h: int, oh: int, sf: float, parts: int) -> list[tuple[int, int
         return None
     full_out = int(math.floor(float(in_h) * sf))
     f0, f1, fl = source_taps(full_out, in_h, sf)
-    tiles: list[tuple[int, int, int, int]] = []
-    n = None
-    for p in range(parts):
-        y0 = oh * p // parts
-        if p == 0:
-            tiles.append((0, 0, 0, 0))
-            continue
-        start = max(0, int(f0[y0]) - 1)
-        n_p = in_h - start  # the last tile reaches the bottom border (same clamping there)
-        n = n_p if n is None else n
-        if n_p != n:
-            return None
-        tiles.append((y0, start, n_p, 0))
-    if n is None or n >= in_h:
+    firsts = [oh * p // parts for p in range(parts)]
+    ends = firsts[1:] + [oh]
+    # one input height for all tiles, enough for each tile's source rows plus one; the last tile
+    # reaches the bottom border (same clamping there)
+    n = max(in_h - max(0, int(f0[firsts[-1]]) - 1),
+            *(int(f1[e - 1]) + 2 - max(0, int(f0[y0]) - 1) for y0, e in zip(firsts, ends)))
+    if n >= in_h:
         return None
+    tiles = [(y0, min(max(0, int(f0[y0]) - 1), in_h - n), n, 0) for y0 in firsts]
     out_n = int(math.floor(float(n) * sf))
     t0, t1, tl = source_taps(out_n, n, sf)
     checked = []
