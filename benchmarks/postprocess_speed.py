@@ -115,6 +115,7 @@ def ab_compare(a: argparse.Namespace) -> int:
                 out = Path(tmp) / f"{name}{r}.json"
                 cmd = [sys.executable, str(here), "--no-reference", "--repeats", str(a.repeats), "--height",
                        str(a.height), "--width", str(a.width), "--instances", str(a.instances), "--out", str(out)]
+                cmd += ["--threads", str(a.threads)] if a.threads else []
                 env = {**os.environ, "PYTHONPATH": src}
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                 got[name].append(json.loads(out.read_text())["median_seconds"])
@@ -149,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                         "`git archive REV sepsnet | tar -x -C DIR`); this script runs in fresh processes for it "
                         "and for this tree, alternately, --rounds times, and reports the medians of both")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice, 2 on the project machine)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.ab_against:
         return ab_compare(a)
     cfg = SEPSNetConfig()
