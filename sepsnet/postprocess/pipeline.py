@@ -6,7 +6,10 @@ pre-selected or not) -> ``instances`` (step 3: the instance engine, one call for
 per image :func:`postprocess_image`: ``scoring`` (Eq. 4), ``paste`` (masks per box crop),
 ``dedup`` (silhouette, III-G), ``stuff`` (stuff labels at the original size), ``fusion``
 (step 4). Pure torch: runs wherever the dense outputs live (CPU or CUDA), with no explicit
-device synchronisation unless stage timing is asked for (:class:`StageTimer`). Results are at
+device synchronisation unless stage timing is asked for (:class:`StageTimer`), and a fixed number
+of host reads per image, none per instance (DESIGN "Inference split": one read of the per-instance
+values after scoring, one for dedup, one at the end of fusion; candidate selection's ``nonzero``
+and NMS read too). Results are at
 the ORIGINAL image resolution: boxes are scaled by original/resized, masks are pasted directly
 at the original size, and the stuff logits are sampled at original pixel centres
 (:mod:`sepsnet.postprocess.stuff`).
