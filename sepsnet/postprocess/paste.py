@@ -17,15 +17,14 @@ when asked for (pasting is deterministic, the crop is the same).
 """
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
+from sepsnet.postprocess.threads import one_intra_op_thread
 
 #: crops kept in memory per image (bool bytes); beyond it they are pasted again on demand
 CROP_BUDGET_BYTES = 256 << 20
@@ -86,37 +85,6 @@ def _ragged_weights(coord0: torch.Tensor, size: torch.Tensor, starts: Sequence[i
     out.scatter_(1, (u0 + 1).clamp(0, r + 1)[:, None], (1.0 - f)[:, None])
     out.scatter_add_(1, (u0 + 2).clamp(0, r + 1)[:, None], f[:, None])
     return out[:, 1:r + 1], offsets
-
-
-_THREADS_LOCK = threading.Lock()
-_one_thread_users = 0
-_saved_threads = 0
-
-
-@contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    """Run the per-box products with one intra-op thread on CPU: they are small, and with two
-    threads on a busy machine each waits for the other (measured 1.77 s against 0.13 s for the
-    100 boxes of ``benchmarks/postprocess_speed.py``; same bits, GEMMs do not split the sum).
-    Process-wide like ``torch.set_num_threads`` itself; nested or concurrent users share one
-    save/restore (a count under a lock), so the original thread count always comes back."""
-    global _one_thread_users, _saved_threads
-    if device.type != "cpu":
-        yield
-        return
-    with _THREADS_LOCK:
-        if _one_thread_users == 0:
-            _saved_threads = torch.get_num_threads()
-            if _saved_threads != 1:
-                torch.set_num_threads(1)
-        _one_thread_users += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _one_thread_users -= 1
-            if _one_thread_users == 0 and _saved_threads != 1:
-                torch.set_num_threads(_saved_threads)
 
 
 def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], threshold: float,
@@ -299,7 +267,7 @@ def paste_mask_crops(
                                  [regions[i][2] - regions[i][0] for i in idx], r)
         wy, oy = _ragged_weights(b[:, 1], b[:, 3] - b[:, 1], [regions[i][1] for i in idx],
                                  [regions[i][3] - regions[i][1] for i in idx], r)
-    with _one_thread(device):
+    with one_intra_op_thread(device):
         for i, reg in enumerate(regions):
             if not kept[i]:
                 crops.append(None)
