@@ -35,6 +35,7 @@ import torch
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import postprocess_cfg
 from sepsnet.postprocess.paste import PastedMasks
+from sepsnet.postprocess.threads import one_intra_op_thread
 
 
 def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
@@ -231,8 +232,9 @@ def panoptic_fusion(
     id_map = torch.zeros((h, w), dtype=torch.int32, device=stuff_labels.device)
     score_list = scores if host_scores is None else host_scores
     score_list = score_list.detach().float().cpu().tolist() if isinstance(score_list, torch.Tensor) else score_list
-    visits, thing_stats, count = _fuse_things(masks, score_list, id_map, pp)
-    stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
+    with one_intra_op_thread(id_map.device):  # see sepsnet.postprocess.threads
+        visits, thing_stats, count = _fuse_things(masks, score_list, id_map, pp)
+        stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
     class_list = classes if host_classes is None else host_classes
     class_list = class_list.detach().cpu().tolist() if isinstance(class_list, torch.Tensor) else class_list
     return id_map, _segments_info(visits, thing_stats, stuff_stats, score_list, class_list)

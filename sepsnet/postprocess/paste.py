@@ -256,18 +256,18 @@ def paste_mask_crops(
         size = max(0, x1 - x0) * max(0, y1 - y0)
         kept.append(used + size <= budget_bytes)
         used += size if kept[-1] else 0
-    # interpolation weights of every kept, non-empty, single-band crop in one go
-    idx = [i for i, (x0, y0, x1, y1) in enumerate(regions)
-           if kept[i] and x1 > x0 and 0 < y1 - y0 <= BAND_PIXELS // (x1 - x0)]
-    slot = {i: j for j, i in enumerate(idx)}
-    if idx:
-        b = boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device))
-        r = probs.shape[-1]
-        wx, ox = _ragged_weights(b[:, 0], b[:, 2] - b[:, 0], [regions[i][0] for i in idx],
-                                 [regions[i][2] - regions[i][0] for i in idx], r)
-        wy, oy = _ragged_weights(b[:, 1], b[:, 3] - b[:, 1], [regions[i][1] for i in idx],
-                                 [regions[i][3] - regions[i][1] for i in idx], r)
-    with one_intra_op_thread(device):
+    with one_intra_op_thread(device):  # small operations: see sepsnet.postprocess.threads
+        # interpolation weights of every kept, non-empty, single-band crop in one go
+        idx = [i for i, (x0, y0, x1, y1) in enumerate(regions)
+               if kept[i] and x1 > x0 and 0 < y1 - y0 <= BAND_PIXELS // (x1 - x0)]
+        slot = {i: j for j, i in enumerate(idx)}
+        if idx:
+            b = boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device))
+            r = probs.shape[-1]
+            wx, ox = _ragged_weights(b[:, 0], b[:, 2] - b[:, 0], [regions[i][0] for i in idx],
+                                     [regions[i][2] - regions[i][0] for i in idx], r)
+            wy, oy = _ragged_weights(b[:, 1], b[:, 3] - b[:, 1], [regions[i][1] for i in idx],
+                                     [regions[i][3] - regions[i][1] for i in idx], r)
         for i, reg in enumerate(regions):
             if not kept[i]:
                 crops.append(None)
