@@ -100,6 +100,38 @@ def time_r50_model(h: int, w: int, num_instances: int, repeats: int) -> dict:
             "instances_seconds": round(statistics.median(inst_t), 4), "repeats": repeats}
 
 
+def ab_compare(a: argparse.Namespace) -> int:
+    """Alternate fresh processes of this script on ``--ab-against`` and on this tree (load drift
+    hits both alike); per stage the median over rounds of each process's median."""
+    import subprocess
+    import tempfile
+
+    here = Path(__file__).resolve()
+    trees = {"before": str(Path(a.ab_against).resolve()), "after": str(here.parents[1])}
+    got: dict[str, list[dict]] = {k: [] for k in trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for name, src in trees.items():
+                out = Path(tmp) / f"{name}{r}.json"
+                cmd = [sys.executable, str(here), "--no-reference", "--repeats", str(a.repeats), "--height",
+                       str(a.height), "--width", str(a.width), "--instances", str(a.instances), "--out", str(out)]
+                cmd += ["--threads", str(a.threads)] if a.threads else []
+                env = {**os.environ, "PYTHONPATH": src}
+                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+                got[name].append(json.loads(out.read_text())["median_seconds"])
+    report: dict = {"size": [a.height, a.width], "instances": a.instances, "rounds": a.rounds,
+                    "repeats_per_round": a.repeats, "torch_threads": torch.get_num_threads(), "trees": trees}
+    for name, runs in got.items():
+        report[name] = {k: round(statistics.median(r[k] for r in runs), 5) for k in runs[0]}
+    b, f = report["before"]["postprocess_excl_instance_engine"], report["after"]["postprocess_excl_instance_engine"]
+    report["speedup_excl_instance_engine"] = round(b / f, 2)
+    report["cpu_seconds_ratio"] = round(report["before"]["cpu"] / report["after"]["cpu"], 2)
+    print(json.dumps(report, indent=2))
+    if a.out:
+        atomic_write_json(report, a.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--height", type=int, default=1024)
@@ -113,7 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON output path")
     p.add_argument("--compare-before", action="store_true",
                    help="also time the pre-issue-13 implementation (tests/_reference_postprocess.py) side by side")
+    p.add_argument("--ab-against", default=None, metavar="SRC",
+                   help="A/B in one run: a directory holding another version of the sepsnet package (e.g. "
+                        "`git archive REV sepsnet | tar -x -C DIR`); this script runs in fresh processes for it "
+                        "and for this tree, alternately, --rounds times, and reports the medians of both")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice, 2 on the project machine)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.ab_against:
+        return ab_compare(a)
     cfg = SEPSNetConfig()
     cfg.postprocess.max_instances = a.instances
     dense = make_dense(a.height, a.width, a.instances, a.device)

@@ -91,3 +91,23 @@ def test_cuda_matches_cpu():
     cpu = paste_masks(probs, boxes, (300, 400))
     gpu = paste_masks(probs.cuda(), boxes.cuda(), (300, 400))
     assert gpu.is_cuda and (gpu.cpu() != cpu).float().mean() < 1e-4
+
+
+def test_paste_restores_the_thread_count_also_when_called_concurrently():
+    """Per-box products run with one intra-op thread; the caller's count comes back, also when
+    several threads paste at once (one shared save/restore)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 14, 14, generator=g)
+    boxes = torch.tensor([[2.0, 3.0, 40.0, 30.0]] * 6) + torch.arange(6.0)[:, None]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = paste_masks(probs, boxes, (64, 80))
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda _: paste_masks(probs, boxes, (64, 80)), range(8)))
+        assert torch.get_num_threads() == 2
+        assert all(torch.equal(m, want) for m in got)
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sepsnet.config import SEPSNetConfig
+from sepsnet.postprocess import fusion, stuff
 from sepsnet.postprocess.candidates import level_sizes
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.preselect import Preselect
@@ -65,6 +66,72 @@ def assert_same(got, want) -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_randomized_cases_equal_reference(seed: int) -> None:
+    _check_randomized(seed)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_deferred_read_form_and_row_tiles_equal_reference(seed: int, monkeypatch) -> None:
+    """The form used on CUDA (decisions, ids and statistics kept on the device until one final
+    read; scatter-add counts) and the stuff resample split into row tiles, run here on CPU."""
+    monkeypatch.setattr(fusion, "READ_ON_CPU", False)
+    monkeypatch.setattr(stuff, "_intra_op_threads", lambda: 3)
+    _check_randomized(seed)
+
+
+def test_stuff_row_tiles_equal_single_resample(monkeypatch) -> None:
+    """Stuff labels from exact row tiles (several threads) are those of the single resample of
+    the reference, for power-of-two and other scales, enlarging and shrinking."""
+    g = torch.Generator().manual_seed(7)
+    tiled = 0
+    for i in range(24):
+        c = int(torch.randint(4, 14, (1,), generator=g))
+        hs, ws = (int(v) for v in torch.randint(20, 50, (2,), generator=g))
+        logits = F.avg_pool2d(torch.randn(1, c, hs, ws, generator=g), 3, 1, 1)[0] * 8
+        if i % 3 == 0:
+            logits = logits.round()  # exact ties between classes
+        rh, rw = hs * 4 - int(torch.randint(0, 4, (1,), generator=g)), ws * 4 - 2
+        if i % 2:
+            oh, ow = (int(v) for v in torch.randint(150, 400, (2,), generator=g))
+        else:
+            oh, ow = rh * (1, 2, 4)[i % 3], rw * (1, 2, 4)[i % 3]  # power-of-two scales: tiles apply
+        want = ref.stuff_labels_at(logits, (rh, rw), (oh, ow))
+        for parts in (2, 3):
+            monkeypatch.setattr(stuff, "_intra_op_threads", lambda p=parts: p)
+            tiled += stuff._row_tiles(hs + 1, oh, 4 * oh / rh, parts) is not None
+            assert torch.equal(stuff.stuff_label_map(logits, (rh, rw), (oh, ow)).long(), want)
+    assert tiled >= 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_host_reads_do_not_grow_with_instances() -> None:
+    """On CUDA the post-processing reads the device a fixed number of times per image (candidate
+    selection, one metadata read, one dedup read, one fusion read), whatever the instance count."""
+    import warnings
+
+    cfg = SEPSNetConfig()
+    counts = []
+    for hot in (8, 40):
+        dense = {k: v.cuda() for k, v in _random_dense(torch.Generator().manual_seed(1), 1, 96, 160, hot).items()}
+        run = _random_instances(2)
+
+        def cuda_run(*a, run=run):
+            return {k: v.cuda() for k, v in run(*(t.cpu() for t in a)).items()}
+        panoptic_inference(dense, cuda_run, [(96, 160)], cfg)  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                (res,) = panoptic_inference(dense, cuda_run, [(96, 160)], cfg)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert res.num_instances > 0
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    # the dedup read happens only when some same-class boxes overlap, hence the one of slack
+    assert abs(counts[1] - counts[0]) <= 1, counts
+
+
+def _check_randomized(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     cfg = SEPSNetConfig()
     pp = cfg.postprocess

@@ -18,6 +18,7 @@ from torchvision.ops import batched_nms
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.preselect import Preselect
+from sepsnet.postprocess.threads import one_intra_op_thread
 
 
 @dataclass
@@ -99,44 +100,51 @@ def select_candidates(
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
-    out = []
-    for b in range(boxes.shape[0]):
-        loc_list, cls_list, val_list = [], [], []
-        for lvl in range(len(counts)):
-            s, e = starts[lvl], starts[lvl + 1]
-            prob = scores[b, s:e]  # (l, T)
-            cand = (prob > pp.score_thresh).nonzero()  # (c, 2) [loc, cls]
-            if cand.numel() == 0:
-                continue
-            val = prob[cand[:, 0], cand[:, 1]] * centerness[b, s + cand[:, 0]]
-            if val.numel() > pp.pre_nms_topk:
-                val, top = val.topk(pp.pre_nms_topk, sorted=False)
-                cand = cand[top]
-            loc_list.append(cand[:, 0] + s)
-            cls_list.append(cand[:, 1])
-            val_list.append(val)
-        if loc_list:
-            loc = torch.cat(loc_list)
-            cls = torch.cat(cls_list)
-            fcos = torch.cat(val_list).clamp(min=0).sqrt()
-        else:
-            loc = torch.zeros(0, dtype=torch.int64, device=boxes.device)
-            cls = loc.clone()
-            fcos = torch.zeros(0, dtype=boxes.dtype, device=boxes.device)
-        bx = boxes[b, loc].clone()
-        if image_sizes is not None:
-            h, w = image_sizes[b]
-            bx[:, 0::2] = bx[:, 0::2].clamp(0, float(w))
-            bx[:, 1::2] = bx[:, 1::2].clamp(0, float(h))
-        valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
-        bx, cls, fcos, loc = bx[valid], cls[valid], fcos[valid], loc[valid]
-        keep = batched_nms(bx.float(), fcos.float(), cls, pp.nms_thresh)  # sorted by score
-        keep = keep[: pp.max_instances]
-        out.append(Candidates(
-            boxes=bx[keep],
-            scores=fcos[keep],
-            classes=cls[keep],
-            attention=attention[b, loc[keep]],
-            batch_index=torch.full((keep.numel(),), b, dtype=torch.int64, device=boxes.device),
-        ))
-    return out
+    with one_intra_op_thread(boxes.device):  # small operations (same results with any thread count)
+        return [_select_image(b, boxes, scores, centerness, attention, starts, pp, image_sizes)
+                for b in range(boxes.shape[0])]
+
+
+def _select_image(b: int, boxes: torch.Tensor, scores: torch.Tensor, centerness: torch.Tensor,
+                  attention: torch.Tensor, starts: Sequence[int], pp: Any,
+                  image_sizes: Sequence[tuple[int, int]] | None) -> Candidates:
+    """:func:`select_candidates` for image ``b``."""
+    counts = [e - s for s, e in zip(starts[:-1], starts[1:])]
+    loc_list, cls_list, val_list = [], [], []
+    for lvl in range(len(counts)):
+        s, e = starts[lvl], starts[lvl + 1]
+        prob = scores[b, s:e]  # (l, T)
+        cand = (prob > pp.score_thresh).nonzero()  # (c, 2) [loc, cls]
+        if cand.numel() == 0:
+            continue
+        val = prob[cand[:, 0], cand[:, 1]] * centerness[b, s + cand[:, 0]]
+        if val.numel() > pp.pre_nms_topk:
+            val, top = val.topk(pp.pre_nms_topk, sorted=False)
+            cand = cand[top]
+        loc_list.append(cand[:, 0] + s)
+        cls_list.append(cand[:, 1])
+        val_list.append(val)
+    if loc_list:
+        loc = torch.cat(loc_list)
+        cls = torch.cat(cls_list)
+        fcos = torch.cat(val_list).clamp(min=0).sqrt()
+    else:
+        loc = torch.zeros(0, dtype=torch.int64, device=boxes.device)
+        cls = loc.clone()
+        fcos = torch.zeros(0, dtype=boxes.dtype, device=boxes.device)
+    bx = boxes[b, loc].clone()
+    if image_sizes is not None:
+        h, w = image_sizes[b]
+        bx[:, 0::2] = bx[:, 0::2].clamp(0, float(w))
+        bx[:, 1::2] = bx[:, 1::2].clamp(0, float(h))
+    valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
+    bx, cls, fcos, loc = bx[valid], cls[valid], fcos[valid], loc[valid]
+    keep = batched_nms(bx.float(), fcos.float(), cls, pp.nms_thresh)  # sorted by score
+    keep = keep[: pp.max_instances]
+    return Candidates(
+        boxes=bx[keep],
+        scores=fcos[keep],
+        classes=cls[keep],
+        attention=attention[b, loc[keep]],
+        batch_index=torch.full((keep.numel(),), b, dtype=torch.int64, device=boxes.device),
+    )

@@ -17,16 +17,25 @@ the running occupancy (the id map itself), its area and bbox taken from the pixe
 (stuff never overwrites a thing); stuff areas and bboxes come from per-row and per-column
 counts of the void pixels of each class, in row bands, so no full-image plane per class or per
 instance is ever made.
+
+No host synchronisation until the end (issue 13): the keep/skip decision of each instance, its
+segment id (a running count on the device), kept area and bbox stay tensors on the id map's
+device; a skipped instance writes nothing (its write mask is all False). Stuff ids and areas are
+likewise made on the device, and one transfer at the end (:func:`_segments_info`) turns all of
+it into ``segments_info``. The order of visits and the crop regions are host values the caller
+already has (scores and boxes), so no tensor value is read while fusing.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import postprocess_cfg
 from sepsnet.postprocess.paste import PastedMasks
+from sepsnet.postprocess.threads import one_intra_op_thread
 
 
 def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
@@ -41,87 +50,149 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
 
 #: label pixels per band of the stuff pass (bounds the int32 scratch at any image size)
 BAND_PIXELS = 1 << 22
+#: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
+#: False runs the deferred-read form used on other devices (tests run it on CPU)
+READ_ON_CPU = True
 
 
-def _first_last(flags: torch.Tensor) -> tuple[int, int]:
-    """First and last index of True in a 1-d bool tensor (it has at least one)."""
-    idx = flags.nonzero()
-    return int(idx[0]), int(idx[-1])
+def _first_last(flags: torch.Tensor) -> torch.Tensor:
+    """First and last index of True in a 1-d bool tensor, as a (2,) long tensor (no host read;
+    meaningless when none is True)."""
+    n = flags.numel()
+    f = flags.to(torch.uint8)
+    return torch.stack([f.argmax(), n - 1 - f.flip(0).argmax()])
 
 
-def _fuse_things(masks: PastedMasks, scores: list[float], classes: list[int], id_map: torch.Tensor,
-                 pp: Any) -> list[dict[str, Any]]:
-    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``."""
-    segments: list[dict[str, Any]] = []
-    order = sorted(range(len(masks)), key=lambda i: -scores[i])
-    areas = None
+def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor,
+                      pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """:func:`_fuse_things` on CPU with NumPy views of the same memory: one thread, microsecond
+    calls, values read as they come and a skipped instance left at once."""
+    ids = id_map.numpy()
+    areas = masks.areas
+    visits: list[int] = []
+    rows: list[list[int]] = []
     for i in order:
-        if scores[i] < pp.instance_score_thresh:
-            break
         x0, y0, x1, y1 = masks.regions[i]
-        if x1 <= x0 or y1 <= y0:
-            continue
-        if areas is None:
-            areas = masks.areas
         area = areas[i]
         if area == 0:
             continue
+        occupied = ids[y0:y1, x0:x1]
+        kept = masks.crop(i).numpy() & (occupied == 0)
+        k = int(np.count_nonzero(kept))
+        if k == 0 or (area - k) / area > pp.overlap_thresh:
+            continue
+        occupied[kept] = len(visits) + 1
+        ys = np.flatnonzero(kept.any(axis=1))
+        xs = np.flatnonzero(kept.any(axis=0))
+        rows.append([1, k, y0 + int(ys[0]), y0 + int(ys[-1]), x0 + int(xs[0]), x0 + int(xs[-1])])
+        visits.append(i)
+    stats = torch.tensor(rows, dtype=torch.long).reshape(-1, 6)
+    return visits, stats, torch.tensor(len(visits), dtype=torch.int32)
+
+
+def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
+                 pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``.
+    Returns the visited instances (host indices), per visit int64 (v, 6) ``[kept, area, y0, y1,
+    x0, x1]`` and the number of segments made (0-dim), on ``id_map``'s device, read by no one
+    until :func:`_segments_info`."""
+    device = id_map.device
+    order = []
+    for i in sorted(range(len(masks)), key=lambda i: -scores[i]):
+        if scores[i] < pp.instance_score_thresh:
+            break
+        x0, y0, x1, y1 = masks.regions[i]
+        if x1 > x0 and y1 > y0:
+            order.append(i)
+    if device.type == "cpu" and READ_ON_CPU:
+        return _fuse_things_host(masks, order, id_map, pp)
+    count = torch.zeros((), dtype=torch.int32, device=device)
+    rows: list[torch.Tensor] = []
+    areas = masks.area_tensor() if order else None
+    for i in order:
+        x0, y0, x1, y1 = masks.regions[i]
+        area = areas[i]
         occupied = id_map[y0:y1, x0:x1]
         kept = masks.crop(i) & (occupied == 0)
-        kept_area = int(kept.sum())
-        if (area - kept_area) / area > pp.overlap_thresh or kept_area == 0:
-            continue
-        seg_id = len(segments) + 1
-        occupied.masked_fill_(kept, seg_id)
-        ky0, ky1 = _first_last(kept.any(dim=1))
-        kx0, kx1 = _first_last(kept.any(dim=0))
-        segments.append({"id": seg_id, "category_id": int(classes[i]), "isthing": True, "score": float(scores[i]),
-                         "area": kept_area, "bbox": [x0 + kx0, y0 + ky0, kx1 - kx0 + 1, ky1 - ky0 + 1]})
-    return segments
+        kept_area = kept.sum()
+        # skip when (area - kept) / area > overlap_thresh or nothing is left (float64 as in Python)
+        ok = (kept_area > 0) & ((area - kept_area).double() / area.double() <= pp.overlap_thresh)
+        count += ok
+        write = kept & ok
+        occupied.copy_(torch.where(write, count, occupied))  # (masked_fill_ reads a tensor value on the host)
+        rows.append(torch.cat([ok.long()[None], kept_area[None], _first_last(write.any(dim=1)) + y0,
+                               _first_last(write.any(dim=0)) + x0]))
+    stats = torch.stack(rows) if rows else torch.zeros((0, 6), dtype=torch.long, device=device)
+    return order, stats, count
 
 
-def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: int,
-                pp: Any) -> list[dict[str, Any]]:
+def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of each value ``0..n-1`` of int ``keys`` (all in range): ``bincount`` on CPU; a
+    scatter-add elsewhere (CUDA ``bincount`` reads the maximum on the host to size its output)."""
+    if keys.device.type == "cpu" and READ_ON_CPU:
+        return torch.bincount(keys, minlength=n)
+    return torch.zeros(n, dtype=torch.long, device=keys.device).index_add_(
+        0, keys.long(), torch.ones(1, dtype=torch.long, device=keys.device).expand(keys.numel()))
+
+
+def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: torch.Tensor,
+                pp: Any) -> torch.Tensor:
     """Step 2 of the module docstring: stuff classes take the still-void pixels, in row bands.
-    Pass 1 counts every class's void pixels per row and per column (area and bbox); pass 2 writes
-    the classes that reach ``stuff_area_limit``."""
+    Pass 1 counts every class's void pixels per row and per column (area and bbox); pass 2 adds
+    the segment ids of the classes that reach ``stuff_area_limit`` (0 for the others) to the
+    void pixels. ``first_id``: device scalar, the id of the first stuff segment. Returns int64
+    (S, 6) ``[taken, area, y0, y1, x0, x1]`` per stuff class, on the device."""
     h, w = id_map.shape
     device = id_map.device
+    if h == 0 or w == 0:
+        return torch.zeros((num_stuff, 6), dtype=torch.long, device=device)
     k = num_stuff + 1
     band = max(1, BAND_PIXELS // max(1, w))
-    counts = torch.zeros(k, dtype=torch.long, device=device)
-    row_hits = torch.zeros((h, k), dtype=torch.bool, device=device)
-    col_hits = torch.zeros((w, k), dtype=torch.long, device=device)
-    col_key = torch.arange(w, device=device, dtype=torch.int32)[None, :] * k
+    row_counts = torch.zeros((h, k), dtype=torch.long, device=device)
+    col_counts = torch.zeros((w, k), dtype=torch.long, device=device)
+    col_key = torch.arange(w, device=device, dtype=torch.int32) * k
+    row_key = torch.arange(h, device=device, dtype=torch.int32)[:, None] * k
     masked = torch.empty((h, w), dtype=torch.uint8 if k <= 256 else torch.int32, device=device)
+    signed = stuff_labels.dtype.is_signed
     for s in range(0, h, band):
         e = min(h, s + band)
         lab = stuff_labels[s:e]
-        is_stuff = (id_map[s:e] == 0) & (lab >= 0) & (lab < num_stuff)
-        m = torch.where(is_stuff, lab.to(torch.int32), num_stuff)
+        is_stuff = (id_map[s:e] == 0) & (lab < num_stuff)
+        if signed:
+            is_stuff &= lab >= 0
+        m = lab.to(masked.dtype).masked_fill(~is_stuff, num_stuff)  # (torch.where with a scalar goes via int64)
         masked[s:e] = m
-        per_row = torch.bincount((m + torch.arange(e - s, device=device, dtype=torch.int32)[:, None] * k).reshape(-1),
-                                 minlength=(e - s) * k).view(e - s, k)
-        counts += per_row.sum(0)
-        row_hits[s:e] = per_row > 0
-        col_hits += torch.bincount((m + col_key).reshape(-1), minlength=w * k).view(w, k)
-    count_list = counts[:num_stuff].tolist()
-    lut = torch.zeros(k, dtype=torch.int32)
+        m32 = m.to(torch.int32)
+        row_counts[s:e] = _count((m32 + row_key[: e - s]).view(-1), (e - s) * k).view(e - s, k)
+        col_counts += _count((m32 + col_key).view(-1), w * k).view(w, k)
+    counts = row_counts[:, :num_stuff].sum(0)
+    taken = (counts > 0) & (counts >= pp.stuff_area_limit)
+    ids = (first_id + torch.cumsum(taken, 0) - 1).to(torch.int32)
+    lut = torch.zeros(k, dtype=torch.int32, device=device)
+    lut[:num_stuff] = torch.where(taken, ids, 0)
+    for s in range(0, h, band):  # void pixels hold 0, the others get lut[num_stuff] = 0
+        e = min(h, s + band)
+        id_map[s:e] += lut.index_select(0, masked[s:e].reshape(-1).to(torch.int32)).view(e - s, w)
+    present_r = (row_counts[:, :num_stuff] > 0).to(torch.uint8)
+    present_c = (col_counts[:, :num_stuff] > 0).to(torch.uint8)
+    return torch.stack([taken.long(), counts, present_r.argmax(0), h - 1 - present_r.flip(0).argmax(0),
+                        present_c.argmax(0), w - 1 - present_c.flip(0).argmax(0)], 1)
+
+
+def _segments_info(visits: list[int], thing_stats: torch.Tensor, stuff_stats: torch.Tensor | None,
+                   scores: list[float], classes: list[int]) -> list[dict[str, Any]]:
+    """The one host transfer of the fusion: device statistics -> ``segments_info``."""
+    both = thing_stats if stuff_stats is None else torch.cat([thing_stats, stuff_stats])
+    rows = both.cpu().tolist()
     segments: list[dict[str, Any]] = []
-    for c in range(num_stuff):
-        if count_list[c] > 0 and count_list[c] >= pp.stuff_area_limit:
-            seg_id = first_id + len(segments)
-            lut[c] = seg_id
-            y0, y1 = _first_last(row_hits[:, c])
-            x0, x1 = _first_last(col_hits[:, c] > 0)
-            segments.append({"id": seg_id, "category_id": c, "isthing": False, "score": 1.0,
-                             "area": int(count_list[c]), "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
-    if segments:
-        lut = lut.to(device)
-        for s in range(0, h, band):
-            e = min(h, s + band)
-            m = masked[s:e].long()
-            id_map[s:e] = torch.where(m < num_stuff, lut[m], id_map[s:e])
+    for i, (ok, area, y0, y1, x0, x1) in zip(visits, rows):
+        if ok:
+            segments.append({"id": len(segments) + 1, "category_id": int(classes[i]), "isthing": True,
+                             "score": float(scores[i]), "area": area, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
+    for c, (ok, area, y0, y1, x0, x1) in enumerate(rows[len(visits):]):
+        if ok:
+            segments.append({"id": len(segments) + 1, "category_id": c, "isthing": False, "score": 1.0,
+                             "area": area, "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1]})
     return segments
 
 
@@ -133,6 +204,8 @@ def panoptic_fusion(
     cfg: Any,
     num_stuff_classes: int | None = None,
     regions: torch.Tensor | None = None,
+    host_scores: list[float] | None = None,
+    host_classes: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Fuse instance masks with the stuff argmax ``stuff_labels`` (h, w) (any integer dtype).
 
@@ -140,6 +213,8 @@ def panoptic_fusion(
     planes, then ``regions`` optionally gives int (n, 4) [x0, y0, x1, y1) boxes containing each
     mask (tight boxes when None). ``cfg``: full config or postprocess section (then give
     ``num_stuff_classes``). Work is per box crop plus two passes over the stuff map.
+    ``host_scores``/``host_classes``: the same values as host lists when the caller has them
+    (then no tensor is read before the final transfer).
     """
     pp = postprocess_cfg(cfg)
     num_stuff = _num_stuff(cfg, num_stuff_classes)
@@ -155,10 +230,11 @@ def panoptic_fusion(
         raise ConfigError(f"panoptic_fusion: masks of {n} instances at {tuple(masks.image_size)}, scores "
                           f"{tuple(scores.shape)}, classes {tuple(classes.shape)} do not match stuff_labels ({h},{w})")
     id_map = torch.zeros((h, w), dtype=torch.int32, device=stuff_labels.device)
-    segments: list[dict[str, Any]] = []
-    if n:
-        segments = _fuse_things(masks, scores.detach().float().cpu().tolist(), classes.detach().cpu().tolist(),
-                                id_map, pp)
-    if num_stuff > 0:
-        segments += _fuse_stuff(stuff_labels, id_map, num_stuff, len(segments) + 1, pp)
-    return id_map, segments
+    score_list = scores if host_scores is None else host_scores
+    score_list = score_list.detach().float().cpu().tolist() if isinstance(score_list, torch.Tensor) else score_list
+    with one_intra_op_thread(id_map.device):  # see sepsnet.postprocess.threads
+        visits, thing_stats, count = _fuse_things(masks, score_list, id_map, pp)
+        stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
+    class_list = classes if host_classes is None else host_classes
+    class_list = class_list.detach().cpu().tolist() if isinstance(class_list, torch.Tensor) else class_list
+    return id_map, _segments_info(visits, thing_stats, stuff_stats, score_list, class_list)

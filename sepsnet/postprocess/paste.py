@@ -20,9 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
+from sepsnet.postprocess.threads import one_intra_op_thread
 
 #: crops kept in memory per image (bool bytes); beyond it they are pasted again on demand
 CROP_BUDGET_BYTES = 256 << 20
@@ -61,8 +63,35 @@ def paste_regions(boxes: torch.Tensor, out_hw: tuple[int, int], mask_size: int) 
     return torch.stack([x0, y0, x1, y1], 1).long()
 
 
-def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], threshold: float) -> torch.Tensor:
-    """Bool crop (y1-y0, x1-x0) of one mask ``probs`` (R, R) at ``box`` (4,) over ``region``."""
+def _ragged_weights(coord0: torch.Tensor, size: torch.Tensor, starts: Sequence[int], lens: Sequence[int],
+                    r: int) -> tuple[torch.Tensor, list[int]]:
+    """The rows of :func:`_interp_weights` for every box at once: box ``i`` gets pixels
+    ``starts[i] .. starts[i] + lens[i] - 1``; returns the (sum(lens), r) weights (box after box)
+    and each box's first row. Same element-wise operations, hence the same values, as one
+    :func:`_interp_weights` call per box, in a dozen tensor operations instead of a dozen per box."""
+    device = coord0.device
+    offsets = [0]
+    for n in lens:
+        offsets.append(offsets[-1] + n)
+    counts = torch.tensor(list(lens), dtype=torch.long, device=device)
+    box = torch.repeat_interleave(torch.arange(len(lens), device=device), counts, output_size=offsets[-1])
+    shift = torch.tensor([s - o for s, o in zip(starts, offsets)], dtype=torch.long, device=device)
+    pix = torch.arange(offsets[-1], device=device) + shift[box]
+    u = (pix.to(coord0.dtype) + 0.5 - coord0[box]) / size.clamp(min=1e-6)[box] * r - 0.5
+    u0 = torch.floor(u)
+    f = u - u0
+    u0 = u0.long()
+    out = torch.zeros((*u.shape, r + 2), dtype=u.dtype, device=device)
+    out.scatter_(1, (u0 + 1).clamp(0, r + 1)[:, None], (1.0 - f)[:, None])
+    out.scatter_add_(1, (u0 + 2).clamp(0, r + 1)[:, None], f[:, None])
+    return out[:, 1:r + 1], offsets
+
+
+def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], threshold: float,
+              wx: torch.Tensor | None = None, wy: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool crop (y1-y0, x1-x0) of one mask ``probs`` (R, R) at ``box`` (4,) over ``region``.
+    ``wx`` (x1-x0, R) / ``wy`` (y1-y0, R): the box's interpolation weights when already made
+    (:func:`_ragged_weights`); a region taller than the band limit is pasted in row bands."""
     x0, y0, x1, y1 = (int(v) for v in region)
     r = probs.shape[-1]
     device = probs.device
@@ -70,16 +99,19 @@ def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], thr
         return torch.zeros((max(0, y1 - y0), max(0, x1 - x0)), dtype=torch.bool, device=device)
     b = box[None]
     p = probs[None]
-    wx = _interp_weights(b[:, 0], b[:, 2] - b[:, 0], torch.arange(x0, x1, device=device), r).transpose(1, 2)
+    if wx is None:
+        wx = _interp_weights(b[:, 0], b[:, 2] - b[:, 0], torch.arange(x0, x1, device=device), r)[0]
+    wxt = wx[None].transpose(1, 2)
     band = max(1, BAND_PIXELS // (x1 - x0))
     if y1 - y0 <= band:
-        wy = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(y0, y1, device=device), r)
-        return (wy @ p @ wx)[0] >= threshold
+        if wy is None:
+            wy = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(y0, y1, device=device), r)[0]
+        return (wy[None] @ p @ wxt)[0] >= threshold
     out = torch.empty((y1 - y0, x1 - x0), dtype=torch.bool, device=device)
     for s in range(y0, y1, band):  # rows of Wy @ mask @ Wx^T are independent
         e = min(y1, s + band)
-        wy = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(s, e, device=device), r)
-        torch.ge((wy @ p @ wx)[0], threshold, out=out[s - y0:e - y0])
+        wyb = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(s, e, device=device), r)
+        torch.ge((wyb @ p @ wxt)[0], threshold, out=out[s - y0:e - y0])
     return out
 
 
@@ -100,6 +132,7 @@ class PastedMasks:
     crops: list[torch.Tensor | None] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
     _areas: list[int] | None = None
+    _area_t: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -115,11 +148,23 @@ class PastedMasks:
 
     @property
     def areas(self) -> list[int]:
-        """Foreground pixels per mask (computed once)."""
+        """Foreground pixels per mask (computed once; reads the device)."""
         if self._areas is None:
-            sums = [self.crop(i).sum() for i in range(len(self))]
-            self._areas = [int(v) for v in torch.stack(sums).tolist()] if sums else []
+            self._areas = self.area_tensor().tolist()
         return self._areas
+
+    def area_tensor(self) -> torch.Tensor:
+        """Foreground pixels per mask as an int64 (n,) tensor on the masks' device (no host read)."""
+        if self._area_t is None:
+            if self._areas is not None:
+                self._area_t = torch.tensor(self._areas, dtype=torch.long, device=self.device)
+            elif self.device.type == "cpu":  # NumPy counts: one thread, microsecond calls
+                self._area_t = torch.tensor([int(np.count_nonzero(self.crop(i).numpy())) for i in range(len(self))],
+                                            dtype=torch.long)
+            else:
+                sums = [self.crop(i).sum() for i in range(len(self))]
+                self._area_t = torch.stack(sums) if sums else torch.zeros(0, dtype=torch.long, device=self.device)
+        return self._area_t
 
     def select(self, keep: Sequence[int]) -> PastedMasks:
         """The masks at indices ``keep`` (in that order)."""
@@ -130,7 +175,8 @@ class PastedMasks:
             probs=None if self.probs is None else self.probs[idx],
             boxes=None if self.boxes is None else self.boxes[idx], threshold=self.threshold,
             crops=[self.crops[k] for k in keep], device=self.device,
-            _areas=None if self._areas is None else [self._areas[k] for k in keep])
+            _areas=None if self._areas is None else [self._areas[k] for k in keep],
+            _area_t=None if self._area_t is None else self._area_t[idx])
 
     def dense(self) -> torch.Tensor:
         """Bool (n, h, w): every mask as a full-image plane (n x h x w bytes)."""
@@ -186,10 +232,13 @@ def paste_mask_crops(
     out_hw: tuple[int, int],
     threshold: float = 0.5,
     budget_bytes: int = CROP_BUDGET_BYTES,
+    regions: Sequence[Sequence[int]] | None = None,
 ) -> PastedMasks:
     """Paste ``mask_probs`` (n, R, R) at ``boxes`` (n, 4) xyxy (output pixels) into an ``out_hw``
     image -> :class:`PastedMasks` (one crop per box; boxes partly or fully outside are clipped).
-    Crops are kept up to ``budget_bytes``; the others are pasted again when used."""
+    Crops are kept up to ``budget_bytes``; the others are pasted again when used. ``regions``:
+    the :func:`paste_regions` of ``boxes`` as host ints when the caller already has them (else
+    they are read from the device here)."""
     if mask_probs.dim() != 3 or mask_probs.shape[1] != mask_probs.shape[2]:
         raise ConfigError(f"paste_masks: mask_probs must be (n,R,R), got {tuple(mask_probs.shape)}")
     if boxes.shape != (mask_probs.shape[0], 4):
@@ -198,16 +247,35 @@ def paste_mask_crops(
     device = mask_probs.device
     boxes = boxes.to(device=device, dtype=torch.float32)
     probs = mask_probs.float()
-    regions = [tuple(r) for r in paste_regions(boxes, (h, w), mask_probs.shape[-1]).tolist()]
+    if regions is None:
+        regions = paste_regions(boxes, (h, w), mask_probs.shape[-1]).tolist()
+    regions = [tuple(int(v) for v in r) for r in regions]
     crops: list[torch.Tensor | None] = []
-    used = 0
-    for i, reg in enumerate(regions):
-        size = max(0, reg[2] - reg[0]) * max(0, reg[3] - reg[1])
-        if used + size <= budget_bytes:
-            crops.append(paste_one(probs[i], boxes[i], reg, threshold))
-            used += size
-        else:
-            crops.append(None)
+    kept, used = [], 0
+    for x0, y0, x1, y1 in regions:
+        size = max(0, x1 - x0) * max(0, y1 - y0)
+        kept.append(used + size <= budget_bytes)
+        used += size if kept[-1] else 0
+    with one_intra_op_thread(device):  # small operations: see sepsnet.postprocess.threads
+        # interpolation weights of every kept, non-empty, single-band crop in one go
+        idx = [i for i, (x0, y0, x1, y1) in enumerate(regions)
+               if kept[i] and x1 > x0 and 0 < y1 - y0 <= BAND_PIXELS // (x1 - x0)]
+        slot = {i: j for j, i in enumerate(idx)}
+        if idx:
+            b = boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device))
+            r = probs.shape[-1]
+            wx, ox = _ragged_weights(b[:, 0], b[:, 2] - b[:, 0], [regions[i][0] for i in idx],
+                                     [regions[i][2] - regions[i][0] for i in idx], r)
+            wy, oy = _ragged_weights(b[:, 1], b[:, 3] - b[:, 1], [regions[i][1] for i in idx],
+                                     [regions[i][3] - regions[i][1] for i in idx], r)
+        for i, reg in enumerate(regions):
+            if not kept[i]:
+                crops.append(None)
+            elif i in slot:
+                j = slot[i]
+                crops.append(paste_one(probs[i], boxes[i], reg, threshold, wx[ox[j]:ox[j + 1]], wy[oy[j]:oy[j + 1]]))
+            else:
+                crops.append(paste_one(probs[i], boxes[i], reg, threshold))
     return PastedMasks(regions=regions, image_size=(h, w), probs=probs, boxes=boxes, threshold=threshold,
                        crops=crops, device=device)
 

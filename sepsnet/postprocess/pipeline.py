@@ -6,7 +6,10 @@ pre-selected or not) -> ``instances`` (step 3: the instance engine, one call for
 per image :func:`postprocess_image`: ``scoring`` (Eq. 4), ``paste`` (masks per box crop),
 ``dedup`` (silhouette, III-G), ``stuff`` (stuff labels at the original size), ``fusion``
 (step 4). Pure torch: runs wherever the dense outputs live (CPU or CUDA), with no explicit
-device synchronisation unless stage timing is asked for (:class:`StageTimer`). Results are at
+device synchronisation unless stage timing is asked for (:class:`StageTimer`), and a fixed number
+of host reads per image, none per instance (DESIGN "Inference split": one read of the per-instance
+values after scoring, one for dedup, one at the end of fusion; candidate selection's ``nonzero``
+and NMS read too). Results are at
 the ORIGINAL image resolution: boxes are scaled by original/resized, masks are pasted directly
 at the original size, and the stuff logits are sampled at original pixel centres
 (:mod:`sepsnet.postprocess.stuff`).
@@ -22,10 +25,10 @@ import torch
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import Candidates, level_entries, postprocess_cfg, select_candidates
 from sepsnet.postprocess.fusion import panoptic_fusion
-from sepsnet.postprocess.paste import paste_mask_crops, scale_boxes
+from sepsnet.postprocess.paste import paste_mask_crops, paste_regions, scale_boxes
 from sepsnet.postprocess.preselect import Preselect, check_preselect
 from sepsnet.postprocess.results import PanopticResult
-from sepsnet.postprocess.scoring import mask_scores, silhouette_dedup
+from sepsnet.postprocess.scoring import dedup_keep, mask_scores
 from sepsnet.postprocess.stuff import STUFF_STRIDE, stuff_label_map, stuff_labels_at
 from sepsnet.postprocess.timing import StageTimer
 
@@ -94,23 +97,40 @@ def postprocess_image(cands: Candidates, inst: InstanceOutputs | None, stuff_log
     dedup, stuff labels, panoptic fusion -> :class:`PanopticResult`."""
     timer = timer or StageTimer()
     device = stuff_logits.device
+    probs = inst.mask_probs if inst is not None else torch.zeros((0, 1, 1), device=device)
+    sil = None if inst is None else inst.silhouette_score
     with timer.stage("scoring"):
         scores = mask_scores(cands.scores.float(), None if inst is None else inst.iou_score, pp.alpha)
         boxes = scale_boxes(cands.boxes.float(), resized_hw, original_hw)
+        # the one read of per-instance values before the end of the image: paste regions, scores,
+        # classes, silhouette scores (float64 holds them exactly), as host lists
+        regions = paste_regions(boxes.to(probs.device), original_hw, probs.shape[-1])
+        eligible = scores >= pp.instance_score_thresh  # float32 comparison, as the tensor rule has it
+        cols = [regions.double(), scores.detach().double()[:, None], cands.classes.double()[:, None],
+                eligible.double()[:, None]]
+        if sil is not None:
+            cols.append(sil.detach().double()[:, None].to(regions.device))
+        meta = torch.cat([c.to(regions.device) for c in cols], 1).cpu()
+        host_regions = meta[:, :4].long().tolist()
+        host_scores = meta[:, 4].float().tolist()
+        host_classes = meta[:, 5].long().tolist()
     with timer.stage("paste"):
-        probs = inst.mask_probs if inst is not None else torch.zeros((0, 1, 1), device=device)
-        masks = paste_mask_crops(probs, boxes, original_hw, pp.mask_thresh)
+        masks = paste_mask_crops(probs, boxes, original_hw, pp.mask_thresh, regions=host_regions)
     with timer.stage("dedup"):
-        keep = silhouette_dedup(masks, cands.classes, None if inst is None else inst.silhouette_score,
-                                pp.dedup_iou, eligible=scores >= pp.instance_score_thresh)
         classes = cands.classes
-        if keep.numel() != len(masks):
-            masks = masks.select(keep.tolist())
-            scores, boxes, classes = scores[keep], boxes[keep], classes[keep]
+        if sil is not None and len(masks) > 1:
+            keep = dedup_keep(masks, host_classes, meta[:, 7].tolist(), pp.dedup_iou, meta[:, 6].bool().tolist())
+            if len(keep) != len(masks):
+                masks = masks.select(keep)
+                idx = torch.tensor(keep, dtype=torch.long).to(scores.device)
+                scores, boxes, classes = scores[idx], boxes[idx], classes[idx]
+                host_scores = [host_scores[k] for k in keep]
+                host_classes = [host_classes[k] for k in keep]
     with timer.stage("stuff"):
         labels = stuff_label_map(stuff_logits, resized_hw, original_hw)
     with timer.stage("fusion"):
-        id_map, segments = panoptic_fusion(masks, scores, classes, labels, pp, num_stuff)
+        id_map, segments = panoptic_fusion(masks, scores, classes, labels, pp, num_stuff,
+                                           host_scores=host_scores, host_classes=host_classes)
     return PanopticResult(id_map=id_map, segments_info=segments, image_size=original_hw, instance_boxes=boxes,
                           instance_scores=scores, instance_classes=classes,
                           masks=masks if return_masks else None)

@@ -25,6 +25,7 @@ untouched (they still count for mask AP) and never remove anything.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
@@ -69,8 +70,23 @@ def silhouette_dedup(
     if classes.shape != (n,) or silhouette_scores.shape != (n,):
         raise ConfigError(f"silhouette_dedup: expected classes ({n},), scores ({n},); got "
                           f"{tuple(classes.shape)}, {tuple(silhouette_scores.shape)}")
-    reg = torch.tensor(masks.regions, dtype=torch.long)
-    cls = classes.detach().cpu()
+    if eligible is not None and eligible.shape != (n,):
+        raise ConfigError(f"silhouette_dedup: eligible must be ({n},), got {tuple(eligible.shape)}")
+    ok = torch.ones(n, dtype=torch.bool, device=device) if eligible is None else eligible.to(device, torch.bool)
+    # one transfer for the three per-instance values (float64 holds the classes and float32 scores exactly)
+    meta = torch.stack([classes.double(), silhouette_scores.detach().double(), ok.double()], 1).cpu()
+    keep = dedup_keep(masks, meta[:, 0].long().tolist(), meta[:, 1].tolist(), iou_thresh, meta[:, 2].bool().tolist())
+    return torch.tensor(keep, dtype=torch.long).to(device)
+
+
+def dedup_keep(masks: PastedMasks, classes: list[int], silhouette: list[float], iou_thresh: float,
+               eligible: list[bool]) -> list[int]:
+    """:func:`silhouette_dedup` on host per-instance values -> ascending kept indices. Reads the
+    device once: the masks' areas and the pair intersections, in one transfer."""
+    n = len(masks)
+    reg = torch.tensor(masks.regions, dtype=torch.long).reshape(-1, 4)
+    cls = torch.tensor(classes, dtype=torch.long)
+    ok = torch.tensor(eligible, dtype=torch.bool)
     # candidate pairs: same class and intersecting regions (vectorised), upper triangle
     ix0 = torch.maximum(reg[:, None, 0], reg[None, :, 0])
     iy0 = torch.maximum(reg[:, None, 1], reg[None, :, 1])
@@ -78,28 +94,31 @@ def silhouette_dedup(
     iy1 = torch.minimum(reg[:, None, 3], reg[None, :, 3])
     pair = (ix1 > ix0) & (iy1 > iy0) & (cls[:, None] == cls[None, :])
     pair &= torch.ones(n, n, dtype=torch.bool).triu(1)
-    if eligible is not None:
-        if eligible.shape != (n,):
-            raise ConfigError(f"silhouette_dedup: eligible must be ({n},), got {tuple(eligible.shape)}")
-        ok = eligible.detach().cpu().to(torch.bool)
-        pair &= ok[:, None] & ok[None, :]
+    pair &= ok[:, None] & ok[None, :]
     ii, jj = pair.nonzero(as_tuple=True)
     dup = torch.zeros(n, n, dtype=torch.bool)
     if ii.numel():
-        areas = masks.areas
         boxes = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
-        for i, j, (x0, y0, x1, y1) in zip(ii.tolist(), jj.tolist(), boxes):
+        pairs = list(zip(ii.tolist(), jj.tolist()))
+        inters = []
+        for (i, j), (x0, y0, x1, y1) in zip(pairs, boxes):
             ri, rj = masks.regions[i], masks.regions[j]
             a = masks.crop(i)[y0 - ri[1]:y1 - ri[1], x0 - ri[0]:x1 - ri[0]]
             b = masks.crop(j)[y0 - rj[1]:y1 - rj[1], x0 - rj[0]:x1 - rj[0]]
-            inter = int((a & b).sum())
+            if masks.device.type == "cpu":
+                inters.append(torch.tensor(int(np.count_nonzero(a.numpy() & b.numpy()))))
+            else:
+                inters.append((a & b).sum())
+        got = torch.cat([torch.stack(inters), masks.area_tensor()]).tolist()
+        areas = got[len(pairs):]
+        for (i, j), inter in zip(pairs, got[:len(pairs)]):
             union = areas[i] + areas[j] - inter
             if union > 0 and inter / union > iou_thresh:
                 dup[i, j] = dup[j, i] = True
-    order = torch.argsort(silhouette_scores.detach().cpu(), descending=True, stable=True).tolist()
+    order = torch.argsort(torch.tensor(silhouette, dtype=torch.float64), descending=True, stable=True).tolist()
     removed = torch.zeros(n, dtype=torch.bool)
     for i in order:
         if not removed[i]:
             removed |= dup[i]
             removed[i] = False
-    return (~removed).nonzero(as_tuple=True)[0].to(device)
+    return (~removed).nonzero(as_tuple=True)[0].tolist()
