@@ -111,3 +111,31 @@ def test_paste_restores_the_thread_count_also_when_called_concurrently():
         assert all(torch.equal(m, want) for m in got)
     finally:
         torch.set_num_threads(before)
+
+
+def test_intra_op_threads_nest_and_restore_under_concurrency():
+    """The predictor's ``postprocess_threads`` block and the one-thread sections inside it: a nested
+    block gives back the count it found, and the process's count returns after concurrent frames."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sepsnet.postprocess.threads import intra_op_threads, one_intra_op_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with intra_op_threads(2):
+            assert torch.get_num_threads() == 2
+            with one_intra_op_thread(torch.device("cpu")):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+
+        def frame(_: int) -> None:
+            with intra_op_threads(2), one_intra_op_thread(torch.device("cpu")):
+                torch.ones(64).sum()
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(frame, range(16)))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

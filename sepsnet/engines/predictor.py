@@ -33,6 +33,7 @@ from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.preselect import Preselect, check_preselect
 from sepsnet.postprocess.results import PanopticResult
+from sepsnet.postprocess.threads import intra_op_threads
 from sepsnet.postprocess.timing import StageTimer
 
 PathLike = str | Path
@@ -305,7 +306,7 @@ class PanopticPredictor:
         t2 = time.perf_counter()
         timer = StageTimer(self.timing, self.dense.device)
         timer.start()
-        with _torch_threads(self.postprocess_threads):
+        with intra_op_threads(self.postprocess_threads):
             result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
                                         num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
                                         preselect=self.preselect, timer=timer)[0]
@@ -319,20 +320,6 @@ class PanopticPredictor:
         return result
 
     predict = __call__
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """torch intra-op threads ``n`` inside the block (nothing changes for None), restored after."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:

@@ -1,4 +1,8 @@
-"""One intra-op thread for stretches of small operations (issue 13)."""
+"""torch intra-op thread counts for stretches of post-processing (issue 13).
+
+``torch.set_num_threads`` is process-wide, so every user here goes through one count under a lock:
+the first entrant saves the process's setting and the last one out restores it, whatever the number
+of threads calling at once; a nested block gives back the count it found."""
 from __future__ import annotations
 
 import threading
@@ -8,31 +12,39 @@ from contextlib import contextmanager
 import torch
 
 _THREADS_LOCK = threading.Lock()
-_one_thread_users = 0
+_users = 0
 _saved_threads = 0
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads ``n`` inside the block (nothing changes for None); the process's own
+    setting comes back when the last concurrent or nested block ends."""
+    global _users, _saved_threads
+    if n is None:
+        yield
+        return
+    with _THREADS_LOCK:
+        entry = torch.get_num_threads()
+        if _users == 0:
+            _saved_threads = entry
+        _users += 1
+        if entry != n:
+            torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _users -= 1
+            back = _saved_threads if _users == 0 else entry  # a nested block gives its caller's count back
+            if torch.get_num_threads() != back:
+                torch.set_num_threads(back)
 
 
 @contextmanager
 def one_intra_op_thread(device: torch.device) -> Iterator[None]:
     """Run a stretch of small operations with one intra-op thread on CPU (no-op elsewhere): with two
     threads on a busy machine each small parallel operation waits for the other thread (the 100
-    per-box products of ``benchmarks/postprocess_speed.py``: 1.77 s against 0.13 s, same bits).
-    Process-wide like ``torch.set_num_threads`` itself; nested or concurrent users share one
-    save/restore (a count under a lock), so the original thread count always comes back."""
-    global _one_thread_users, _saved_threads
-    if device.type != "cpu":
+    per-box products of ``benchmarks/postprocess_speed.py``: 1.77 s against 0.13 s, same bits)."""
+    with intra_op_threads(1 if device.type == "cpu" else None):
         yield
-        return
-    with _THREADS_LOCK:
-        if _one_thread_users == 0:
-            _saved_threads = torch.get_num_threads()
-            if _saved_threads != 1:
-                torch.set_num_threads(1)
-        _one_thread_users += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _one_thread_users -= 1
-            if _one_thread_users == 0 and _saved_threads != 1:
-                torch.set_num_threads(_saved_threads)
