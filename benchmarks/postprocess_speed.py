@@ -31,7 +31,20 @@ from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.timing import StageTimer
 
 
-def make_dense(h: int, w: int, num_instances: int, device: str, seed: int = 0) -> dict:
+def stuff_logits(kind: str, classes: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+    """(1, classes, h, w) stand-in stuff logits. ``regions``: large smooth regions (a coarse random
+    field's argmax) with a clear lead of 4 for the region's class and noise of std 0.5, the shape of a
+    trained stuff head's output; ``blobs``: box-filtered noise of near-equal classes whose argmax
+    changes between about a fifth of neighbouring cells (a pessimistic case for the stuff pass)."""
+    if kind == "regions":
+        coarse = torch.nn.functional.interpolate(torch.randn(1, classes, 6, 12, generator=g), size=(h, w),
+                                                 mode="bilinear")
+        lead = torch.nn.functional.one_hot(coarse[0].argmax(0), classes).permute(2, 0, 1)[None].float() * 4
+        return lead + torch.randn(1, classes, h, w, generator=g) * 0.5
+    return torch.nn.functional.avg_pool2d(torch.randn(1, classes, h, w, generator=g), 31, 1, 15) * 10
+
+
+def make_dense(h: int, w: int, num_instances: int, device: str, seed: int = 0, stuff: str = "blobs") -> dict:
     g = torch.Generator().manual_seed(seed)
     t, s, k, m = 8, 11, 4, 14
     sizes = level_sizes((h // 8, w // 8), 5)
@@ -48,13 +61,12 @@ def make_dense(h: int, w: int, num_instances: int, device: str, seed: int = 0) -
     scores = torch.rand(num_loc, t, generator=g) * 0.06  # background: many above 0.05
     hot = torch.randperm(num_loc, generator=g)[: int(num_instances * 1.5)]
     scores[hot, torch.randint(0, t, (hot.numel(),), generator=g)] = 0.5 + 0.5 * torch.rand(hot.numel(), generator=g)
-    stuff = torch.randn(1, s + 1, h // 4, w // 4, generator=g)
-    stuff = torch.nn.functional.avg_pool2d(stuff, 31, 1, 15) * 10  # smooth blobs of stuff classes
+    stuff_map = stuff_logits(stuff, s + 1, h // 4, w // 4, g)
     dense = {
         "boxes": boxes[None], "scores": scores[None], "centerness": 0.5 + 0.5 * torch.rand(1, num_loc, generator=g),
         "attention": torch.randn(1, num_loc, k * m * m, generator=g),
         "bases": torch.randn(1, k + 1, h // 4, w // 4, generator=g),
-        "p3": torch.randn(1, 16, h // 8, w // 8, generator=g), "stuff_logits": stuff,
+        "p3": torch.randn(1, 16, h // 8, w // 8, generator=g), "stuff_logits": stuff_map,
     }
     return {key: v.to(device) for key, v in dense.items()}
 
@@ -116,6 +128,7 @@ def ab_compare(a: argparse.Namespace) -> int:
                 cmd = [sys.executable, str(here), "--no-reference", "--repeats", str(a.repeats), "--height",
                        str(a.height), "--width", str(a.width), "--instances", str(a.instances), "--out", str(out)]
                 cmd += ["--threads", str(a.threads)] if a.threads else []
+                cmd += ["--stuff-logits", a.stuff_logits] if a.stuff_logits != "blobs" else []
                 env = {**os.environ, "PYTHONPATH": src}
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                 got[name].append(json.loads(out.read_text())["median_seconds"])
@@ -152,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice, 2 on the project machine)")
+    p.add_argument("--stuff-logits", choices=("blobs", "regions"), default="blobs",
+                   help="stand-in stuff head output: blobs (near-equal classes, fragmented argmax; pessimistic) "
+                        "or regions (large regions with a clear lead, like a trained head)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -159,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return ab_compare(a)
     cfg = SEPSNetConfig()
     cfg.postprocess.max_instances = a.instances
-    dense = make_dense(a.height, a.width, a.instances, a.device)
+    dense = make_dense(a.height, a.width, a.instances, a.device, stuff=a.stuff_logits)
     sizes = [((a.height, a.width), (a.height, a.width))]
 
     def timed_run() -> tuple:
@@ -195,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                   "cpu_seconds_ratio": round(bmed["cpu"] / med["cpu"], 2)}
     report = {
         "size": [a.height, a.width], "device": a.device, "torch_threads": torch.get_num_threads(),
+        "stuff_logits": a.stuff_logits,
         "instances_kept": res.num_instances, "segments": len(res.segments_info), "repeats": a.repeats,
         "median_seconds": {k: round(v, 5) for k, v in med.items()},
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -75,12 +75,14 @@ def test_deferred_read_form_and_row_tiles_equal_reference(seed: int, monkeypatch
     read; scatter-add counts) and the stuff resample split into row tiles, run here on CPU."""
     monkeypatch.setattr(fusion, "READ_ON_CPU", False)
     monkeypatch.setattr(stuff, "_intra_op_threads", lambda: 3)
+    monkeypatch.setattr(stuff, "_MAX_UNDECIDED", -1.0)  # the resample itself, not the decided labels
     _check_randomized(seed)
 
 
 def test_stuff_row_tiles_equal_single_resample(monkeypatch) -> None:
     """Stuff labels from exact row tiles (several threads) are those of the single resample of
     the reference, for power-of-two and other scales, enlarging and shrinking."""
+    monkeypatch.setattr(stuff, "_MAX_UNDECIDED", -1.0)  # the resample itself, not the decided labels
     g = torch.Generator().manual_seed(7)
     tiled = 0
     for i in range(24):
@@ -100,6 +102,43 @@ def test_stuff_row_tiles_equal_single_resample(monkeypatch) -> None:
             tiled += stuff._row_tiles(hs + 1, oh, 4 * oh / rh, parts) is not None
             assert torch.equal(stuff.stuff_label_map(logits, (rh, rw), (oh, ow)).long(), want)
     assert tiled >= 10
+
+
+def test_stuff_labels_decided_without_resampling_equal_reference(monkeypatch) -> None:
+    """Labels decided from agreeing source cells, interpolated where they disagree and left to the
+    kernel (on a small window) at near ties are those of the full resample of the reference: region
+    maps like a trained stuff head's, the same with exact ties, and noise (where the fast form
+    gives up), at enlarging, shrinking and power-of-two scales."""
+    calls = {"decided": 0, "windows": 0}
+    decided, window = stuff._decided_labels, stuff._kernel_label_at
+
+    def count_decided(*args):
+        out = decided(*args)
+        calls["decided"] += out is not None
+        return out
+
+    def count_window(*args):
+        calls["windows"] += 1
+        return window(*args)
+
+    monkeypatch.setattr(stuff, "_decided_labels", count_decided)
+    monkeypatch.setattr(stuff, "_kernel_label_at", count_window)
+    g = torch.Generator().manual_seed(11)
+    for i in range(18):
+        c = int(torch.randint(2, 14, (1,), generator=g))
+        hs, ws = (int(v) for v in torch.randint(24, 70, (2,), generator=g))
+        layout = F.interpolate(torch.randn(1, c, 3, 5, generator=g), size=(hs, ws), mode="bilinear")[0].argmax(0)
+        logits = F.one_hot(layout, c).permute(2, 0, 1).float() * 4 + torch.randn(c, hs, ws, generator=g) * 0.5
+        if i % 3 == 1:
+            logits = logits.round()  # exact ties between classes
+        elif i % 3 == 2 and i % 2:
+            logits = torch.randn(c, hs, ws, generator=g)  # no regions: the resample runs
+        rh, rw = hs * 4 - int(torch.randint(0, 4, (1,), generator=g)), ws * 4 - 1
+        oh, ow = ((int(v) for v in torch.randint(80, 500, (2,), generator=g)) if i % 2
+                  else (rh * (1, 2, 4)[i % 3], rw * (1, 2, 4)[i % 3]))
+        want = ref.stuff_labels_at(logits, (rh, rw), (oh, ow))
+        assert torch.equal(stuff.stuff_label_map(logits, (rh, rw), (oh, ow)).long(), want)
+    assert calls["decided"] >= 10 and calls["windows"] >= 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

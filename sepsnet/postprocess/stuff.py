@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 _BAND_BYTES = 128 << 20  # float32 scratch per band of resized stuff logits (large maps)
 _INTERP_BYTES = 768 << 20  # up to this, resize all stuff logits in one F.interpolate
 STUFF_STRIDE = 4
+_MARGIN = 1e-5  # x max |logit|: a lead kept through the kernel's rounding (a few float32 ulps, ~4e-7)
+_MAX_UNDECIDED = 0.25  # above this share of pixels to interpolate here, the dense kernel is faster
+_MAX_NEAR_TIES = 256  # pixels left to the kernel one by one; beyond, the dense kernel
 
 
 def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
@@ -42,6 +46,9 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
         # a replicated extra cell makes the output cover (oh, ow) whatever rounding
         x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
         sf = (stride * oh / rh, stride * ow / rw)
+        decided = _decided_labels(x, (oh, ow), sf, dtype) if dev.type == "cpu" else None
+        if decided is not None:
+            return decided
         tiles = _row_tiles(x.shape[2], oh, sf[0], _intra_op_threads()) if dev.type == "cpu" else None
         if tiles is not None:
             n = tiles[0][2]
@@ -69,6 +76,94 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
         vals = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
         labels[y0:y0 + band] = vals[0].argmax(0).to(dtype)
     return labels
+
+
+def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, float],
+                    dtype: torch.dtype) -> torch.Tensor | None:
+    """The labels of ``F.interpolate(x, scale_factor=sf, bilinear)[..., :oh, :ow].max(channels)``
+    (the dense path below) without resampling every class at every pixel; None when that would not
+    pay (then the caller runs the dense path).
+
+    Every output value is a sum of its 4 source cells with weights >= 0 summing to ~1, computed by the
+    kernel with an error of a few float32 ulps of the largest |logit| (``bound``). So where the 4
+    source cells of a pixel (:func:`source_taps`: the kernel's own indices) share their top class k,
+    each ahead of its runner-up by more than ``_MARGIN`` x bound, the kernel's value of k is strictly
+    the largest: the label is k, with no resampling. The other pixels are interpolated here (float32,
+    the kernel's weights); where their top two are more than the margin apart, the kernel's maximum is
+    the same. The few near ties left, where the kernel's rounding decides, get the kernel itself, run
+    on a small window that gives the pixel the full call's source cells and weights."""
+    oh, ow = out_hw
+    c, h, w = x.shape[1:]
+    cells = x[0].permute(1, 2, 0).reshape(h * w, c)  # the (h, w, C) channels-last memory, no copy
+    bound = float(cells.abs().max())
+    if c < 2 or not math.isfinite(bound):
+        return None
+    top2 = cells.topk(2, dim=1)  # over the classes of each cell (first maximum first)
+    labels = top2.indices[:, 0].reshape(h, w).numpy().astype(np.uint8 if c <= 256 else np.int64)
+    good = ((top2.values[:, 0] - top2.values[:, 1]) > _MARGIN * bound).reshape(h, w).numpy()
+    # a cell block (i..i+1, j..j+1) (edge-clamped) whose 4 cells agree with a margin
+    lp, gp = np.pad(labels, ((0, 1), (0, 1)), mode="edge"), np.pad(good, ((0, 1), (0, 1)), mode="edge")
+    block = (gp[:-1, :-1] & gp[1:, :-1] & gp[:-1, 1:] & gp[1:, 1:] & (lp[:-1, :-1] == lp[1:, :-1])
+             & (lp[:-1, :-1] == lp[:-1, 1:]) & (lp[:-1, :-1] == lp[1:, 1:]))
+    if block.mean() < 1.0 - _MAX_UNDECIDED:
+        return None
+    ty0, ty1, tly = (t[:oh].numpy() for t in source_taps(int(math.floor(float(h) * sf[0])), h, sf[0]))
+    tx0, tx1, tlx = (t[:ow].numpy() for t in source_taps(int(math.floor(float(w) * sf[1])), w, sf[1]))
+    if len(ty0) < oh or len(tx0) < ow:
+        return None
+    out = np.take(labels[ty0], tx0, axis=1)  # rows, then columns: two cheap gathers
+    ys, xs = np.nonzero(~np.take(block[ty0], tx0, axis=1))
+    if len(ys) > _MAX_UNDECIDED * oh * ow:
+        return None
+    if len(ys):
+        # float32 like the kernel: both within ~4e-7 x bound of the exact sums, far inside the margin
+        ly = torch.from_numpy(tly[ys])[:, None]
+        lx = torch.from_numpy(tlx[xs])[:, None]
+        r0, r1 = torch.from_numpy(ty0[ys] * w), torch.from_numpy(ty1[ys] * w)
+        c0, c1 = torch.from_numpy(tx0[xs]), torch.from_numpy(tx1[xs])
+        vals = ((1 - ly) * ((1 - lx) * cells.index_select(0, r0 + c0) + lx * cells.index_select(0, r0 + c1))
+                + ly * ((1 - lx) * cells.index_select(0, r1 + c0) + lx * cells.index_select(0, r1 + c1)))
+        pair = vals.topk(2, dim=1)
+        near = ((pair.values[:, 0] - pair.values[:, 1]) <= _MARGIN * bound).numpy()
+        out[ys, xs] = pair.indices[:, 0].numpy()
+        if near.any():  # near ties: the kernel decides, run on a few cells around each such pixel
+            if near.sum() > _MAX_NEAR_TIES:
+                return None
+            taps = ((ty0, ty1, tly, h, sf[0]), (tx0, tx1, tlx, w, sf[1]))
+            for y, x_ in zip(ys[near], xs[near]):
+                label = _kernel_label_at(x, (int(y), int(x_)), taps)
+                if label is None:
+                    return None
+                out[y, x_] = label
+    return torch.from_numpy(out).to(dtype)
+
+
+def _local_window(i: int, taps: tuple) -> tuple[int, int, int] | None:
+    """A source window (first cell, cells) around output index ``i`` along one axis and the index
+    ``k`` of that output in the window's own resample, such that it gets the source cells and weight
+    of the full call (same kernel arithmetic then): (first, cells, k), or None."""
+    t0, t1, tl, n_in, sf = taps
+    g0, g1 = int(t0[i]), int(t1[i])
+    first = max(0, g0 - 1)  # a cell before: no clamping at the window's start unless the map's own
+    cells = min(n_in, g1 + 2) - first  # and a cell after, unless the map ends there
+    l0, l1, ll = source_taps(int(math.floor(float(cells) * sf)), cells, sf)
+    guess = int(round((i + 0.5) - first * sf))
+    for k in range(max(0, guess - 3), min(len(l0), guess + 4)):
+        if int(l0[k]) + first == g0 and int(l1[k]) + first == g1 and float(ll[k]) == float(tl[i]):
+            return first, cells, k
+    return None
+
+
+def _kernel_label_at(x: torch.Tensor, yx: tuple[int, int], taps: tuple) -> int | None:
+    """The dense path's label of output pixel ``yx``: the kernel run on a small window of ``x`` whose
+    resample gives that pixel the full call's source cells and weights; None if no such window."""
+    wy, wx = _local_window(yx[0], taps[0]), _local_window(yx[1], taps[1])
+    if wy is None or wx is None:
+        return None
+    crop = x[:, :, wy[0]:wy[0] + wy[1], wx[0]:wx[0] + wx[1]].contiguous(memory_format=torch.channels_last)
+    sf = (taps[0][4], taps[1][4])
+    up = F.interpolate(crop, scale_factor=sf, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    return int(up[0].permute(1, 2, 0)[wy[2]:wy[2] + 1, wx[2]:wx[2] + 1].max(-1).indices)
 
 
 def stuff_labels_at(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
