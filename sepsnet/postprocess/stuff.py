@@ -98,9 +98,9 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
     bound = float(cells.abs().max())
     if c < 2 or not math.isfinite(bound):
         return None
-    top2 = cells.topk(2, dim=1)  # over the classes of each cell (first maximum first)
-    labels = top2.indices[:, 0].reshape(h, w).numpy().astype(np.uint8 if c <= 256 else np.int64)
-    good = ((top2.values[:, 0] - top2.values[:, 1]) > _MARGIN * bound).reshape(h, w).numpy()
+    lead, top = _lead(cells)
+    labels = top.reshape(h, w).numpy().astype(np.uint8 if c <= 256 else np.int64)
+    good = (lead > _MARGIN * bound).reshape(h, w).numpy()
     # a cell block (i..i+1, j..j+1) (edge-clamped) whose 4 cells agree with a margin
     lp, gp = np.pad(labels, ((0, 1), (0, 1)), mode="edge"), np.pad(good, ((0, 1), (0, 1)), mode="edge")
     block = (gp[:-1, :-1] & gp[1:, :-1] & gp[:-1, 1:] & gp[1:, 1:] & (lp[:-1, :-1] == lp[1:, :-1])
@@ -112,7 +112,7 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
     if len(ty0) < oh or len(tx0) < ow:
         return None
     out = np.take(labels[ty0], tx0, axis=1)  # rows, then columns: two cheap gathers
-    ys, xs = np.nonzero(~np.take(block[ty0], tx0, axis=1))
+    ys, xs = _pixels_of_blocks(~block, ty0, tx0)
     if len(ys) > _MAX_UNDECIDED * oh * ow:
         return None
     if len(ys):
@@ -123,9 +123,9 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
         c0, c1 = torch.from_numpy(tx0[xs]), torch.from_numpy(tx1[xs])
         vals = ((1 - ly) * ((1 - lx) * cells.index_select(0, r0 + c0) + lx * cells.index_select(0, r0 + c1))
                 + ly * ((1 - lx) * cells.index_select(0, r1 + c0) + lx * cells.index_select(0, r1 + c1)))
-        pair = vals.topk(2, dim=1)
-        near = ((pair.values[:, 0] - pair.values[:, 1]) <= _MARGIN * bound).numpy()
-        out[ys, xs] = pair.indices[:, 0].numpy()
+        lead, top = _lead(vals)
+        near = (lead <= _MARGIN * bound).numpy()
+        out[ys, xs] = top.numpy()
         if near.any():  # near ties: the kernel decides, run on a few cells around each such pixel
             if near.sum() > _MAX_NEAR_TIES:
                 return None
@@ -136,6 +136,27 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
                     return None
                 out[y, x_] = label
     return torch.from_numpy(out).to(dtype)
+
+
+def _pixels_of_blocks(blocks: np.ndarray, ty0: np.ndarray, tx0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ys, xs) of the output pixels whose first source cell (``ty0[y]``, ``tx0[x]``, non-decreasing)
+    is a True cell of ``blocks``: each cell's pixels are a rectangle, listed without a full-size scan."""
+    bi, bj = np.nonzero(blocks)
+    r0, r1 = np.searchsorted(ty0, bi, "left"), np.searchsorted(ty0, bi, "right")
+    c0, c1 = np.searchsorted(tx0, bj, "left"), np.searchsorted(tx0, bj, "right")
+    width = c1 - c0
+    counts = (r1 - r0) * width
+    owner = np.repeat(np.arange(len(bi)), counts)
+    offset = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return r0[owner] + offset // width[owner], c0[owner] + offset % width[owner]
+
+
+def _lead(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``rows`` (n, C): how far the largest value is ahead of the next one (0 for a tie)
+    and its index (the first maximum). Two ``max`` passes; faster than ``topk(2)`` for small C."""
+    best = rows.max(dim=1)
+    rest = rows.scatter(1, best.indices[:, None], float("-inf")).amax(dim=1)
+    return best.values - rest, best.indices
 
 
 def _local_window(i: int, taps: tuple) -> tuple[int, int, int] | None:
