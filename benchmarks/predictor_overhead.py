@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-ort-defaults", action="store_true",
                    help="also time the bundle with ONNX Runtime's defaults (spinning threads, graphs as exported), "
                         "alternating passes with the predictor's settings")
+    p.add_argument("--panoptic-only", action="store_true",
+                   help="predictor.panoptic_only: the instance engine only on candidates that can enter the "
+                        "panoptic result (same panoptic output)")
     p.add_argument("--out", default="predictor_overhead.json")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0 or a.threads < 1 or (a.postprocess_threads or 1) < 1:
@@ -221,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         predictors["ort_defaults"] = ort_defaults_predictor(a.bundle, a.threads)
     for each in predictors.values():
         each.postprocess_threads = a.postprocess_threads
+        each.panoptic_only = a.panoptic_only
     got = measure(predictors, frames, a.repeats, a.warmup)
     med = got["predictor"]["median"]
     result = {
         "bundle": str(a.bundle), "input_hw": predictor.input_hw, "backend": predictor.backend_choice,
         "images": [name for name, _ in frames], "frame_hw": list(hw),
         "network_input_resized_hw": list(predictor.preprocess(frames[0][1])[1][0]),
-        "threads": a.threads, "postprocess_threads": a.postprocess_threads or a.threads, "repeats": a.repeats,
+        "threads": a.threads, "postprocess_threads": a.postprocess_threads or a.threads,
+        "panoptic_only": a.panoptic_only, "repeats": a.repeats,
         "warmup": a.warmup,
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, **summary(med),

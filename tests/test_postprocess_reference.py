@@ -236,3 +236,48 @@ def test_real_photos_equal_reference(photo) -> None:
         want = ref.panoptic_inference(dense, model.forward_instances, [((rh, rw), (h, w))], cfg)[0]
     assert want.num_instances > 0 and got.id_map.shape == (h, w)
     assert_same(got, want)
+
+
+def _per_roi_instances(with_scores: bool):
+    """A stand-in instance engine whose outputs for one roi depend on that roi alone (as a real
+    engine's do, up to batch-size rounding), so running it on fewer rois changes nothing for them."""
+    def run(bases, p3, rois, attention):
+        key = (rois[:, 1:] * torch.tensor([0.013, 0.029, 0.017, 0.031])).sum(1)
+        grid = torch.linspace(-1, 1, R)
+        blob = 1 - (grid[None, :, None] ** 2 + grid[None, None, :] ** 2) * (1.2 + key.frac()[:, None, None])
+        out = {"mask_probs": torch.sigmoid(blob * 6)}
+        if with_scores:
+            out["iou_score"] = torch.sigmoid(torch.sin(key * 7.0) * 3)
+            out["silhouette_score"] = torch.sigmoid(torch.cos(key * 5.0) * 3)
+        return out
+    return run
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: int) -> None:
+    """``panoptic_only``: the instance engine sees only candidates whose best possible Eq. 4 score
+    reaches the threshold; id maps and segments are those of the full run, and every instance of the
+    full run that is eligible is among those kept."""
+    g = torch.Generator().manual_seed(100 + seed)
+    cfg = SEPSNetConfig()
+    pp = cfg.postprocess
+    pp.instance_score_thresh = [0.5, 0.6, 0.75, 0.5][seed]
+    pp.max_instances = 60
+    dense = _random_dense(g, 2, 96, 160, hot=40)
+    sizes = [((96, 152), (130, 205)), ((80, 160), (61, 122))]
+    seen: list[int] = []
+    inner = _per_roi_instances(with_scores=seed != 3)
+
+    def run(bases, p3, rois, attention):
+        seen.append(rois.shape[0])
+        return inner(bases, p3, rois, attention)
+
+    full = panoptic_inference(dense, run, sizes, cfg)
+    fast = panoptic_inference(dense, run, sizes, cfg, panoptic_only=True)
+    assert seen[1] < seen[0]
+    for a, b in zip(fast, full):
+        assert torch.equal(a.id_map, b.id_map) and a.segments_info == b.segments_info
+        thresh = pp.instance_score_thresh
+        kept_a, kept_b = a.instance_scores >= thresh, b.instance_scores >= thresh
+        assert torch.equal(a.instance_scores[kept_a], b.instance_scores[kept_b])
+    assert any(s["isthing"] for r in full for s in r.segments_info)

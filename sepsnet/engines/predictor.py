@@ -89,6 +89,9 @@ class PanopticPredictor:
         #: torch intra-op threads for the post-processing of a frame (None: torch's setting). Set on the
         #: calling thread around :meth:`finish` only (OpenMP's thread count is per calling thread).
         self.postprocess_threads: int | None = None
+        # run the instance engine only on candidates that can enter the panoptic result (same panoptic
+        # output; instance lists hold only those): for camera loops that do not need mask AP
+        self.panoptic_only = False
         self.dense, self.instance = dense, instance
         self.data, self.postprocess = data, postprocess
         self.classes = classes
@@ -309,7 +312,8 @@ class PanopticPredictor:
         with intra_op_threads(self.postprocess_threads):
             result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
                                         num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
-                                        preselect=self.preselect, timer=timer)[0]
+                                        preselect=self.preselect, timer=timer,
+                                        panoptic_only=self.panoptic_only)[0]
         total = prepared.seconds + dense_seconds + time.perf_counter() - t2
         if self.timing:
             result.timings = {**timer.snapshot(), **result.timings, "preprocess": prepared.seconds,

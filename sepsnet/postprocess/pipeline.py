@@ -66,6 +66,18 @@ def _sizes(image_sizes: Sequence[Any]) -> list[tuple[tuple[int, int], tuple[int,
     return out
 
 
+def panoptic_candidates(cands: Candidates, pp: Any) -> Candidates:
+    """The candidates whose Eq. 4 mask score can reach ``pp.instance_score_thresh`` whatever the
+    confidence head says: the score with a predicted IoU of 1 (its sigmoid's largest value), computed
+    by :func:`mask_scores` itself (rounding is monotone, so no IoU gives more), or the FCOS score
+    alone when there is no confidence head. The others are never eligible for dedup or fusion."""
+    fcos = cands.scores.float()
+    best = torch.maximum(fcos, mask_scores(fcos, torch.ones_like(fcos), pp.alpha))
+    keep = best >= pp.instance_score_thresh
+    return Candidates(boxes=cands.boxes[keep], scores=cands.scores[keep], classes=cands.classes[keep],
+                      attention=cands.attention[keep], batch_index=cands.batch_index[keep])
+
+
 def run_instance_engine(run_instances: InstanceFn, dense: Mapping[str, torch.Tensor],
                         cands: list[Candidates]) -> list[InstanceOutputs | None]:
     """One instance-engine call for every candidate of the batch (rois ``[batch_index, box]``),
@@ -145,6 +157,7 @@ def panoptic_inference(
     return_masks: bool = True,
     preselect: Preselect | Mapping[str, Any] | None = None,
     timer: StageTimer | None = None,
+    panoptic_only: bool = False,
 ) -> list[PanopticResult]:
     """Dense outputs (INTERFACES.md names) -> one :class:`PanopticResult` per image.
 
@@ -154,6 +167,9 @@ def panoptic_inference(
     :class:`Preselect` of a dense engine that keeps only the top-k locations per level (None
     for all locations). ``timer``: an enabled :class:`StageTimer` fills each result's
     ``timings`` (seconds per stage; the batch stages are shared); without one nothing is timed.
+    ``panoptic_only``: the instance engine runs only on candidates that can reach
+    ``instance_score_thresh`` (:func:`panoptic_candidates`); the panoptic output is the same, the
+    result's instance lists hold only those candidates (mask AP needs them all: off by default).
     """
     pp = postprocess_cfg(cfg)
     preselect = Preselect.coerce(preselect)
@@ -170,6 +186,8 @@ def panoptic_inference(
     with timer.stage("candidates"):
         cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
                                   level_entries(dense["p3"].shape[-2:], preselect), pp, [s[0] for s in sizes])
+        if panoptic_only:
+            cands = [panoptic_candidates(c, pp) for c in cands]
     with timer.stage("instances"):
         inst = run_instance_engine(run_instances, dense, cands)
     shared = timer.snapshot()
