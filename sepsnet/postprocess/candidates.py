@@ -123,18 +123,22 @@ def _select_image(b: int, boxes: torch.Tensor, scores: torch.Tensor, centerness:
     """:func:`select_candidates` for image ``b``."""
     counts = [e - s for s, e in zip(starts[:-1], starts[1:])]
     loc_list, cls_list, val_list = [], [], []
+    num_cls = scores.shape[-1]
     for lvl in range(len(counts)):
         s, e = starts[lvl], starts[lvl + 1]
         prob = scores[b, s:e]  # (l, T)
-        cand = (prob > pp.score_thresh).nonzero()  # (c, 2) [loc, cls]
-        if cand.numel() == 0:
+        above = prob > pp.score_thresh
+        # flat indices loc * T + cls, row-major like (l, T).nonzero()
+        flat = above.view(-1).nonzero().squeeze(1) if above.is_contiguous() else above.reshape(-1).nonzero()[:, 0]
+        if flat.numel() == 0:
             continue
-        val = prob[cand[:, 0], cand[:, 1]] * centerness[b, s + cand[:, 0]]
+        loc = torch.div(flat, num_cls, rounding_mode="floor")
+        val = prob.masked_select(above) * centerness[b, s + loc]
         if val.numel() > pp.pre_nms_topk:
             val, top = val.topk(pp.pre_nms_topk, sorted=False)
-            cand = cand[top]
-        loc_list.append(cand[:, 0] + s)
-        cls_list.append(cand[:, 1])
+            flat, loc = flat[top], loc[top]
+        loc_list.append(loc + s)
+        cls_list.append(flat - loc * num_cls)
         val_list.append(val)
     if loc_list:
         loc = torch.cat(loc_list)
