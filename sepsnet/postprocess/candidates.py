@@ -190,8 +190,8 @@ def class_nms_top(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tens
     ranked = scores[order]
     m = _PREFIX_PER_KEEP * max_keep
     while True:
-        while m < n and bool(ranked[m - 1] == ranked[m]):  # do not cut a group of equal scores
-            m += 1
+        if m < n and bool(ranked[m - 1] == ranked[m]):  # do not cut a group of equal scores
+            m = max(m, int((ranked >= ranked[m - 1]).sum()))
         top = order[:m].sort().values  # index order, as batched_nms passes each class to nms
         kept = top[_per_class_nms(boxes[top], scores[top], classes[top], iou)]
         if kept.numel() >= max_keep or m >= n:
