@@ -61,3 +61,25 @@ def test_zero_candidates_and_shape_errors():
     assert len(out) == 1 and len(out[0]) == 0 and out[0].attention.shape == (0, 8)
     with pytest.raises(ConfigError, match="locations"):
         select_candidates(boxes, scores, ctr, att, [(2, 2)], PostprocessConfig())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_nms_equals_full_batched_nms(seed):
+    """class_nms_top (NMS on a growing top-score prefix) == batched_nms(...)[:k] on the CPU path
+    with thousands of candidates: distinct scores (no tie order involved), several classes, k
+    from a handful (first prefix enough) to more than survive (prefix grows to all)."""
+    from torchvision.ops import batched_nms
+
+    from sepsnet.postprocess.candidates import class_nms_top
+
+    g = torch.Generator().manual_seed(seed)
+    n = 3000 + 1000 * seed
+    xy = torch.rand(n, 2, generator=g) * 800
+    wh = torch.rand(n, 2, generator=g) * (40 + 120 * seed) + 1
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = (torch.randperm(n, generator=g) + 1).float() / n
+    classes = torch.randint(0, 1 + 3 * seed, (n,), generator=g)
+    for k in (5, 100, 400, n):
+        for iou in (0.3, 0.6):
+            want = batched_nms(boxes, scores, classes, iou)[:k]
+            assert torch.equal(class_nms_top(boxes, scores, classes, iou, k), want)

@@ -5,6 +5,12 @@ FCOS test-time selection with the AdelaiDet defaults: class probability above
 FCOS score ``sqrt(prob * centerness)``, boxes clipped to the resized (unpadded)
 image, class-aware NMS (:func:`torchvision.ops.batched_nms`), at most
 ``max_instances`` kept per image.
+
+Greedy NMS decides a box from the higher-scoring boxes only, so when just the best
+``max_instances`` survivors are wanted, NMS over the top-scoring prefix of the candidates keeps
+exactly the full run's survivors within that prefix; :func:`class_nms_top` grows the prefix until
+it holds ``max_instances`` survivors (CPU, where thousands of low-score candidates dominate the
+time), with the same per-class :func:`torchvision.ops.nms` calls as ``batched_nms``.
 """
 from __future__ import annotations
 
@@ -14,11 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.preselect import Preselect
 from sepsnet.postprocess.threads import one_intra_op_thread
+
+#: torchvision's ``batched_nms`` runs one ``nms`` per class above this many box coordinates on CPU
+#: (below it, one ``nms`` on class-offset boxes); :func:`class_nms_top` takes a prefix only there
+_VANILLA_NMS_NUMEL = 4000
+#: first NMS prefix: this many candidates per wanted survivor (grown x4 while too few survive)
+_PREFIX_PER_KEEP = 4
 
 
 @dataclass
@@ -111,18 +123,22 @@ def _select_image(b: int, boxes: torch.Tensor, scores: torch.Tensor, centerness:
     """:func:`select_candidates` for image ``b``."""
     counts = [e - s for s, e in zip(starts[:-1], starts[1:])]
     loc_list, cls_list, val_list = [], [], []
+    num_cls = scores.shape[-1]
     for lvl in range(len(counts)):
         s, e = starts[lvl], starts[lvl + 1]
         prob = scores[b, s:e]  # (l, T)
-        cand = (prob > pp.score_thresh).nonzero()  # (c, 2) [loc, cls]
-        if cand.numel() == 0:
+        above = prob > pp.score_thresh
+        # flat indices loc * T + cls, row-major like (l, T).nonzero()
+        flat = above.view(-1).nonzero().squeeze(1) if above.is_contiguous() else above.reshape(-1).nonzero()[:, 0]
+        if flat.numel() == 0:
             continue
-        val = prob[cand[:, 0], cand[:, 1]] * centerness[b, s + cand[:, 0]]
+        loc = torch.div(flat, num_cls, rounding_mode="floor")
+        val = prob.masked_select(above) * centerness[b, s + loc]
         if val.numel() > pp.pre_nms_topk:
             val, top = val.topk(pp.pre_nms_topk, sorted=False)
-            cand = cand[top]
-        loc_list.append(cand[:, 0] + s)
-        cls_list.append(cand[:, 1])
+            flat, loc = flat[top], loc[top]
+        loc_list.append(loc + s)
+        cls_list.append(flat - loc * num_cls)
         val_list.append(val)
     if loc_list:
         loc = torch.cat(loc_list)
@@ -139,8 +155,7 @@ def _select_image(b: int, boxes: torch.Tensor, scores: torch.Tensor, centerness:
         bx[:, 1::2] = bx[:, 1::2].clamp(0, float(h))
     valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
     bx, cls, fcos, loc = bx[valid], cls[valid], fcos[valid], loc[valid]
-    keep = batched_nms(bx.float(), fcos.float(), cls, pp.nms_thresh)  # sorted by score
-    keep = keep[: pp.max_instances]
+    keep = class_nms_top(bx.float(), fcos.float(), cls, pp.nms_thresh, pp.max_instances)  # sorted by score
     return Candidates(
         boxes=bx[keep],
         scores=fcos[keep],
@@ -148,3 +163,38 @@ def _select_image(b: int, boxes: torch.Tensor, scores: torch.Tensor, centerness:
         attention=attention[b, loc[keep]],
         batch_index=torch.full((keep.numel(),), b, dtype=torch.int64, device=boxes.device),
     )
+
+
+def _per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
+    """Bool (n,) survivors of one :func:`torchvision.ops.nms` per class (``batched_nms``'s CPU form)."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for c in torch.unique(classes):
+        idx = torch.where(classes == c)[0]
+        keep[idx[nms(boxes[idx], scores[idx], iou)]] = True
+    return keep
+
+
+def class_nms_top(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float,
+                  max_keep: int) -> torch.Tensor:
+    """``batched_nms(boxes, scores, classes, iou)[:max_keep]`` (indices, descending score).
+
+    On CPU with many candidates: class-wise NMS on the ``4 * max_keep`` best-scoring candidates,
+    the prefix grown x4 until ``max_keep`` survive or it holds all (a prefix never ends inside a
+    group of equal scores). Survivors in a prefix are the full run's survivors there (a box is
+    dropped only by a higher-scoring kept box of its class), so the first ``max_keep`` agree."""
+    n = int(scores.numel())
+    if boxes.device.type != "cpu" or boxes.numel() <= _VANILLA_NMS_NUMEL or max_keep <= 0 \
+            or n <= _PREFIX_PER_KEEP * max_keep:
+        return batched_nms(boxes, scores, classes, iou)[:max(max_keep, 0)]
+    order = scores.argsort(descending=True)
+    ranked = scores[order]
+    m = _PREFIX_PER_KEEP * max_keep
+    while True:
+        if m < n and bool(ranked[m - 1] == ranked[m]):  # do not cut a group of equal scores
+            m = max(m, int((ranked >= ranked[m - 1]).sum()))
+        top = order[:m].sort().values  # index order, as batched_nms passes each class to nms
+        kept = top[_per_class_nms(boxes[top], scores[top], classes[top], iou)]
+        if kept.numel() >= max_keep or m >= n:
+            break
+        m = min(n, m * 4)
+    return kept[scores[kept].sort(descending=True)[1]][:max_keep]
