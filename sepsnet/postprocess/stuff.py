@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sepsnet.postprocess.threads import one_intra_op_thread
+
 _BAND_BYTES = 128 << 20  # float32 scratch per band of resized stuff logits (large maps)
 _INTERP_BYTES = 768 << 20  # up to this, resize all stuff logits in one F.interpolate
 STUFF_STRIDE = 4
@@ -46,9 +48,11 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
         # a replicated extra cell makes the output cover (oh, ow) whatever rounding
         x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
         sf = (stride * oh / rh, stride * ow / rw)
-        decided = _decided_labels(x, (oh, ow), sf, dtype) if dev.type == "cpu" else None
-        if decided is not None:
-            return decided
+        if dev.type == "cpu":
+            with one_intra_op_thread(dev):  # a second thread costs more than it gives when a core is busy
+                decided = _decided_labels(x, (oh, ow), sf, dtype)
+            if decided is not None:
+                return decided
         tiles = _row_tiles(x.shape[2], oh, sf[0], _intra_op_threads()) if dev.type == "cpu" else None
         if tiles is not None:
             n = tiles[0][2]
