@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -66,7 +67,8 @@ def _first_last(flags: torch.Tensor) -> torch.Tensor:
 def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor,
                       pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """:func:`_fuse_things` on CPU with NumPy views of the same memory: one thread, microsecond
-    calls, values read as they come and a skipped instance left at once."""
+    calls (OpenCV for the kept count and bbox), values read as they come and a skipped instance
+    left at once."""
     ids = id_map.numpy()
     areas = masks.areas
     visits: list[int] = []
@@ -77,14 +79,13 @@ def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor
         if area == 0:
             continue
         occupied = ids[y0:y1, x0:x1]
-        kept = masks.crop(i).numpy() & (occupied == 0)
-        k = int(np.count_nonzero(kept))
+        kept = (masks.crop(i).numpy() & (occupied == 0)).view(np.uint8)
+        k = cv2.countNonZero(kept)
         if k == 0 or (area - k) / area > pp.overlap_thresh:
             continue
-        occupied[kept] = len(visits) + 1
-        ys = np.flatnonzero(kept.any(axis=1))
-        xs = np.flatnonzero(kept.any(axis=0))
-        rows.append([1, k, y0 + int(ys[0]), y0 + int(ys[-1]), x0 + int(xs[0]), x0 + int(xs[-1])])
+        np.copyto(occupied, len(visits) + 1, where=kept.view(bool))
+        bx, by, bw, bh = cv2.boundingRect(kept)
+        rows.append([1, k, y0 + by, y0 + by + bh - 1, x0 + bx, x0 + bx + bw - 1])
         visits.append(i)
     stats = torch.tensor(rows, dtype=torch.long).reshape(-1, 6)
     return visits, stats, torch.tensor(len(visits), dtype=torch.int32)
@@ -135,6 +136,60 @@ def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
         0, keys.long(), torch.ones(1, dtype=torch.long, device=keys.device).expand(keys.numel()))
 
 
+def _fuse_stuff_host(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: int,
+                     pp: Any) -> torch.Tensor:
+    """:func:`_fuse_stuff` on CPU for ``num_stuff < 255``, with OpenCV byte kernels on NumPy views, in
+    row bands: each pixel's stuff class (255 where taken or not a stuff class) by one 256-entry
+    lookup and a max with the occupancy; class areas from its histogram (float32 bins, exact for
+    bands of at most 2**24 pixels); bboxes from per-row and per-column bitwise ORs of one bit per
+    class (32 classes per int32 word) instead of per-row and per-column counts."""
+    h, w = id_map.shape
+    if h == 0 or w == 0:
+        return torch.zeros((num_stuff, 6), dtype=torch.long)
+    ids = id_map.numpy()
+    words = -(-num_stuff // 32)
+    bit_luts = np.zeros((words, 256), dtype=np.uint32)
+    for c in range(num_stuff):
+        bit_luts[c // 32, c] = np.uint32(1) << np.uint32(c % 32)
+    bit_luts = bit_luts.view(np.int32)  # OpenCV has no uint32 lookup table; the bits are the same
+    class_lut = np.full(256, 255, dtype=np.uint8)
+    class_lut[:num_stuff] = np.arange(num_stuff, dtype=np.uint8)
+    masked = np.empty((h, w), dtype=np.uint8)
+    row_bits = np.zeros((words, h), dtype=np.uint32)
+    col_bits = np.zeros((words, w), dtype=np.uint32)
+    counts = np.zeros(num_stuff, dtype=np.int64)
+    band = max(1, min(BAND_PIXELS, 1 << 24) // w)
+    for s in range(0, h, band):
+        e = min(h, s + band)
+        lab = stuff_labels[s:e]
+        if lab.dtype == torch.uint8:
+            cls = cv2.LUT(lab.numpy(), class_lut)
+        else:  # any other integer dtype: outside [0, S) -> 255
+            lab = lab.numpy()
+            cls = np.where((lab >= 0) & (lab < num_stuff), lab, 255).astype(np.uint8)
+        m = masked[s:e]
+        cv2.max(cls, cv2.compare(ids[s:e], 0, cv2.CMP_NE), dst=m)
+        counts += cv2.calcHist([m], [0], None, [256], [0, 256])[:num_stuff, 0].astype(np.int64)
+        for wd in range(words):
+            bits = cv2.LUT(m, bit_luts[wd]).view(np.uint32)
+            row_bits[wd, s:e] = np.bitwise_or.reduce(bits, axis=1)
+            col_bits[wd] |= np.bitwise_or.reduce(bits, axis=0)
+    taken = (counts > 0) & (counts >= pp.stuff_area_limit)
+    id_lut = np.zeros(256, dtype=np.int32)
+    id_lut[:num_stuff] = np.where(taken, first_id + np.cumsum(taken) - 1, 0)
+    for s in range(0, h, band):  # void pixels hold 0, the others get id_lut[255] = 0
+        e = min(h, s + band)
+        ids[s:e] += cv2.LUT(masked[s:e], id_lut)
+    stats = np.zeros((num_stuff, 6), dtype=np.int64)
+    stats[:, 0], stats[:, 1] = taken, counts
+    for c in np.flatnonzero(counts):
+        bit = np.uint32(1) << np.uint32(c % 32)
+        ys = np.flatnonzero(row_bits[c // 32] & bit)
+        xs = np.flatnonzero(col_bits[c // 32] & bit)
+        stats[c, 2:] = ys[0], ys[-1], xs[0], xs[-1]
+    return torch.from_numpy(stats)
+
+
 def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: torch.Tensor,
                 pp: Any) -> torch.Tensor:
     """Step 2 of the module docstring: stuff classes take the still-void pixels, in row bands.
@@ -142,6 +197,8 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
     the segment ids of the classes that reach ``stuff_area_limit`` (0 for the others) to the
     void pixels. ``first_id``: device scalar, the id of the first stuff segment. Returns int64
     (S, 6) ``[taken, area, y0, y1, x0, x1]`` per stuff class, on the device."""
+    if id_map.device.type == "cpu" and READ_ON_CPU and num_stuff < 255:
+        return _fuse_stuff_host(stuff_labels, id_map, num_stuff, int(first_id), pp)
     h, w = id_map.shape
     device = id_map.device
     if h == 0 or w == 0:
