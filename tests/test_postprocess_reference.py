@@ -236,3 +236,31 @@ def test_real_photos_equal_reference(photo) -> None:
         want = ref.panoptic_inference(dense, model.forward_instances, [((rh, rw), (h, w))], cfg)[0]
     assert want.num_instances > 0 and got.id_map.shape == (h, w)
     assert_same(got, want)
+
+
+@pytest.mark.parametrize("read_on_cpu", [True, False])
+def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, monkeypatch) -> None:
+    """Fusion alone against the reference: uint8 and int64 stuff labels (negative and >= S values
+    ignored), 3 to 300 stuff classes (one and several 32-class bit words on CPU, the generic form
+    past 254), and row bands of a few rows."""
+    monkeypatch.setattr(fusion, "READ_ON_CPU", read_on_cpu)
+    monkeypatch.setattr(fusion, "BAND_PIXELS", 7 * 53)
+    cfg = SEPSNetConfig().postprocess
+    cfg.stuff_area_limit, cfg.overlap_thresh, cfg.instance_score_thresh = 20, 0.5, 0.3
+    g = torch.Generator().manual_seed(11)
+    h, w = 61, 53
+    for num_stuff in (3, 31, 40, 70, 300):
+        n = int(torch.randint(0, 12, (1,), generator=g))
+        masks = torch.zeros(n, h, w, dtype=torch.bool)
+        for i in range(n):
+            y0, x0 = (int(v) for v in torch.randint(0, 40, (2,), generator=g))
+            masks[i, y0:y0 + 25, x0:x0 + 20] = torch.rand(min(25, h - y0), min(20, w - x0), generator=g) > 0.3
+        scores, classes = torch.rand(n, generator=g), torch.randint(0, T, (n,), generator=g)
+        coarse = torch.randint(-2, num_stuff + 3, (1, 1, 8, 7), generator=g).float()
+        coarse[0, 0, 2, 1], coarse[0, 0, 5, 4] = -250, 262  # would wrap to 6 as bytes
+        labels = F.interpolate(coarse, size=(h, w), mode="nearest")[0, 0].long()
+        forms = [labels] + ([labels.clamp(0, 255).to(torch.uint8)] if num_stuff < 250 else [])
+        for lab in forms:
+            want = ref.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
+            got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
+            assert torch.equal(got[0], want[0]) and got[1] == want[1], (num_stuff, lab.dtype)

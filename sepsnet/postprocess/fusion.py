@@ -163,7 +163,7 @@ def _fuse_stuff_host(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff
         e = min(h, s + band)
         lab = stuff_labels[s:e]
         if lab.dtype == torch.uint8:
-            cls = cv2.LUT(lab.numpy(), class_lut)
+            cls = cv2.LUT(np.ascontiguousarray(lab.numpy()), class_lut)
         else:  # any other integer dtype: outside [0, S) -> 255
             lab = lab.numpy()
             cls = np.where((lab >= 0) & (lab < num_stuff), lab, 255).astype(np.uint8)
@@ -197,7 +197,7 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
     the segment ids of the classes that reach ``stuff_area_limit`` (0 for the others) to the
     void pixels. ``first_id``: device scalar, the id of the first stuff segment. Returns int64
     (S, 6) ``[taken, area, y0, y1, x0, x1]`` per stuff class, on the device."""
-    if id_map.device.type == "cpu" and READ_ON_CPU and num_stuff < 255:
+    if id_map.device.type == "cpu" and READ_ON_CPU and num_stuff < 255 and id_map.shape[1] <= 1 << 24:
         return _fuse_stuff_host(stuff_labels, id_map, num_stuff, int(first_id), pp)
     h, w = id_map.shape
     device = id_map.device
