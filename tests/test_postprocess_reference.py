@@ -238,12 +238,14 @@ def test_real_photos_equal_reference(photo) -> None:
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("read_on_cpu", [True, False])
-def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, monkeypatch) -> None:
+@pytest.mark.parametrize("read_on_cpu,byte_visits", [(True, 255), (True, 3), (False, 255)])
+def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, byte_visits: int,
+                                                                    monkeypatch) -> None:
     """Fusion alone against the reference: uint8 and int64 stuff labels (negative and >= S values
     ignored), 3 to 300 stuff classes (one and several 32-class bit words on CPU, the generic form
-    past 254), and row bands of a few rows."""
+    past 254), row bands of a few rows, byte and int32 occupancy of the CPU things pass."""
     monkeypatch.setattr(fusion, "READ_ON_CPU", read_on_cpu)
+    monkeypatch.setattr(fusion, "BYTE_OCCUPANCY_VISITS", byte_visits)
     monkeypatch.setattr(fusion, "BAND_PIXELS", 7 * 53)
     cfg = SEPSNetConfig().postprocess
     cfg.stuff_area_limit, cfg.overlap_thresh, cfg.instance_score_thresh = 20, 0.5, 0.3

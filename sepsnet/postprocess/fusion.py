@@ -51,6 +51,8 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
 
 #: label pixels per band of the stuff pass (bounds the int32 scratch at any image size)
 BAND_PIXELS = 1 << 22
+#: on CPU, up to this many instances to visit the things pass keeps its occupancy in bytes
+BYTE_OCCUPANCY_VISITS = 255
 #: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
 #: False runs the deferred-read form used on other devices (tests run it on CPU)
 READ_ON_CPU = True
@@ -67,9 +69,12 @@ def _first_last(flags: torch.Tensor) -> torch.Tensor:
 def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor,
                       pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """:func:`_fuse_things` on CPU with NumPy views of the same memory: one thread, microsecond
-    calls (OpenCV for the kept count and bbox), values read as they come and a skipped instance
-    left at once."""
+    calls, values read as they come and a skipped instance left at once. Up to 255 visits the
+    running occupancy is a byte map (segment ids fit; copied into ``id_map`` at the end), so a
+    pixel is kept where ``mask byte (0/1) > occupancy byte``, a one-byte comparison; OpenCV
+    counts the kept pixels and takes their bbox."""
     ids = id_map.numpy()
+    own = np.zeros(ids.shape, dtype=np.uint8) if len(order) <= BYTE_OCCUPANCY_VISITS else ids
     areas = masks.areas
     visits: list[int] = []
     rows: list[list[int]] = []
@@ -78,15 +83,18 @@ def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor
         area = areas[i]
         if area == 0:
             continue
-        occupied = ids[y0:y1, x0:x1]
-        kept = (masks.crop(i).numpy() & (occupied == 0)).view(np.uint8)
-        k = cv2.countNonZero(kept)
+        occupied = own[y0:y1, x0:x1]
+        kept = np.greater(masks.crop(i).numpy().view(np.uint8), occupied)
+        kept_u8 = kept.view(np.uint8)
+        k = cv2.countNonZero(kept_u8)
         if k == 0 or (area - k) / area > pp.overlap_thresh:
             continue
-        np.copyto(occupied, len(visits) + 1, where=kept.view(bool))
-        bx, by, bw, bh = cv2.boundingRect(kept)
+        np.copyto(occupied, len(visits) + 1, where=kept)
+        bx, by, bw, bh = cv2.boundingRect(kept_u8)
         rows.append([1, k, y0 + by, y0 + by + bh - 1, x0 + bx, x0 + bx + bw - 1])
         visits.append(i)
+    if own is not ids and visits:
+        np.copyto(ids, own)
     stats = torch.tensor(rows, dtype=torch.long).reshape(-1, 6)
     return visits, stats, torch.tensor(len(visits), dtype=torch.int32)
 
