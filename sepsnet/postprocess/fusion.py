@@ -51,6 +51,9 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
 
 #: label pixels per band of the stuff pass (bounds the int32 scratch at any image size)
 BAND_PIXELS = 1 << 22
+#: label pixels per strip of the CPU stuff pass: below the size from which OpenCV's LUT and
+#: calcHist split work over its own thread pool (one thread here, as for torch in the fusion)
+HOST_STRIP_PIXELS = 1 << 17
 #: on CPU, up to this many instances to visit the things pass keeps its occupancy in bytes
 BYTE_OCCUPANCY_VISITS = 255
 #: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
@@ -147,10 +150,11 @@ def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
 def _fuse_stuff_host(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: int,
                      pp: Any) -> torch.Tensor:
     """:func:`_fuse_stuff` on CPU for ``num_stuff < 255``, with OpenCV byte kernels on NumPy views, in
-    row bands: each pixel's stuff class (255 where taken or not a stuff class) by one 256-entry
-    lookup and a max with the occupancy; class areas from its histogram (float32 bins, exact for
-    bands of at most 2**24 pixels); bboxes from per-row and per-column bitwise ORs of one bit per
-    class (32 classes per int32 word) instead of per-row and per-column counts."""
+    row strips of at most :data:`HOST_STRIP_PIXELS` pixels (or one row): each pixel's stuff class
+    (255 where taken or not a stuff class) by one 256-entry lookup and a max with the occupancy;
+    class areas from its histogram (float32 bins, exact for strips of at most 2**24 pixels); bboxes
+    from per-row and per-column bitwise ORs of one bit per class (32 classes per int32 word) instead
+    of per-row and per-column counts."""
     h, w = id_map.shape
     if h == 0 or w == 0:
         return torch.zeros((num_stuff, 6), dtype=torch.long)
@@ -166,7 +170,7 @@ def _fuse_stuff_host(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff
     row_bits = np.zeros((words, h), dtype=np.uint32)
     col_bits = np.zeros((words, w), dtype=np.uint32)
     counts = np.zeros(num_stuff, dtype=np.int64)
-    band = max(1, min(BAND_PIXELS, 1 << 24) // w)
+    band = max(1, min(BAND_PIXELS, HOST_STRIP_PIXELS) // w)
     for s in range(0, h, band):
         e = min(h, s + band)
         lab = stuff_labels[s:e]
