@@ -16,7 +16,8 @@ Fast and memory-bounded form of the same rule: each instance is fused on its box
 the running occupancy (the id map itself), its area and bbox taken from the pixels it kept
 (stuff never overwrites a thing); stuff areas and bboxes come from per-row and per-column
 counts of the void pixels of each class, in row bands, so no full-image plane per class or per
-instance is ever made.
+instance is ever made. On CPU (:func:`_fuse_host`) the occupancy is a byte map and the stuff pass
+uses OpenCV byte kernels and per-row/per-column bit ORs instead of counts (same output).
 
 No host synchronisation until the end (issue 13): the keep/skip decision of each instance, its
 segment id (a running count on the device), kept area and bbox stay tensors on the id map's
