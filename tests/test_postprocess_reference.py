@@ -281,3 +281,33 @@ def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: 
         kept_a, kept_b = a.instance_scores >= thresh, b.instance_scores >= thresh
         assert torch.equal(a.instance_scores[kept_a], b.instance_scores[kept_b])
     assert any(s["isthing"] for r in full for s in r.segments_info)
+
+
+@pytest.mark.parametrize("read_on_cpu,byte_visits", [(True, 255), (True, 3), (False, 255)])
+def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, byte_visits: int,
+                                                                    monkeypatch) -> None:
+    """Fusion alone against the reference: uint8 and int64 stuff labels (negative and >= S values
+    ignored), 0 to 300 stuff classes (one and several 32-class bit words on CPU, the generic form
+    past 254), row bands of a few rows, byte and int32 occupancy of the CPU things pass."""
+    monkeypatch.setattr(fusion, "READ_ON_CPU", read_on_cpu)
+    monkeypatch.setattr(fusion, "BYTE_OCCUPANCY_VISITS", byte_visits)
+    monkeypatch.setattr(fusion, "BAND_PIXELS", 7 * 53)
+    cfg = SEPSNetConfig().postprocess
+    cfg.stuff_area_limit, cfg.overlap_thresh, cfg.instance_score_thresh = 20, 0.5, 0.3
+    g = torch.Generator().manual_seed(11)
+    h, w = 61, 53
+    for num_stuff in (0, 3, 31, 40, 70, 300):
+        n = int(torch.randint(0, 12, (1,), generator=g))
+        masks = torch.zeros(n, h, w, dtype=torch.bool)
+        for i in range(n):
+            y0, x0 = (int(v) for v in torch.randint(0, 40, (2,), generator=g))
+            masks[i, y0:y0 + 25, x0:x0 + 20] = torch.rand(min(25, h - y0), min(20, w - x0), generator=g) > 0.3
+        scores, classes = torch.rand(n, generator=g), torch.randint(0, T, (n,), generator=g)
+        coarse = torch.randint(-2, num_stuff + 3, (1, 1, 8, 7), generator=g).float()
+        coarse[0, 0, 2, 1], coarse[0, 0, 5, 4] = -250, 262  # would wrap to 6 as bytes
+        labels = F.interpolate(coarse, size=(h, w), mode="nearest")[0, 0].long()
+        forms = [labels] + ([labels.clamp(0, 255).to(torch.uint8)] if num_stuff < 250 else [])
+        for lab in forms:
+            want = ref.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
+            got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
+            assert torch.equal(got[0], want[0]) and got[1] == want[1], (num_stuff, lab.dtype)

@@ -16,7 +16,8 @@ Fast and memory-bounded form of the same rule: each instance is fused on its box
 the running occupancy (the id map itself), its area and bbox taken from the pixels it kept
 (stuff never overwrites a thing); stuff areas and bboxes come from per-row and per-column
 counts of the void pixels of each class, in row bands, so no full-image plane per class or per
-instance is ever made.
+instance is ever made. On CPU (:func:`_fuse_host`) the occupancy is a byte map and the stuff pass
+uses OpenCV byte kernels and per-row/per-column bit ORs instead of counts (same output).
 
 No host synchronisation until the end (issue 13): the keep/skip decision of each instance, its
 segment id (a running count on the device), kept area and bbox stay tensors on the id map's
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -50,6 +52,11 @@ def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
 
 #: label pixels per band of the stuff pass (bounds the int32 scratch at any image size)
 BAND_PIXELS = 1 << 22
+#: label pixels per strip of the CPU stuff pass: below the size from which OpenCV's LUT and
+#: calcHist split work over its own thread pool (one thread here, as for torch in the fusion)
+HOST_STRIP_PIXELS = 1 << 17
+#: on CPU, up to this many instances to visit the things pass keeps its occupancy in bytes
+BYTE_OCCUPANCY_VISITS = 255
 #: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
 #: False runs the deferred-read form used on other devices (tests run it on CPU)
 READ_ON_CPU = True
@@ -63,11 +70,13 @@ def _first_last(flags: torch.Tensor) -> torch.Tensor:
     return torch.stack([f.argmax(), n - 1 - f.flip(0).argmax()])
 
 
-def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor,
+def _fuse_things_host(masks: PastedMasks, order: list[int], own: np.ndarray,
                       pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """:func:`_fuse_things` on CPU with NumPy views of the same memory: one thread, microsecond
-    calls, values read as they come and a skipped instance left at once."""
-    ids = id_map.numpy()
+    calls, values read as they come and a skipped instance left at once. ``own``: the running
+    occupancy (segment ids, 0 = free) the caller made, bytes up to 255 visits (see :func:`_fuse_host`)
+    or the int32 id map, so a pixel is kept where ``mask byte (0/1) > occupancy``; OpenCV counts
+    the kept pixels and takes their bbox."""
     areas = masks.areas
     visits: list[int] = []
     rows: list[list[int]] = []
@@ -76,27 +85,22 @@ def _fuse_things_host(masks: PastedMasks, order: list[int], id_map: torch.Tensor
         area = areas[i]
         if area == 0:
             continue
-        occupied = ids[y0:y1, x0:x1]
-        kept = masks.crop(i).numpy() & (occupied == 0)
-        k = int(np.count_nonzero(kept))
+        occupied = own[y0:y1, x0:x1]
+        kept = np.greater(masks.crop(i).numpy().view(np.uint8), occupied)
+        kept_u8 = kept.view(np.uint8)
+        k = cv2.countNonZero(kept_u8)
         if k == 0 or (area - k) / area > pp.overlap_thresh:
             continue
-        occupied[kept] = len(visits) + 1
-        ys = np.flatnonzero(kept.any(axis=1))
-        xs = np.flatnonzero(kept.any(axis=0))
-        rows.append([1, k, y0 + int(ys[0]), y0 + int(ys[-1]), x0 + int(xs[0]), x0 + int(xs[-1])])
+        np.copyto(occupied, len(visits) + 1, where=kept)
+        bx, by, bw, bh = cv2.boundingRect(kept_u8)
+        rows.append([1, k, y0 + by, y0 + by + bh - 1, x0 + bx, x0 + bx + bw - 1])
         visits.append(i)
     stats = torch.tensor(rows, dtype=torch.long).reshape(-1, 6)
     return visits, stats, torch.tensor(len(visits), dtype=torch.int32)
 
 
-def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
-                 pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``.
-    Returns the visited instances (host indices), per visit int64 (v, 6) ``[kept, area, y0, y1,
-    x0, x1]`` and the number of segments made (0-dim), on ``id_map``'s device, read by no one
-    until :func:`_segments_info`."""
-    device = id_map.device
+def _visit_order(masks: PastedMasks, scores: list[float], pp: Any) -> list[int]:
+    """Instances to visit: score >= ``instance_score_thresh``, by descending score, non-empty region."""
     order = []
     for i in sorted(range(len(masks)), key=lambda i: -scores[i]):
         if scores[i] < pp.instance_score_thresh:
@@ -104,8 +108,16 @@ def _fuse_things(masks: PastedMasks, scores: list[float], id_map: torch.Tensor,
         x0, y0, x1, y1 = masks.regions[i]
         if x1 > x0 and y1 > y0:
             order.append(i)
-    if device.type == "cpu" and READ_ON_CPU:
-        return _fuse_things_host(masks, order, id_map, pp)
+    return order
+
+
+def _fuse_things(masks: PastedMasks, order: list[int], id_map: torch.Tensor,
+                 pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Step 1 of the module docstring, on box crops against the running occupancy ``id_map``.
+    Returns the visited instances (host indices), per visit int64 (v, 6) ``[kept, area, y0, y1,
+    x0, x1]`` and the number of segments made (0-dim), on ``id_map``'s device, read by no one
+    until :func:`_segments_info`."""
+    device = id_map.device
     count = torch.zeros((), dtype=torch.int32, device=device)
     rows: list[torch.Tensor] = []
     areas = masks.area_tensor() if order else None
@@ -133,6 +145,61 @@ def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
         return torch.bincount(keys, minlength=n)
     return torch.zeros(n, dtype=torch.long, device=keys.device).index_add_(
         0, keys.long(), torch.ones(1, dtype=torch.long, device=keys.device).expand(keys.numel()))
+
+
+def _fuse_stuff_host(stuff_labels: torch.Tensor, own: np.ndarray, ids: np.ndarray, num_stuff: int,
+                     first_id: int, pp: Any) -> torch.Tensor:
+    """:func:`_fuse_stuff` on CPU for ``num_stuff < 255``, with OpenCV byte kernels on NumPy views, in
+    row strips of at most :data:`HOST_STRIP_PIXELS` pixels (or one row): each pixel's stuff class
+    (255 where taken or not a stuff class) by one 256-entry lookup and a max with the occupancy;
+    class areas from its histogram (float32 bins, exact for strips of at most 2**24 pixels); bboxes
+    from per-row and per-column bitwise ORs of one bit per class (32 classes per int32 word) instead
+    of per-row and per-column counts. ``own``: the things' occupancy (:func:`_fuse_host`); ``ids``
+    (int32, zeros) gets ``own`` plus the stuff ids, or ``own`` is ``ids``."""
+    h, w = ids.shape
+    if h == 0 or w == 0:
+        return torch.zeros((num_stuff, 6), dtype=torch.long)
+    words = -(-num_stuff // 32)
+    bit_luts = np.zeros((words, 256), dtype=np.uint32)
+    for c in range(num_stuff):
+        bit_luts[c // 32, c] = np.uint32(1) << np.uint32(c % 32)
+    bit_luts = bit_luts.view(np.int32)  # OpenCV has no uint32 lookup table; the bits are the same
+    class_lut = np.full(256, 255, dtype=np.uint8)
+    class_lut[:num_stuff] = np.arange(num_stuff, dtype=np.uint8)
+    masked = np.empty((h, w), dtype=np.uint8)
+    row_bits = np.zeros((words, h), dtype=np.uint32)
+    col_bits = np.zeros((words, w), dtype=np.uint32)
+    counts = np.zeros(num_stuff, dtype=np.int64)
+    band = max(1, min(BAND_PIXELS, HOST_STRIP_PIXELS) // w)
+    for s in range(0, h, band):
+        e = min(h, s + band)
+        lab = stuff_labels[s:e]
+        if lab.dtype == torch.uint8:
+            cls = cv2.LUT(np.ascontiguousarray(lab.numpy()), class_lut)
+        else:  # any other integer dtype: outside [0, S) -> 255
+            lab = lab.numpy()
+            cls = np.where((lab >= 0) & (lab < num_stuff), lab, 255).astype(np.uint8)
+        m = masked[s:e]
+        cv2.max(cls, cv2.compare(own[s:e], 0, cv2.CMP_NE), dst=m)
+        counts += cv2.calcHist([m], [0], None, [256], [0, 256])[:num_stuff, 0].astype(np.int64)
+        for wd in range(words):
+            bits = cv2.LUT(m, bit_luts[wd]).view(np.uint32)
+            row_bits[wd, s:e] = np.bitwise_or.reduce(bits, axis=1)
+            col_bits[wd] |= np.bitwise_or.reduce(bits, axis=0)
+    taken = (counts > 0) & (counts >= pp.stuff_area_limit)
+    id_lut = np.zeros(256, dtype=np.int32)
+    id_lut[:num_stuff] = np.where(taken, first_id + np.cumsum(taken) - 1, 0)
+    for s in range(0, h, band):  # void pixels hold 0, the others get id_lut[255] = 0
+        e = min(h, s + band)
+        np.add(own[s:e], cv2.LUT(masked[s:e], id_lut), out=ids[s:e])
+    stats = np.zeros((num_stuff, 6), dtype=np.int64)
+    stats[:, 0], stats[:, 1] = taken, counts
+    for c in np.flatnonzero(counts):
+        bit = np.uint32(1) << np.uint32(c % 32)
+        ys = np.flatnonzero(row_bits[c // 32] & bit)
+        xs = np.flatnonzero(col_bits[c // 32] & bit)
+        stats[c, 2:] = ys[0], ys[-1], xs[0], xs[-1]
+    return torch.from_numpy(stats)
 
 
 def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: torch.Tensor,
@@ -177,6 +244,23 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
     present_c = (col_counts[:, :num_stuff] > 0).to(torch.uint8)
     return torch.stack([taken.long(), counts, present_r.argmax(0), h - 1 - present_r.flip(0).argmax(0),
                         present_c.argmax(0), w - 1 - present_c.flip(0).argmax(0)], 1)
+
+
+def _fuse_host(masks: PastedMasks, order: list[int], stuff_labels: torch.Tensor, id_map: torch.Tensor,
+               num_stuff: int, pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Both steps on CPU (``id_map``: int32 zeros, filled): things against a byte occupancy map when
+    at most :data:`BYTE_OCCUPANCY_VISITS` instances are visited (else the id map itself), then the
+    OpenCV stuff pass, which also writes the things' ids into ``id_map`` (the generic stuff pass
+    past 254 stuff classes or 2**24-pixel rows). Returns visits, thing and stuff statistics, count."""
+    ids = id_map.numpy()
+    own = np.zeros(ids.shape, dtype=np.uint8) if len(order) <= BYTE_OCCUPANCY_VISITS else ids
+    visits, thing_stats, count = _fuse_things_host(masks, order, own, pp)
+    if 0 < num_stuff < 255 and ids.shape[1] <= 1 << 24:
+        return visits, thing_stats, count, _fuse_stuff_host(stuff_labels, own, ids, num_stuff, len(visits) + 1, pp)
+    if own is not ids:
+        np.copyto(ids, own)
+    stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
+    return visits, thing_stats, count, stuff_stats
 
 
 def _segments_info(visits: list[int], thing_stats: torch.Tensor, stuff_stats: torch.Tensor | None,
@@ -233,8 +317,12 @@ def panoptic_fusion(
     score_list = scores if host_scores is None else host_scores
     score_list = score_list.detach().float().cpu().tolist() if isinstance(score_list, torch.Tensor) else score_list
     with one_intra_op_thread(id_map.device):  # see sepsnet.postprocess.threads
-        visits, thing_stats, count = _fuse_things(masks, score_list, id_map, pp)
-        stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
+        order = _visit_order(masks, score_list, pp)
+        if id_map.device.type == "cpu" and READ_ON_CPU:
+            visits, thing_stats, count, stuff_stats = _fuse_host(masks, order, stuff_labels, id_map, num_stuff, pp)
+        else:
+            visits, thing_stats, count = _fuse_things(masks, order, id_map, pp)
+            stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
     class_list = classes if host_classes is None else host_classes
     class_list = class_list.detach().cpu().tolist() if isinstance(class_list, torch.Tensor) else class_list
     return id_map, _segments_info(visits, thing_stats, stuff_stats, score_list, class_list)
