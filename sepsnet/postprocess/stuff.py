@@ -102,9 +102,9 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
     bound = float(cells.abs().max())
     if c < 2 or not math.isfinite(bound):
         return None
-    lead, top = _lead(cells)
-    labels = top.reshape(h, w).numpy().astype(np.uint8 if c <= 256 else np.int64)
-    good = (lead > _MARGIN * bound).reshape(h, w).numpy()
+    cell_lead, cell_top, cell_best = _lead(cells)
+    labels = cell_top.reshape(h, w).numpy().astype(np.uint8 if c <= 256 else np.int64)
+    good = (cell_lead > _MARGIN * bound).reshape(h, w).numpy()
     # a cell block (i..i+1, j..j+1) (edge-clamped) whose 4 cells agree with a margin
     lp, gp = np.pad(labels, ((0, 1), (0, 1)), mode="edge"), np.pad(good, ((0, 1), (0, 1)), mode="edge")
     block = (gp[:-1, :-1] & gp[1:, :-1] & gp[:-1, 1:] & gp[1:, 1:] & (lp[:-1, :-1] == lp[1:, :-1])
@@ -120,6 +120,9 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
     if len(ys) > _MAX_UNDECIDED * oh * ow:
         return None
     if len(ys):
+        ys, xs = _not_sure_of_corner_class(out, ys, xs, (ty0, ty1, tly), (tx0, tx1, tlx), cells, w,
+                                           (cell_lead, cell_top, cell_best), _MARGIN * bound)
+    if len(ys):
         # float32 like the kernel: both within ~4e-7 x bound of the exact sums, far inside the margin
         ly = torch.from_numpy(tly[ys])[:, None]
         lx = torch.from_numpy(tlx[xs])[:, None]
@@ -127,7 +130,7 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
         c0, c1 = torch.from_numpy(tx0[xs]), torch.from_numpy(tx1[xs])
         vals = ((1 - ly) * ((1 - lx) * cells.index_select(0, r0 + c0) + lx * cells.index_select(0, r0 + c1))
                 + ly * ((1 - lx) * cells.index_select(0, r1 + c0) + lx * cells.index_select(0, r1 + c1)))
-        lead, top = _lead(vals)
+        lead, top, _ = _lead(vals)
         near = (lead <= _MARGIN * bound).numpy()
         out[ys, xs] = top.numpy()
         if near.any():  # near ties: the kernel decides, run on a few cells around each such pixel
@@ -155,12 +158,36 @@ def _pixels_of_blocks(blocks: np.ndarray, ty0: np.ndarray, tx0: np.ndarray) -> t
     return r0[owner] + offset // width[owner], c0[owner] + offset % width[owner]
 
 
-def _lead(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``rows`` (n, C): how far the largest value is ahead of the next one (0 for a tie)
-    and its index (the first maximum). Two ``max`` passes; faster than ``topk(2)`` for small C."""
+def _lead(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``rows`` (n, C): how far the largest value is ahead of the next one (0 for a tie),
+    its index (the first maximum) and the value. Two ``max`` passes; faster than ``topk(2)`` here."""
     best = rows.max(dim=1)
     rest = rows.scatter(1, best.indices[:, None], float("-inf")).amax(dim=1)
-    return best.values - rest, best.indices
+    return best.values - rest, best.indices, best.values
+
+
+def _not_sure_of_corner_class(out: np.ndarray, ys: np.ndarray, xs: np.ndarray, rows: tuple, cols: tuple,
+                              cells: torch.Tensor, width: int, per_cell: tuple, margin: float
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels among (ys, xs) whose label in ``out`` (their first source cell's class A) is not
+    proven. A's lead over any class c at a cell is at least A's lead over that cell's best other class
+    (``m_A``: the cell's lead when A is its top class, else A's value minus the top value), so the
+    weighted sum of the 4 cells' ``m_A`` bounds the pixel's lead of A from below: above ``margin``, A
+    wins at the pixel (as for agreeing cells). One float per cell instead of every class."""
+    (ty0, ty1, tly), (tx0, tx1, tlx) = rows, cols
+    lead, top, best = (t.numpy() for t in per_cell)
+    flat = cells.numpy().reshape(-1)
+    c = cells.shape[1]
+    a = out[ys, xs].astype(np.int64)
+    ly, lx = tly[ys], tlx[xs]
+    total = np.zeros(len(ys), np.float32)
+    for r, cc, weight in ((ty0[ys], tx0[xs], (1 - ly) * (1 - lx)), (ty0[ys], tx1[xs], (1 - ly) * lx),
+                          (ty1[ys], tx0[xs], ly * (1 - lx)), (ty1[ys], tx1[xs], ly * lx)):
+        cell = r * width + cc
+        m = np.where(top[cell] == a, lead[cell], flat[cell * c + a] - best[cell])
+        total += weight * m
+    unsure = ~(total > margin)
+    return ys[unsure], xs[unsure]
 
 
 def _local_window(i: int, taps: tuple) -> tuple[int, int, int] | None:
