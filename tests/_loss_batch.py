@@ -47,16 +47,18 @@ def case_config(case: str) -> ModelConfig:
                        components=ComponentsConfig(**CASES[case]), loss_weights=weights)
 
 
-def toy_batch(n: int = 2, size: int = 96, g: int = 3, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    """Images with elliptic instances over a two-class stuff background (INTERFACES targets)."""
+def toy_batch(n: int = 2, size: int = 96, g: int = 3, seed: int = 0, border: int = 28,
+              radius: tuple[float, float] = (8.0, 20.0)) -> tuple[torch.Tensor, list[dict]]:
+    """Images with elliptic instances over a two-class stuff background (INTERFACES targets): centres
+    at least ``border`` pixels inside, radii ``radius[0] + U(0, radius[1])``."""
     gen = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     images, targets = torch.randn(n, 3, size, size, generator=gen) * 0.1, []
     for b in range(n):
         masks, boxes = torch.zeros(g, size, size, dtype=torch.uint8), []
         for i in range(g):
-            cx, cy = (torch.rand(2, generator=gen) * (size - 56) + 28).tolist()
-            rx, ry = (torch.rand(2, generator=gen) * 20 + 8).tolist()
+            cx, cy = (torch.rand(2, generator=gen) * (size - 2 * border) + border).tolist()
+            rx, ry = (torch.rand(2, generator=gen) * radius[1] + radius[0]).tolist()
             m = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
             masks[i] = m.to(torch.uint8)
             ys, xs = m.nonzero(as_tuple=True)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _loss_batch import CASES, case_config, case_losses
 
 from sepsnet.model.fcos_loss import FCOSLoss
 from sepsnet.model.mask_losses import MaskLoss
 from sepsnet.model.sepsnet import SEPSNet
+
+from _loss_batch import CASES, case_config, case_losses
 
 BEFORE = json.loads((Path(__file__).parent / "fixtures" / "losses_before_from_config.json").read_text())
 

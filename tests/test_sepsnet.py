@@ -8,6 +8,8 @@ from sepsnet.config import BackboneConfig, BlenderConfig, ComponentsConfig, FCOS
 from sepsnet.model import build_model
 from sepsnet.model.sepsnet import SEPSNet, strip_aux
 
+from _loss_batch import toy_batch
+
 ALL_LOSSES = {"loss_fcos_cls", "loss_fcos_box", "loss_fcos_ctr", "loss_mask_bce", "loss_mask_iou",
               "loss_mask_silhouette", "loss_mask_aux", "loss_stuff", "loss_stuff_silhouette",
               "loss_basis_silhouette", "loss_basis_semantic", "loss_confidence"}
@@ -27,26 +29,7 @@ def _cfg(**components) -> ModelConfig:
 
 def _batch(n: int = 2, size: int = 128, g: int = 3, seed: int = 0):
     """Images with elliptic instances and a two-class stuff background (INTERFACES targets)."""
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images, targets = torch.randn(n, 3, size, size, generator=gen) * 0.1, []
-    for b in range(n):
-        masks, boxes = torch.zeros(g, size, size, dtype=torch.uint8), []
-        for i in range(g):
-            cx, cy = (torch.rand(2, generator=gen) * (size - 60) + 30).tolist()
-            rx, ry = (torch.rand(2, generator=gen) * 16 + 10).tolist()
-            m = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
-            masks[i] = m.to(torch.uint8)
-            ys, xs = m.nonzero(as_tuple=True)
-            boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1])
-            images[b, i % 3][m] += 1.0
-        stuff = torch.zeros(size, size, dtype=torch.int64)
-        stuff[size // 2:] = 1
-        stuff[masks.bool().any(0)] = 2
-        stuff[:, -4:] = 255
-        targets.append(dict(boxes=torch.tensor(boxes, dtype=torch.float32),
-                            classes=torch.arange(g) % 3, masks=masks, stuff=stuff, image_id=b))
-    return images, targets
+    return toy_batch(n, size, g, seed, border=30, radius=(10.0, 16.0))
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 480, 640), (1, 3, 513, 1025), (1, 3, 128, 256)])
