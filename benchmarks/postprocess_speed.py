@@ -26,6 +26,7 @@ import torch
 
 from sepsnet.config import SEPSNetConfig, load_config
 from sepsnet.fileio import atomic_write_json
+from sepsnet.model.fcos_head import compute_locations
 from sepsnet.postprocess.candidates import level_sizes
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.timing import StageTimer
@@ -48,13 +49,9 @@ def make_dense(h: int, w: int, num_instances: int, device: str, seed: int = 0, s
     g = torch.Generator().manual_seed(seed)
     t, s, k, m = 8, 11, 4, 14
     sizes = level_sizes((h // 8, w // 8), 5)
-    locs, strides = [], []
-    for lvl, (lh, lw) in enumerate(sizes):
-        st = 8 * 2 ** lvl
-        ys, xs = torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij")
-        locs.append(torch.stack([xs.reshape(-1) * st + st // 2, ys.reshape(-1) * st + st // 2], 1).float())
-        strides.append(torch.full((lh * lw,), float(st)))
-    loc, stride = torch.cat(locs), torch.cat(strides)
+    level_strides = [8 * 2 ** lvl for lvl in range(len(sizes))]
+    loc = torch.cat(compute_locations([torch.empty(hw) for hw in sizes], level_strides))
+    stride = torch.cat([torch.full((h * w,), float(st)) for (h, w), st in zip(sizes, level_strides)])
     num_loc = loc.shape[0]
     ext = (torch.rand(num_loc, 4, generator=g) * 4 + 1) * stride[:, None] * 2  # l, t, r, b
     boxes = torch.cat([loc - ext[:, :2], loc + ext[:, 2:]], 1)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sepsnet.config import SEPSNetConfig
+from sepsnet.model.fcos_head import compute_locations
 from sepsnet.postprocess import fusion, stuff
 from sepsnet.postprocess.candidates import level_sizes
 from sepsnet.postprocess.pipeline import panoptic_inference
@@ -20,13 +21,9 @@ T, S, K, M, R = 5, 4, 2, 4, 14
 
 def _random_dense(g: torch.Generator, n: int, h: int, w: int, hot: int) -> dict:
     sizes = level_sizes((h // 8, w // 8), 5)
-    locs, strides = [], []
-    for lvl, (lh, lw) in enumerate(sizes):
-        st = 8 * 2 ** lvl
-        ys, xs = torch.meshgrid(torch.arange(lh), torch.arange(lw), indexing="ij")
-        locs.append(torch.stack([xs.reshape(-1) * st + st // 2, ys.reshape(-1) * st + st // 2], 1).float())
-        strides.append(torch.full((lh * lw,), float(st)))
-    loc, stride = torch.cat(locs), torch.cat(strides)
+    level_strides = [8 * 2 ** lvl for lvl in range(len(sizes))]
+    loc = torch.cat(compute_locations([torch.empty(hw) for hw in sizes], level_strides))
+    stride = torch.cat([torch.full((h * w,), float(st)) for (h, w), st in zip(sizes, level_strides)])
     num_loc = loc.shape[0]
     ext = (torch.rand(n, num_loc, 4, generator=g) * 3 + 0.5) * stride[:, None]
     boxes = torch.cat([loc - ext[..., :2], loc + ext[..., 2:]], -1)
