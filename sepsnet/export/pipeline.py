@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sepsnet.errors import BundleError, ConfigError, EngineError
-from sepsnet.export import bundle, trt_build
+from sepsnet.export import bundle, staging, trt_build
 
 PLUGIN_NAME = "libsepsnet_plugins.so"
 PLUGIN_SEARCH = ("build/plugins", "build", "cpp_plugins/build", "cpp_plugins/roi_blend/build", "sepsnet/ops")
@@ -102,13 +102,6 @@ def is_plugin_bundle(manifest: dict[str, Any]) -> bool:
 def referenced_files(graphs: dict[str, dict[str, Any]]) -> set[str]:
     return {str(g[k]) for g in graphs.values() for k in ("onnx", "engine_onnx", "engine_onnx_trt10", "plan")
             if g.get(k)}
-
-
-def clear_bundle(out: Path, keep: frozenset[str] = frozenset()) -> None:
-    """Remove the manifest first (an interrupted export then has no manifest), then stale graphs/engines."""
-    for name in (bundle.MANIFEST,) + STALE_FILES:
-        if name not in keep and (out / name).exists():
-            (out / name).unlink()
 
 
 def _graph_entry(out: Path, onnx_name: str, engine_onnx: str, engine_onnx_trt10: str) -> dict[str, Any]:
@@ -227,25 +220,25 @@ class BundleExporter:
         model, aux = strip.build_deploy_model(cfg, ckpt["model"], where=str(checkpoint))
         shape = onnx_export.default_shape(cfg, opt.height, opt.width, opt.dynamic, opt.max_batch)
         out = Path(opt.out)
-        out.mkdir(parents=True, exist_ok=True)
-        clear_bundle(out)
         print(f"exporting {checkpoint} at {shape.height}x{shape.width}"
               f"{' (dynamic batch/H/W)' if shape.dynamic else ''}; stripped: {', '.join(aux.modules) or 'nothing'}")
-        with torch.no_grad():
-            preselect = onnx_export.dense_preselect(cfg, shape.dynamic)
-            onnx_export.export_dense(model, cfg, out / "dense.onnx", shape, preselect=preselect)
-            onnx_export.export_instance(model, cfg, out / "instance.onnx", shape)
-        prec = opt.precision or "fp32"
-        input_spec = bundle.input_spec(cfg, shape.ranges(), shape.dynamic)
-        graphs = write_engine_graphs(out, prec, opt.plugin, calibration_source(opt, cfg.data, input_spec),
-                                     opt.calib_method)
-        prove_stripped(out, sorted(referenced_files(graphs)), aux)
-        n_max = shape.max_instances * shape.ranges()["batch"][2]
-        content = bundle.manifest_content(
-            cfg, ckpt.get("meta"), ranges=shape.ranges(), dynamic=shape.dynamic,
-            instances={"min": 0, "opt": min(shape.max_instances, 32), "max": n_max}, precision=prec,
-            opset=onnx_export.opset_for(cfg), graphs=graphs, plugin=None, preselect=preselect)
-        bundle.write_manifest(out, content)
+        # built beside --out and published at the end: a bundle already there stays usable meanwhile
+        with staging.staged(out, stale=STALE_FILES) as work:
+            with torch.no_grad():
+                preselect = onnx_export.dense_preselect(cfg, shape.dynamic)
+                onnx_export.export_dense(model, cfg, work / "dense.onnx", shape, preselect=preselect)
+                onnx_export.export_instance(model, cfg, work / "instance.onnx", shape)
+            prec = opt.precision or "fp32"
+            input_spec = bundle.input_spec(cfg, shape.ranges(), shape.dynamic)
+            graphs = write_engine_graphs(work, prec, opt.plugin, calibration_source(opt, cfg.data, input_spec),
+                                         opt.calib_method)
+            prove_stripped(work, sorted(referenced_files(graphs)), aux)
+            n_max = shape.max_instances * shape.ranges()["batch"][2]
+            content = bundle.manifest_content(
+                cfg, ckpt.get("meta"), ranges=shape.ranges(), dynamic=shape.dynamic,
+                instances={"min": 0, "opt": min(shape.max_instances, 32), "max": n_max}, precision=prec,
+                opset=onnx_export.opset_for(cfg), graphs=graphs, plugin=None, preselect=preselect)
+            bundle.write_manifest(work, content)
         print(f"wrote ONNX bundle {out} ({prec}): {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
         return out
 
@@ -262,15 +255,18 @@ class BundleExporter:
         prec = opt.precision or manifest["precision"]
         plugin = opt.plugin or is_plugin_bundle(manifest)
         if prec != manifest["precision"] or plugin != is_plugin_bundle(manifest):
-            clear_bundle(out, keep=frozenset({PLUGIN_NAME}))  # manifest first: no half-valid bundle if interrupted
             from sepsnet.config import config_from_dict
 
             data = config_from_dict(manifest["config"], where=f"{out}/manifest.json").data
-            graphs = write_engine_graphs(out, prec, plugin, calibration_source(opt, data, manifest["input"]),
-                                         opt.calib_method)
-            content = bundle.manifest_body(manifest)
-            content.update(precision=prec, graphs=graphs, gpu=None, plugin=None, engine=None)
-            bundle.write_manifest(out, content)
+            # rewritten beside the bundle and published at the end: the bundle stays usable meanwhile
+            with staging.staged(out, stale=STALE_FILES) as work:
+                staging.seed_from(out, work, [n for n in manifest["files"] if n not in VARIANT_GRAPHS
+                                              and n not in ("dense.plan", "instance.plan")])
+                graphs = write_engine_graphs(work, prec, plugin, calibration_source(opt, data, manifest["input"]),
+                                             opt.calib_method)
+                content = bundle.manifest_body(manifest)
+                content.update(precision=prec, graphs=graphs, gpu=None, plugin=None, engine=None)
+                bundle.write_manifest(work, content)
             print(f"rewrote the engine graphs of {out} for {prec}{' with the plugin' if plugin else ''}")
         return out
 
