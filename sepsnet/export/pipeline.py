@@ -287,37 +287,41 @@ class BundleExporter:
                 f"not built: they need TensorRT + an NVIDIA GPU ({exc}). Build them later on the target machine "
                 f"with `{rebuild_command(str(out), self._wanted(manifest))}`, or pass --onnx-only.") from None
         major = trt_build.trt_major(trt)
-        plugin_name, plugin_path = None, None
-        if opt.plugin or is_plugin_bundle(manifest):
-            src = find_plugin(opt, out)
-            plugin_path = out / PLUGIN_NAME
-            if src.resolve() != plugin_path.resolve():
+        # built beside the bundle and published at the end: the ONNX bundle stays valid during the build
+        with staging.staged(out, stale=("dense.plan", "instance.plan")) as work:
+            staging.seed_from(out, work, [n for n in manifest["files"] if n not in ("dense.plan", "instance.plan")])
+            plugin_name, plugin_path = None, None
+            if opt.plugin or is_plugin_bundle(manifest):
+                src = find_plugin(opt, out)
+                plugin_path = work / PLUGIN_NAME
+                if plugin_path.exists():
+                    plugin_path.unlink()  # a link to the bundle's copy: never written through
                 shutil.copy2(src, plugin_path)
-            plugin_name = PLUGIN_NAME
-        cache = (Path(opt.timing_cache) if opt.timing_cache
-                 else trt_build.default_timing_cache(str(trt.__version__), gpu))
-        ranges, m = manifest["input"]["ranges"], manifest["model"]
-        attn = m["num_bases"] * m["attn_size"] ** 2
-        bases_c = m["num_bases"] + (1 if m["silhouette_feature"] else 0)
-        profiles = {"dense": trt_build.dense_profiles(ranges),
-                    "instance": trt_build.instance_profiles(ranges, manifest["instances"], attn, bases_c,
-                                                            m["fpn_channels"])}
-        prec = manifest["precision"]
-        content = bundle.manifest_body(manifest)
-        result = None
-        for name in ("dense", "instance"):
-            graph = content["graphs"][name]
-            graph_prec = "fp32" if (name == "instance" and prec == "int8") else prec
-            result = trt_build.build_engine(out / trt_build.engine_onnx_for(graph, major), out / f"{name}.plan",
-                                            precision=graph_prec, profiles=profiles[name],
-                                            workspace_gib=opt.workspace_gib, timing_cache=cache,
-                                            plugin_library=plugin_path, hardware_compatible=opt.hardware_compatible,
-                                            version_compatible=opt.version_compatible)
-            graph["plan"] = f"{name}.plan"
-        assert result is not None
-        content.update(versions=bundle.software_versions(), gpu=result.target.gpu, plugin=plugin_name,
-                       engine=result.target.to_dict())
-        bundle.write_manifest(out, content)
+                plugin_name = PLUGIN_NAME
+            cache = (Path(opt.timing_cache) if opt.timing_cache
+                     else trt_build.default_timing_cache(str(trt.__version__), gpu))
+            ranges, m = manifest["input"]["ranges"], manifest["model"]
+            attn = m["num_bases"] * m["attn_size"] ** 2
+            bases_c = m["num_bases"] + (1 if m["silhouette_feature"] else 0)
+            profiles = {"dense": trt_build.dense_profiles(ranges),
+                        "instance": trt_build.instance_profiles(ranges, manifest["instances"], attn, bases_c,
+                                                                m["fpn_channels"])}
+            prec = manifest["precision"]
+            content = bundle.manifest_body(manifest)
+            result = None
+            for name in ("dense", "instance"):
+                graph = content["graphs"][name]
+                graph_prec = "fp32" if (name == "instance" and prec == "int8") else prec
+                result = trt_build.build_engine(work / trt_build.engine_onnx_for(graph, major), work / f"{name}.plan",
+                                                precision=graph_prec, profiles=profiles[name],
+                                                workspace_gib=opt.workspace_gib, timing_cache=cache,
+                                                plugin_library=plugin_path, hardware_compatible=opt.hardware_compatible,
+                                                version_compatible=opt.version_compatible)
+                graph["plan"] = f"{name}.plan"
+            assert result is not None
+            content.update(versions=bundle.software_versions(), gpu=result.target.gpu, plugin=plugin_name,
+                           engine=result.target.to_dict())
+            bundle.write_manifest(work, content)
         print(f"wrote TensorRT {result.target.tensorrt} engines for {result.target.gpu} (compute capability "
               f"{result.target.compute_capability}) into {out}")
 
