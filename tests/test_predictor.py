@@ -11,7 +11,7 @@ import torch
 
 from sepsnet.config import load_config, parse_overrides
 from sepsnet.data.coco_panoptic import read_rgb
-from sepsnet.engines.predictor import PanopticPredictor
+from sepsnet.engines.predictor import FrameRangeWarning, PanopticPredictor, validate_frame
 from sepsnet.errors import BundleError, EngineError, FrameError
 from sepsnet.model import build_model
 from sepsnet.postprocess.preselect import Preselect
@@ -486,3 +486,17 @@ def test_predictor_overhead_benchmark_runs_on_a_folder_of_images(artifacts: tupl
     (images / "a.jpg").unlink()
     with pytest.raises(SystemExit, match="no images"):
         bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--out", str(out)])
+
+
+def test_float_frame_in_0_1_warns_and_0_255_does_not() -> None:
+    rng = np.random.default_rng(0)
+    unit = rng.random((16, 24, 3)).astype(np.float32)
+    with pytest.warns(FrameRangeWarning, match="0..1"):
+        validate_frame(unit)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = validate_frame(unit * 255)
+        validate_frame(np.zeros((16, 24, 3), np.float32))  # black: no guess
+    assert out.dtype == np.uint8 and np.array_equal(out, np.clip(unit * 255, 0, 255).astype(np.uint8))

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ class PreparedFrame:
     seconds: float = 0.0
 
 
+class FrameRangeWarning(UserWarning):
+    """A float frame whose values look like 0..1 (the predictor reads float frames as 0..255)."""
+
+
 def validate_frame(frame: Any) -> np.ndarray:
     """HxWx3 uint8 (or finite float 0..255) -> uint8 array; FrameError naming the problem.
 
@@ -66,6 +71,9 @@ def validate_frame(frame: Any) -> np.ndarray:
             raise FrameError(f"frame dtype must be uint8 (or float 0..255), got {frame.dtype}")
         if not np.isfinite(frame).all():
             raise FrameError("frame contains NaN or Inf values")
+        if 0.0 < float(frame.max()) <= 1.0:  # a dark 0..255 frame would be black: a 0..1 frame, likely
+            warnings.warn("float frame with values in 0..1: PanopticPredictor reads float frames as 0..255 "
+                          "(multiply by 255)", FrameRangeWarning, stacklevel=3)
         frame = np.clip(frame, 0, 255).astype(np.uint8)
     if grey:
         frame = np.repeat(frame.reshape(frame.shape[0], frame.shape[1], 1), 3, axis=2)
