@@ -292,12 +292,14 @@ def device_panoptic_inference(dense: Mapping[str, torch.Tensor], run_instances: 
                               sizes: Sequence[tuple[tuple[int, int], tuple[int, int]]], pp: Any, num_stuff: int,
                               return_masks: bool = True, preselect: Preselect | None = None,
                               timer: StageTimer | None = None, panoptic_only: bool = False,
-                              iterations: int = PASS_ITERATIONS, nms_iterations: int = NMS_ITERATIONS
+                              iterations: int | None = None, nms_iterations: int | None = None
                               ) -> list[PanopticResult] | None:
     """:func:`~sepsnet.postprocess.pipeline.panoptic_inference` on fixed shapes with one host read
     per frame (module docstring); None when a fixed point did not settle (run the host path then).
     Arguments as there, already checked (``sizes``: per image ((resized), (original)))."""
     timer = timer or StageTimer()
+    iterations = PASS_ITERATIONS if iterations is None else iterations
+    nms_iterations = NMS_ITERATIONS if nms_iterations is None else nms_iterations
     batch = dense["boxes"].shape[0]
     dev = dense["boxes"].device
     m = int(pp.max_instances)

@@ -45,8 +45,10 @@ def greedy_suppression(suppress: torch.Tensor, valid: torch.Tensor,
     ``i`` has ``suppress[..., i, j]`` (only ``i < j`` may be True). ``suppress`` (..., n, n) bool,
     ``valid`` (..., n) bool -> (keep, settled prefix length (...)): ``keep`` is exact on that
     prefix (:func:`settled_prefix`)."""
-    def step(keep: torch.Tensor) -> torch.Tensor:
-        return valid & ~(suppress & keep[..., :, None]).any(-2)
+    weights = suppress.to(torch.float32 if suppress.shape[-1] < (1 << 24) else torch.float64)
+
+    def step(keep: torch.Tensor) -> torch.Tensor:  # suppressors kept, counted by a product (exact integers)
+        return valid & ~((keep.to(weights.dtype)[..., None, :] @ weights)[..., 0, :] > 0)
 
     cur, prev = iterate(step, valid, iterations)
     return cur, settled_prefix(cur, prev)
