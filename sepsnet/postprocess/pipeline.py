@@ -9,7 +9,9 @@ per image :func:`postprocess_image`: ``scoring`` (Eq. 4), ``paste`` (masks per b
 device synchronisation unless stage timing is asked for (:class:`StageTimer`), and a fixed number
 of host reads per image, none per instance (DESIGN "Inference split": one read of the per-instance
 values after scoring, one for dedup, one at the end of fusion; candidate selection's ``nonzero``
-and NMS read too). Results are at
+and NMS read too). That is the host path; dense outputs on CUDA take the fixed-shape device path
+instead (:mod:`sepsnet.postprocess.device_path`: one host read per frame, the instance engine called
+on ``batch x max_instances`` padded rois). Results are at
 the ORIGINAL image resolution: boxes are scaled by original/resized, masks are pasted directly
 at the original size, and the stuff logits are sampled at original pixel centres
 (:mod:`sepsnet.postprocess.stuff`).
