@@ -244,3 +244,15 @@ def test_padded_instance_batch_changes_nothing_for_valid_rois() -> None:
         big = model.forward_instances(dense["bases"], dense["p3"], rois, att)
     for k, v in small.items():
         assert torch.equal(big[k][:2], v), k
+
+
+def test_float32_below_gives_the_float64_comparison() -> None:
+    from sepsnet.postprocess.device_candidates import float32_below
+
+    g = torch.Generator().manual_seed(0)
+    for t in (0.5, 0.6, 0.7, 1 / 3, 0.8, 0.45, 2 / 3):
+        x = torch.tensor(t, dtype=torch.float32)
+        near = x + torch.arange(-40, 41, dtype=torch.float32) * 6e-8 + torch.rand(81, generator=g) * 1e-9
+        near = torch.cat([near, torch.nextafter(x, torch.tensor(0.0))[None], x[None],
+                          torch.nextafter(x, torch.tensor(1.0))[None]])
+        assert torch.equal(near > float32_below(t), near.double() > t), t

@@ -15,7 +15,7 @@ tensor size depends on the data:
 
 Exact against the host selection (tested with torchvision's ``batched_nms``): the candidates are
 ranked by a stable descending sort of the FCOS score, and the IoU of each pair is torchvision's CPU
-kernel expression (float32, compared in float64 with the threshold), on the boxes ``batched_nms``
+kernel expression (float32, compared with the threshold as in float64: :func:`float32_below`), on the boxes ``batched_nms``
 would use: shifted per class (its coordinate trick) up to 1000 boxes, as they are beyond. The
 rule is applied on every device, so the CUDA device path gives the CPU result (torchvision's CUDA
 kernel compares in float32). Equal FCOS scores are ranked by level and flat index here; the host
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from sepsnet.postprocess.fixed_point import greedy_suppression
@@ -71,6 +72,13 @@ def level_candidates(scores: torch.Tensor, centerness: torch.Tensor, counts: Seq
     return torch.cat(locs, 1), torch.cat(clss, 1), torch.cat(vals, 1), torch.cat(oks, 1)
 
 
+def float32_below(value: float) -> float:
+    """The largest float32 ``<= value``: for a float32 ``x``, ``x > value`` (in float64, as
+    torchvision's C++ compares) is ``x > float32_below(value)`` (a float32 comparison)."""
+    f = float(np.float32(value))
+    return f if f <= value else float(np.nextafter(np.float32(value), np.float32(-np.inf)))
+
+
 def _iou_over(boxes: torch.Tensor) -> torch.Tensor:
     """(B, n, n) IoU of box i (row, the suppressor) with box j as torchvision's CPU NMS kernel
     computes it in the boxes' dtype: ``inter / (area_i + area_j - inter)``."""
@@ -100,7 +108,7 @@ def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, v
     trick = (ok.sum(1) * 4 <= COORDINATE_TRICK_NUMEL)[:, None, None]
     iou = _iou_over(torch.where(trick, shifted, bx))
     later = torch.ones(n, n, dtype=torch.bool, device=boxes.device).triu(1)
-    suppress = (iou.double() > iou_thresh) & later & ok[:, :, None] & ok[:, None, :]
+    suppress = (iou > float32_below(iou_thresh)) & later & ok[:, :, None] & ok[:, None, :]
     suppress &= trick | (cls[:, :, None] == cls[:, None, :])
     keep, settled = greedy_suppression(suppress, ok, iterations)
     return order, keep, settled

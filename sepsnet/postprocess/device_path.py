@@ -303,6 +303,8 @@ def device_panoptic_inference(dense: Mapping[str, torch.Tensor], run_instances: 
     batch = dense["boxes"].shape[0]
     dev = dense["boxes"].device
     m = int(pp.max_instances)
+    if m <= 0 or batch == 0:
+        return None  # nothing to gain; the host path does not call the instance engine at all
     with timer.stage("candidates"):
         sc = select_slot_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
                                     level_entries(dense["p3"].shape[-2:], preselect), pp, [s[0] for s in sizes],
