@@ -138,7 +138,8 @@ def test_nms_chain_settles_or_is_reported() -> None:
 
 def test_unsettled_frame_goes_to_host_path(monkeypatch) -> None:
     """With one fixed-point step nothing settles: the frame is finished on the host path, exactly."""
-    monkeypatch.setattr(device_path, "PASS_ITERATIONS", 1)
+    monkeypatch.setattr(device_path, "FUSION_ITERATIONS", 1)
+    monkeypatch.setattr(device_path, "DEDUP_ITERATIONS", 1)
     cfg = _cfg(1)
     dense = _random_dense(torch.Generator().manual_seed(1), 2, 96, 160, hot=40)
     run = _engine()

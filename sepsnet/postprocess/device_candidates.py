@@ -15,8 +15,9 @@ tensor size depends on the data:
 
 Exact against the host selection (tested with torchvision's ``batched_nms``): the candidates are
 ranked by a stable descending sort of the FCOS score, and the IoU of each pair is torchvision's CPU
-kernel expression (float32, compared with the threshold as in float64: :func:`float32_below`), on the boxes ``batched_nms``
-would use: shifted per class (its coordinate trick) up to 1000 boxes, as they are beyond. The
+kernel expression (float32, compared with the threshold as in float64: :func:`float32_below`), on
+the boxes ``batched_nms`` would use: shifted per class (its coordinate trick) up to 1000 boxes,
+unshifted beyond. The
 rule is applied on every device, so the CUDA device path gives the CPU result (torchvision's CUDA
 kernel compares in float32). Equal FCOS scores are ranked by level and flat index here; the host
 path's order for them is torchvision's, so exactness is claimed for distinct scores.
@@ -34,8 +35,9 @@ from sepsnet.postprocess.fixed_point import greedy_suppression
 
 #: torchvision's ``batched_nms`` shifts boxes per class up to this many coordinates on CPU
 COORDINATE_TRICK_NUMEL = 4000
-#: fixed-point steps of the NMS (a suppression chain longer than this is finished on the host)
-NMS_ITERATIONS = 12
+#: fixed-point steps of the NMS (a suppression chain longer than this is finished on the host). A
+#: step is one (1 x n) @ (n x n) product; the trained demo model on the sample photos needs 8-10
+NMS_ITERATIONS = 32
 
 
 @dataclass

@@ -25,7 +25,7 @@ path on the frame (exact, with its host reads). The output is the host path's: t
 ``tests/_reference_postprocess.py`` on CPU tensors (``device_path=True``), and the reads are
 counted there with :class:`~sepsnet.postprocess.host_reads.HostReadCounter`. Memory: the planes are
 ``max_instances`` bytes per image pixel per image (about 200 MB at 1024x2048 with 100 slots), plus
-the float32 chunk of the paste product and the fusion's int16 pass.
+the float32 chunk of the paste product and the fusion's byte pass (int16 past 254 slots).
 """
 from __future__ import annotations
 
@@ -46,8 +46,11 @@ from sepsnet.postprocess.scoring import mask_scores
 from sepsnet.postprocess.stuff import STUFF_STRIDE
 from sepsnet.postprocess.timing import StageTimer
 
-#: fixed-point steps of the dedup and fusion passes (longer chains: the frame goes to the host path)
-PASS_ITERATIONS = 8
+#: fixed-point steps of the dedup (an n x n product each, cheap) and of the fusion's things pass (a
+#: pass over all planes each); longer chains send the frame to the host path. The trained demo model
+#: on the sample photos needs 4-6 fusion steps
+DEDUP_ITERATIONS = 32
+FUSION_ITERATIONS = 12
 #: float32 scratch per chunk of the paste product
 PASTE_CHUNK_BYTES = 256 << 20
 #: stuff logits resampled in one call up to this many bytes (row bands beyond), as the reference
@@ -160,7 +163,7 @@ def fuse(planes: torch.Tensor, areas: torch.Tensor, scores: torch.Tensor, alive:
     order = torch.where(visit, scores, float("-inf")).sort(descending=True, stable=True).indices
     vis, area = visit[order], areas[order]
     plane = planes[order]
-    rank = torch.arange(n, device=dev, dtype=torch.int16 if n < (1 << 15) else torch.int32)
+    rank = torch.arange(n, device=dev, dtype=torch.uint8 if n < 255 else torch.int16 if n < (1 << 15) else torch.int32)
     none = torch.full((), n, dtype=rank.dtype, device=dev)
 
     def first_owner(acc: torch.Tensor) -> torch.Tensor:  # per pixel the first accepted rank covering it
@@ -204,7 +207,7 @@ def fuse(planes: torch.Tensor, areas: torch.Tensor, scores: torch.Tensor, alive:
 
 def _image_on_device(sc: SlotCandidates, b: int, inst: Mapping[str, torch.Tensor | None], stuff_logits: torch.Tensor,
                      resized_hw: tuple[int, int], original_hw: tuple[int, int], pp: Any, num_stuff: int,
-                     timer: StageTimer, iterations: int) -> dict[str, torch.Tensor]:
+                     timer: StageTimer, iterations: int, dedup_iterations: int) -> dict[str, torch.Tensor]:
     """Scoring, paste, dedup, stuff and fusion of image ``b``: device tensors only."""
     valid = sc.valid[b]
     probs = inst["mask_probs"][b]
@@ -222,7 +225,7 @@ def _image_on_device(sc: SlotCandidates, b: int, inst: Mapping[str, torch.Tensor
             alive, dedup_settled = valid, torch.ones((), dtype=torch.bool, device=valid.device)
         else:
             alive, dedup_settled = dedup_alive(planes, areas, regions, sc.classes[b], sil, valid & (
-                scores >= pp.instance_score_thresh), valid, pp.dedup_iou, iterations)
+                scores >= pp.instance_score_thresh), valid, pp.dedup_iou, dedup_iterations)
     with timer.stage("stuff"):
         labels = device_stuff_labels(stuff_logits, resized_hw, original_hw)
     with timer.stage("fusion"):
@@ -292,14 +295,16 @@ def device_panoptic_inference(dense: Mapping[str, torch.Tensor], run_instances: 
                               sizes: Sequence[tuple[tuple[int, int], tuple[int, int]]], pp: Any, num_stuff: int,
                               return_masks: bool = True, preselect: Preselect | None = None,
                               timer: StageTimer | None = None, panoptic_only: bool = False,
-                              iterations: int | None = None, nms_iterations: int | None = None
-                              ) -> list[PanopticResult] | None:
+                              iterations: int | None = None, nms_iterations: int | None = None,
+                              dedup_iterations: int | None = None) -> list[PanopticResult] | None:
     """:func:`~sepsnet.postprocess.pipeline.panoptic_inference` on fixed shapes with one host read
     per frame (module docstring); None when a fixed point did not settle (run the host path then).
-    Arguments as there, already checked (``sizes``: per image ((resized), (original)))."""
+    Arguments as there, already checked (``sizes``: per image ((resized), (original))); ``iterations``:
+    fixed-point steps of the fusion, ``nms_iterations``/``dedup_iterations`` those of NMS and dedup."""
     timer = timer or StageTimer()
-    iterations = PASS_ITERATIONS if iterations is None else iterations
+    iterations = FUSION_ITERATIONS if iterations is None else iterations
     nms_iterations = NMS_ITERATIONS if nms_iterations is None else nms_iterations
+    dedup_iterations = DEDUP_ITERATIONS if dedup_iterations is None else dedup_iterations
     batch = dense["boxes"].shape[0]
     dev = dense["boxes"].device
     m = int(pp.max_instances)
@@ -326,7 +331,7 @@ def device_panoptic_inference(dense: Mapping[str, torch.Tensor], run_instances: 
     for b in range(batch):
         image_timer = StageTimer(timer.enabled, timer.device)
         images.append((_image_on_device(sc, b, inst, dense["stuff_logits"][b], sizes[b][0], sizes[b][1], pp,
-                                        num_stuff, image_timer, iterations), image_timer))
+                                        num_stuff, image_timer, iterations, dedup_iterations), image_timer))
     rows = torch.stack([_packed(img) for img, _ in images]).tolist()  # the frame's one host read
     hosts = [_unpack(row, m, num_stuff) for row in rows]
     if not all(h["settled"][0] for h in hosts):
