@@ -47,15 +47,15 @@ def _cfg(seed: int) -> SEPSNetConfig:
     pp.overlap_thresh = [0.5, 0.2][seed % 2]
     pp.dedup_iou = [0.3, 0.6][seed % 2]
     pp.nms_thresh = [0.8, 0.5][seed % 2]
-    pp.pre_nms_topk = [150, 1000][seed % 2]
+    pp.pre_nms_topk = [150, 400][seed % 2]
     return cfg
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_device_path_equals_reference_with_one_read(seed: int) -> None:
     cfg = _cfg(seed)
     dense = _random_dense(torch.Generator().manual_seed(seed), 2, 96, 160, hot=40)
-    run = _engine(with_scores=seed != 3)
+    run = _engine(with_scores=seed != 2)
     with HostReadCounter() as reads:
         got = panoptic_inference(dense, run, SIZES, cfg, device_path=True)
     want = ref.panoptic_inference(dense, run, SIZES, cfg)
@@ -82,6 +82,7 @@ def test_slot_candidates_equal_host_selection(seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     pp = _cfg(seed).postprocess
     pp.score_thresh = [0.05, 0.01][seed % 2]  # about 300 / 1300 candidates per image
+    pp.pre_nms_topk = [150, 1000][seed % 2]  # binding on the first level / not
     pp.max_instances = 100
     dense = _random_dense(g, 2, 96, 160, hot=[40, 300][seed // 2])
     counts = level_entries(dense["p3"].shape[-2:], None)
@@ -180,7 +181,7 @@ def test_real_photo_device_path_equals_reference(photo) -> None:
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides([
         "data.min_size_test=160", "data.max_size_test=256", "postprocess.score_thresh=0.005",
-        "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=16", "postprocess.max_instances=20",
+        "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=16", "postprocess.max_instances=12",
         "postprocess.pre_nms_topk=200"]))
     torch.manual_seed(5)
     model = build_model(cfg).eval()

@@ -170,8 +170,11 @@ def fuse(planes: torch.Tensor, areas: torch.Tensor, scores: torch.Tensor, alive:
         return torch.where(plane & acc[:, None, None], rank[:, None, None], none).amin(0) if n else \
             torch.full((h, w), n, dtype=rank.dtype, device=dev)
 
-    def step(acc: torch.Tensor) -> torch.Tensor:
-        kept = (plane & (first_owner(acc)[None] >= rank[:, None, None])).flatten(1).sum(1)
+    plane_bytes = plane.view(torch.uint8)
+
+    def step(acc: torch.Tensor) -> torch.Tensor:  # kept pixels: covered by no accepted earlier instance
+        free = first_owner(acc)[None] >= rank[:, None, None]
+        kept = (plane_bytes * free).flatten(1).sum(1, dtype=torch.int64)
         return vis & (kept > 0) & ((area - kept).double() / area.clamp(min=1).double() <= pp.overlap_thresh)
 
     accepted, prev = iterate(step, vis & (area > 0), iterations) if n else (vis, vis)
