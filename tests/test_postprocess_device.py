@@ -258,3 +258,29 @@ def test_float32_below_gives_the_float64_comparison() -> None:
         near = torch.cat([near, torch.nextafter(x, torch.tensor(0.0))[None], x[None],
                           torch.nextafter(x, torch.tensor(1.0))[None]])
         assert torch.equal(near > float32_below(t), near.double() > t), t
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_preselecting_dense_engine(padded: bool) -> None:
+    """Dense outputs of a pre-selecting engine (top-k per level, padded to exactly k as dynamic-shape
+    exports do): the device path gives the host path's result."""
+    from pathlib import Path
+
+    from sepsnet.config import load_config, parse_overrides
+    from sepsnet.model import build_model
+    from sepsnet.postprocess.preselect import Preselect
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides([
+        "postprocess.score_thresh=0.01", "postprocess.pre_nms_topk=60", "postprocess.instance_score_thresh=0.0",
+        "postprocess.max_instances=15", "postprocess.stuff_area_limit=16"]))
+    torch.manual_seed(2)
+    model = build_model(cfg).eval()
+    sel = Preselect(topk=60, score_thresh=0.01, padded=padded)
+    with torch.inference_mode():
+        dense = model.forward_dense(torch.randn(1, 3, 96, 128) * 2, preselect=sel)
+        sizes = [((90, 120), (135, 180))]
+        got = panoptic_inference(dense, model.forward_instances, sizes, cfg, preselect=sel, device_path=True)[0]
+        want = panoptic_inference(dense, model.forward_instances, sizes, cfg, preselect=sel, device_path=False)[0]
+    assert want.num_instances > 0
+    assert_same(got, want)
