@@ -29,6 +29,7 @@ the float32 chunk of the paste product and the fusion's byte pass (int16 past 25
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,8 @@ PASTE_CHUNK_BYTES = 256 << 20
 #: stuff logits resampled in one call up to this many bytes (row bands beyond), as the reference
 _INTERP_BYTES = 768 << 20
 _BAND_BYTES = 128 << 20
+
+_log = logging.getLogger(__name__)
 
 InstanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
 
@@ -338,6 +341,8 @@ def device_panoptic_inference(dense: Mapping[str, torch.Tensor], run_instances: 
     rows = torch.stack([_packed(img) for img, _ in images]).tolist()  # the frame's one host read
     hosts = [_unpack(row, m, num_stuff) for row in rows]
     if not all(h["settled"][0] for h in hosts):
+        _log.debug("device post-processing: a fixed point did not settle in %d/%d/%d steps (NMS/dedup/fusion); "
+                   "the frame runs on the host path", nms_iterations, dedup_iterations, iterations)
         return None
     results = []
     for (img, image_timer), host, ((_, _), (oh, ow)) in zip(images, hosts, sizes):
