@@ -58,7 +58,7 @@ PASTE_CHUNK_BYTES = 256 << 20
 _INTERP_BYTES = 768 << 20
 _BAND_BYTES = 128 << 20
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("sepsnet")
 
 InstanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Mapping[str, torch.Tensor]]
 
