@@ -108,11 +108,17 @@ def dedup_alive(planes: torch.Tensor, areas: torch.Tensor, regions: torch.Tensor
                 silhouette: torch.Tensor, eligible: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
                 iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The silhouette rule (:mod:`sepsnet.postprocess.scoring`) on all slots -> (kept bool (n,),
-    settled bool 0-dim). Intersections are one product of the 0/1 planes (exact: float32 sums of
-    ones up to 2**24 pixels, float64 beyond)."""
+    settled bool 0-dim). Intersections are products of the 0/1 planes over pixel chunks (exact:
+    float32 sums of ones up to 2**24 pixels, float64 beyond)."""
     n = planes.shape[0]
-    flat = planes.flatten(1).to(torch.float32 if planes[0].numel() < (1 << 24) else torch.float64)
-    inter = (flat @ flat.T).long()
+    flat = planes.flatten(1)
+    dtype = torch.float32 if flat.shape[1] < (1 << 24) else torch.float64
+    cols = max(1, PASTE_CHUNK_BYTES // (8 * max(1, n)))  # pixel columns per product (bounded scratch)
+    inter = torch.zeros((n, n), dtype=dtype, device=planes.device)
+    for s in range(0, flat.shape[1], cols):  # partial counts are exact integers, and so are their sums
+        part = flat[:, s:s + cols].to(dtype)
+        inter += part @ part.T
+    inter = inter.long()
     ix0 = torch.maximum(regions[:, None, 0], regions[None, :, 0])
     iy0 = torch.maximum(regions[:, None, 1], regions[None, :, 1])
     ix1 = torch.minimum(regions[:, None, 2], regions[None, :, 2])
