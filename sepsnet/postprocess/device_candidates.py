@@ -86,10 +86,14 @@ def _iou_over(boxes: torch.Tensor) -> torch.Tensor:
     computes it in the boxes' dtype: ``inter / (area_i + area_j - inter)``."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     areas = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp(min=0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp(min=0)
-    inter = w * h
-    return inter / (areas[:, :, None] + areas[:, None, :] - inter)
+    # the same operations in place (a few (n, n) buffers at a time: n is up to 5 x pre_nms_topk)
+    inter = torch.minimum(x2[:, :, None], x2[:, None, :]).sub_(torch.maximum(x1[:, :, None], x1[:, None, :]))
+    inter.clamp_(min=0)
+    h = torch.minimum(y2[:, :, None], y2[:, None, :]).sub_(torch.maximum(y1[:, :, None], y1[:, None, :]))
+    inter.mul_(h.clamp_(min=0))
+    del h
+    union = (areas[:, :, None] + areas[:, None, :]).sub_(inter)
+    return inter.div_(union)
 
 
 def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, valid: torch.Tensor,
