@@ -88,6 +88,17 @@ def test_uploads_counted_apart() -> None:
     assert c.reads == 0 and c.uploads == 2
 
 
+def test_paused_section_is_not_counted() -> None:
+    with HostReadCounter() as c:
+        x.tolist()
+        with c.paused():
+            x.sum().item()
+            mask.nonzero()
+            torch.tensor([1])
+        x.cpu()
+    assert c.events == ["Tensor.tolist", "Tensor.cpu"] and c.uploads == 0
+
+
 def test_modes_are_removed_on_exit() -> None:
     with HostReadCounter() as c:
         pass

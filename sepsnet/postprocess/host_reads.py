@@ -25,6 +25,8 @@ seen: ``.to(device)`` between devices (on CPU tensors the source and target are 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,12 +52,13 @@ class HostReadCounter:
     """``with HostReadCounter() as c: ...`` then ``c.reads`` (host reads) and ``c.uploads``.
 
     ``c.events`` lists what was counted, in order (``"aten.nonzero"``, ``"Tensor.cpu"``, ...), for
-    assertion messages."""
+    assertion messages. ``with c.paused(): ...`` counts nothing inside (e.g. an engine's own I/O)."""
 
     events: list[str] = field(default_factory=list)
     upload_events: list[str] = field(default_factory=list)
     _host: Any = field(default=None, repr=False)
     _modes: tuple = field(default=(), repr=False)
+    _paused: int = field(default=0, repr=False)
 
     @property
     def reads(self) -> int:
@@ -76,6 +79,14 @@ class HostReadCounter:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
         self._modes = ()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def _is_host(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and self._host.get(id(t)) is t
@@ -109,7 +120,7 @@ class _DispatchCounter(TorchDispatchMode):
             counted = func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
         elif namespace == "torchvision" and packet == "nms":
             counted = True
-        if counted:
+        if counted and not self.counter._paused:
             self.counter.events.append(f"{namespace}.{packet}")
         out = func(*args, **kwargs)
         inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -127,6 +138,8 @@ class _FunctionCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         out = func(*args, **kwargs)
+        if self.counter._paused:
+            return out
         if name in HOST_METHODS and args and isinstance(args[0], torch.Tensor) \
                 and not self.counter._is_host(args[0]):
             self.counter.events.append(f"Tensor.{name}")
