@@ -140,7 +140,7 @@ def test_stuff_labels_decided_without_resampling_equal_reference(monkeypatch) ->
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_host_reads_do_not_grow_with_instances() -> None:
-    """On CUDA the post-processing reads the device a fixed number of times per image (candidate
+    """On CUDA the host path (``device_path=False``) reads the device a fixed number of times per image (candidate
     selection, one metadata read, one dedup read, one fusion read), whatever the instance count."""
     import warnings
 
@@ -152,13 +152,13 @@ def test_cuda_host_reads_do_not_grow_with_instances() -> None:
 
         def cuda_run(*a, run=run):
             return {k: v.cuda() for k, v in run(*(t.cpu() for t in a)).items()}
-        panoptic_inference(dense, cuda_run, [(96, 160)], cfg)  # warm-up
+        panoptic_inference(dense, cuda_run, [(96, 160)], cfg, device_path=False)  # warm-up
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                (res,) = panoptic_inference(dense, cuda_run, [(96, 160)], cfg)
+                (res,) = panoptic_inference(dense, cuda_run, [(96, 160)], cfg, device_path=False)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert res.num_instances > 0

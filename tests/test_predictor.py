@@ -149,6 +149,38 @@ def test_threads_share_a_predictor(artifacts: tuple[Path, Path]) -> None:
     assert not errors
 
 
+def test_device_path_knob_gives_the_host_path_output(artifacts: tuple[Path, Path]) -> None:
+    """``predictor.device_path = True`` runs the fixed-shape post-processing (the CUDA default) on the ORT
+    bundle's CPU outputs: the same result, with one host read (the ORT instance engine's I/O aside)."""
+    from sepsnet.postprocess.host_reads import HostReadCounter
+
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort")
+    assert pred.device_path is None
+    engine = pred._run_instances
+    for photo in PHOTOS[:1]:
+        rgb = read_rgb(photo)
+        prepared = pred.prepare(rgb)
+        dense, _ = pred.run_dense(prepared)
+        reads = []
+        results = []
+        for flag in (False, True):
+            pred.device_path = flag
+            with HostReadCounter() as counter:
+                def run(*args, counter=counter):
+                    with counter.paused():
+                        return engine(*args)
+
+                pred._run_instances = run
+                results.append(pred.finish(prepared, dense))
+            reads.append(counter.reads)
+        host, device = results
+        assert host.num_instances > 0 and reads[1] == 1 and reads[0] > 10, reads
+        assert torch.equal(host.id_map, device.id_map) and host.segments_info == device.segments_info
+        assert torch.equal(host.instance_scores, device.instance_scores)
+        assert torch.equal(host.instance_boxes, device.instance_boxes)
+        assert torch.equal(host.instance_masks, device.instance_masks)
+
+
 def test_bundle_errors(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(BundleError):
         PanopticPredictor.from_bundle(tmp_path)

@@ -100,6 +100,9 @@ class PanopticPredictor:
         # run the instance engine only on candidates that can enter the panoptic result (same panoptic
         # output; instance lists hold only those): for camera loops that do not need mask AP
         self.panoptic_only = False
+        #: post-processing path (``panoptic_inference(device_path=)``): None = the fixed-shape device path
+        #: with one host read per frame for dense outputs on CUDA, the host path otherwise; True/False force it
+        self.device_path: bool | None = None
         self.dense, self.instance = dense, instance
         self.data, self.postprocess = data, postprocess
         self.classes = classes
@@ -321,7 +324,7 @@ class PanopticPredictor:
             result = panoptic_inference(dense, self._run_instances, [prepared.sizes], self.postprocess,
                                         num_stuff_classes=self.num_stuff, return_masks=self.return_masks,
                                         preselect=self.preselect, timer=timer,
-                                        panoptic_only=self.panoptic_only)[0]
+                                        panoptic_only=self.panoptic_only, device_path=self.device_path)[0]
         total = prepared.seconds + dense_seconds + time.perf_counter() - t2
         if self.timing:
             result.timings = {**timer.snapshot(), **result.timings, "preprocess": prepared.seconds,

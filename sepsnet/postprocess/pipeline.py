@@ -9,7 +9,9 @@ per image :func:`postprocess_image`: ``scoring`` (Eq. 4), ``paste`` (masks per b
 device synchronisation unless stage timing is asked for (:class:`StageTimer`), and a fixed number
 of host reads per image, none per instance (DESIGN "Inference split": one read of the per-instance
 values after scoring, one for dedup, one at the end of fusion; candidate selection's ``nonzero``
-and NMS read too). Results are at
+and NMS read too). That is the host path; dense outputs on CUDA take the fixed-shape device path
+instead (:mod:`sepsnet.postprocess.device_path`: one host read per frame, the instance engine called
+on ``batch x max_instances`` padded rois). Results are at
 the ORIGINAL image resolution: boxes are scaled by original/resized, masks are pasted directly
 at the original size, and the stuff logits are sampled at original pixel centres
 (:mod:`sepsnet.postprocess.stuff`).
@@ -24,6 +26,7 @@ import torch
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import Candidates, level_entries, postprocess_cfg, select_candidates
+from sepsnet.postprocess.device_path import device_panoptic_inference, use_device_path
 from sepsnet.postprocess.fusion import panoptic_fusion
 from sepsnet.postprocess.paste import paste_mask_crops, paste_regions, scale_boxes
 from sepsnet.postprocess.preselect import Preselect, check_preselect
@@ -158,6 +161,7 @@ def panoptic_inference(
     preselect: Preselect | Mapping[str, Any] | None = None,
     timer: StageTimer | None = None,
     panoptic_only: bool = False,
+    device_path: bool | None = None,
 ) -> list[PanopticResult]:
     """Dense outputs (INTERFACES.md names) -> one :class:`PanopticResult` per image.
 
@@ -170,6 +174,10 @@ def panoptic_inference(
     ``panoptic_only``: the instance engine runs only on candidates that can reach
     ``instance_score_thresh`` (:func:`panoptic_candidates`); the panoptic output is the same, the
     result's instance lists hold only those candidates (mask AP needs them all: off by default).
+    ``device_path``: the fixed-shape path with one host read per frame
+    (:mod:`sepsnet.postprocess.device_path`); None (default) takes it for dense outputs on CUDA,
+    True forces it (also on CPU tensors: tests), False never. It finishes a frame on this host path
+    when one of its fixed points has not settled.
     """
     pp = postprocess_cfg(cfg)
     preselect = Preselect.coerce(preselect)
@@ -183,6 +191,12 @@ def panoptic_inference(
     stuff_logits = dense["stuff_logits"]
     num_stuff = stuff_logits.shape[1] - 1 if num_stuff_classes is None else int(num_stuff_classes)
     timer = timer or StageTimer()
+    if use_device_path(dense, device_path):
+        results = device_panoptic_inference(dense, run_instances, sizes, pp, num_stuff, return_masks, preselect,
+                                            timer, panoptic_only)
+        if results is not None:
+            return results
+        timer.seconds.clear()  # the frame again on the host path (rare: see device_path)
     with timer.stage("candidates"):
         cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
                                   level_entries(dense["p3"].shape[-2:], preselect), pp, [s[0] for s in sizes])
