@@ -326,27 +326,54 @@ static Py_ssize_t decide(const Logits *L, const Job *J, double margin_factor) {
             last_i1 = i1;
             const uint8_t *ok_row = ok + i0 * w;
             const int32_t *top_row = top + i0 * w;
+            /* the row weights of the output rows that follow with these source rows */
+            double ly_lo = J->tly[y], ly_hi = J->tly[y];
+            for (Py_ssize_t z = y + 1; z < oh && J->ty0[z] == J->ty0[y] && J->ty1[z] == J->ty1[y]; z++) {
+                ly_lo = J->tly[z] < ly_lo ? J->tly[z] : ly_lo;
+                ly_hi = J->tly[z] > ly_hi ? J->tly[z] : ly_hi;
+            }
             n_open = 0;
             for (Py_ssize_t r = 0; r < n_runs; r++) {
                 Run *u = &runs[r];
+                int64_t label = -1;
                 if (ok_row[u->j0]) {
-                    if (J->itemsize == 1)
-                        memset((uint8_t *)tmpl + u->x0, (int)top_row[u->j0], (size_t)(u->x1 - u->x0));
-                    else
-                        for (Py_ssize_t x = u->x0; x < u->x1; x++) ((int64_t *)tmpl)[x] = top_row[u->j0];
-                    continue;
+                    label = top_row[u->j0];
+                } else {
+                    const Py_ssize_t ci[4] = {i0, i0, i1, i1}, cj[4] = {u->j0, u->j1, u->j0, u->j1};
+                    u->n = 0;
+                    for (int q = 0; q < 4; q++) {
+                        int32_t a = top[ci[q] * w + cj[q]];
+                        int seen = 0;
+                        for (int p = 0; p < u->n; p++) seen |= u->cls[p] == a;
+                        if (seen) continue;
+                        u->cls[u->n] = a;
+                        for (int p = 0; p < 4; p++) u->m[u->n][p] = cell_lead(L, top, lead, best, ci[p], cj[p], a);
+                        u->n++;
+                    }
+                    /* step 2 for the whole run at once: the bilinear bound is smallest at a corner of the
+                       rectangle of the run's (ly, lx) weights */
+                    double lx_lo = J->tlx[u->x0], lx_hi = J->tlx[u->x0];
+                    for (Py_ssize_t x = u->x0 + 1; x < u->x1; x++) {
+                        lx_lo = J->tlx[x] < lx_lo ? J->tlx[x] : lx_lo;
+                        lx_hi = J->tlx[x] > lx_hi ? J->tlx[x] : lx_hi;
+                    }
+                    for (int q = 0; q < u->n && label < 0; q++) {
+                        const double *m = u->m[q];
+                        double low = INFINITY;
+                        for (int corner = 0; corner < 4; corner++) {
+                            double ly = corner & 1 ? ly_hi : ly_lo, lx = corner & 2 ? lx_hi : lx_lo;
+                            double f = (1.0 - ly) * ((1.0 - lx) * m[0] + lx * m[1]) + ly * ((1.0 - lx) * m[2] + lx * m[3]);
+                            low = f < low ? f : low;
+                        }
+                        if (low > margin) label = u->cls[q];
+                    }
                 }
-                open[n_open++] = r;
-                const Py_ssize_t ci[4] = {i0, i0, i1, i1}, cj[4] = {u->j0, u->j1, u->j0, u->j1};
-                u->n = 0;
-                for (int q = 0; q < 4; q++) {
-                    int32_t a = top[ci[q] * w + cj[q]];
-                    int seen = 0;
-                    for (int p = 0; p < u->n; p++) seen |= u->cls[p] == a;
-                    if (seen) continue;
-                    u->cls[u->n] = a;
-                    for (int p = 0; p < 4; p++) u->m[u->n][p] = cell_lead(L, top, lead, best, ci[p], cj[p], a);
-                    u->n++;
+                if (label < 0) {
+                    open[n_open++] = r;
+                } else if (J->itemsize == 1) {
+                    memset((uint8_t *)tmpl + u->x0, (int)label, (size_t)(u->x1 - u->x0));
+                } else {
+                    for (Py_ssize_t x = u->x0; x < u->x1; x++) ((int64_t *)tmpl)[x] = label;
                 }
             }
         }

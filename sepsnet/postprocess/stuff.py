@@ -21,6 +21,7 @@ of the dense path.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from types import ModuleType
@@ -243,6 +244,15 @@ def _not_sure_of_corner_class(out: np.ndarray, ys: np.ndarray, xs: np.ndarray, r
     return ys[unsure], xs[unsure]
 
 
+@functools.lru_cache(maxsize=64)
+def _window_taps(cells: int, sf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`source_taps` of a window of ``cells`` source cells (read-only arrays, kept per size)."""
+    taps = tuple(t.numpy() for t in source_taps(int(math.floor(float(cells) * sf)), cells, sf))
+    for t in taps:
+        t.flags.writeable = False
+    return taps
+
+
 def _local_windows(idx: np.ndarray, taps: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Per output index in ``idx`` along one axis: a source window (first cell, cells) around it and the
     index ``k`` of that output in the window's own resample, such that it gets the source cells and
@@ -255,7 +265,7 @@ def _local_windows(idx: np.ndarray, taps: tuple) -> tuple[np.ndarray, np.ndarray
     guess = np.round((idx + 0.5) - first * sf).astype(np.int64)
     k = np.full(len(idx), -1, np.int64)
     for size in np.unique(cells).tolist():
-        l0, l1, ll = (t.numpy() for t in source_taps(int(math.floor(float(size) * sf)), size, sf))
+        l0, l1, ll = _window_taps(size, sf)
         of_size = cells == size
         for d in range(-3, 4):  # the first matching index from guess - 3 on
             kk = guess + d
