@@ -117,6 +117,31 @@ def test_near_ties_go_to_the_kernel_and_cap(stuff_path, monkeypatch) -> None:
     assert torch.equal(stuff.stuff_label_map(logits, (96, 120), (150, 190)).long(), want)
 
 
+@pytest.mark.parametrize("original", [(200, 250), (97, 131), (160, 180), (55, 61)])
+def test_kernel_windows_give_the_dense_values_bit_for_bit(original, monkeypatch) -> None:
+    """The near-tie windows reproduce the dense resample's values exactly (same source cells and weights,
+    so the same arithmetic) at random pixels, at scales whose float32 reciprocal is a short binary
+    fraction (32/3 x ..., 4) and at ones where it is not (4 x 97/36: windows then start further back, or
+    at the axis start, where the window's arithmetic is the full call's), enlarging and shrinking."""
+    monkeypatch.setattr(stuff, "_MAX_WINDOW_SHARE", 1e9)  # exactness here, not the cost rule
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(1, 5, 13, 16, generator=g) * 3
+    resized = (48, 60)
+    sf = (4 * original[0] / resized[0], 4 * original[1] / resized[1])
+    x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
+    dense = F.interpolate(x, scale_factor=sf, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+    taps = []
+    for n, size, s in ((x.shape[2], original[0], sf[0]), (x.shape[3], original[1], sf[1])):
+        t0, t1, tl = (t[:size].numpy() for t in stuff.source_taps(int(np.floor(float(n) * s)), n, s))
+        taps.append((t0, t1, tl, n, s))
+    points = torch.stack([torch.randint(0, original[0], (60,), generator=g),
+                          torch.randint(0, original[1], (60,), generator=g)], 1).numpy()
+    for src in (x, logits):  # the padded map and the map before padding
+        values = stuff._kernel_values_at(src, points, tuple(taps))
+        assert values is not None
+        assert torch.equal(values, dense[0, :, points[:, 0], points[:, 1]].T)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_logits_take_the_dense_path(stuff_path, bad: float) -> None:
     """A NaN or infinite logit: the C helper declines (-1) and the dense path gives the reference's labels."""

@@ -38,6 +38,7 @@ STUFF_STRIDE = 4
 _MARGIN = 1e-5  # x max |logit|: a lead kept through the kernel's rounding (a few float32 ulps, ~4e-7)
 _MAX_UNDECIDED = 0.25  # above this share of pixels to interpolate here, the dense kernel is faster
 _MAX_NEAR_TIES = 256  # pixels left to the kernel one by one; beyond, the dense kernel
+_MAX_WINDOW_SHARE = 0.25  # near-tie windows resampling more than this share of the output: the dense kernel
 
 
 def load_native() -> ModuleType | None:
@@ -253,15 +254,22 @@ def _window_taps(cells: int, sf: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     return taps
 
 
-def _local_windows(idx: np.ndarray, taps: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+_WINDOW_SEARCH = 16  # window starts tried one by one before the axis start (which always matches)
+
+
+def _local_windows(idx: np.ndarray, taps: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per output index in ``idx`` along one axis: a source window (first cell, cells) around it and the
     index ``k`` of that output in the window's own resample, such that it gets the source cells and
-    weight of the full call (same kernel arithmetic then): (first, cells, k) arrays, or None when an
-    index has no such window."""
+    weight of the full call (same kernel arithmetic then): (first, cells, k) arrays. The window starts
+    a cell before the index's first source cell (no clamping there unless the map's own) and ends a
+    cell after its second; where the window's float32 source coordinate rounds differently from the
+    full call's (a scale whose reciprocal is no short binary fraction), earlier starts are tried, and
+    at last the axis start: there the window's arithmetic is the full call's own."""
     t0, t1, tl, n_in, sf = taps
     g0, g1 = t0[idx].astype(np.int64), t1[idx].astype(np.int64)
-    first = np.maximum(0, g0 - 1)  # a cell before: no clamping at the window's start unless the map's own
-    cells = np.minimum(n_in, g1 + 2) - first  # and a cell after, unless the map ends there
+    first = np.maximum(0, g0 - 1)
+    end = np.minimum(n_in, g1 + 2)  # and a cell after, unless the map ends there
+    cells = end - first
     guess = np.round((idx + 0.5) - first * sf).astype(np.int64)
     k = np.full(len(idx), -1, np.int64)
     for size in np.unique(cells).tolist():
@@ -272,20 +280,42 @@ def _local_windows(idx: np.ndarray, taps: tuple) -> tuple[np.ndarray, np.ndarray
             inside = of_size & (k < 0) & (kk >= 0) & (kk < len(l0))
             at = np.where(inside, kk, 0)
             k = np.where(inside & (l0[at] + first == g0) & (l1[at] + first == g1) & (ll[at] == tl[idx]), kk, k)
-    return None if (k < 0).any() else (first, cells, k)
+    for n in np.flatnonzero(k < 0).tolist():
+        i, lam = int(idx[n]), float(tl[idx[n]])
+        starts = [*range(int(first[n]) - 1, max(0, int(first[n]) - 1 - _WINDOW_SEARCH), -1), 0]
+        for start in starts:
+            l0, l1, ll = _window_taps(int(end[n]) - start, sf)
+            g = int(round((i + 0.5) - start * sf))
+            found = [kk for kk in range(max(0, g - 3), min(len(l0), g + 4))
+                     if l0[kk] + start == g0[n] and l1[kk] + start == g1[n] and float(ll[kk]) == lam]
+            if found:
+                first[n], cells[n], k[n] = start, int(end[n]) - start, found[0]
+                break
+    return first, cells, k
 
 
 def _kernel_labels_at(x: torch.Tensor, points: np.ndarray, taps: tuple) -> np.ndarray | None:
-    """The dense path's labels of output pixels ``points`` (n, 2) (y, x): the kernel run on small windows
-    of the padded map whose resample gives each pixel the full call's source cells and weights (windows
-    of one size batched in one call: the kernel does each batch item alone); None if a pixel has no
-    such window. ``x`` (1, C, H, W) is the padded map or the map before padding: indices past its end
-    read its last row / column, which is what the replicated padding holds."""
+    """The dense path's labels of output pixels ``points`` (n, 2) (y, x), from :func:`_kernel_values_at`
+    (first maximum over the classes, as the dense path takes it); None where that gives None."""
+    values = _kernel_values_at(x, points, taps)
+    return None if values is None else values.max(-1).indices.numpy()
+
+
+def _kernel_values_at(x: torch.Tensor, points: np.ndarray, taps: tuple) -> torch.Tensor | None:
+    """The dense path's class values (n, C) at output pixels ``points`` (n, 2) (y, x), bit for bit: the
+    kernel run on small windows of the padded map whose resample gives each pixel the full call's
+    source cells and weights (:func:`_local_windows`; windows of one size batched in one call: the
+    kernel does each batch item alone); None if a pixel has no such window or the windows would cost
+    more than the dense call. ``x`` (1, C, H, W) is the padded map or the map before padding: indices
+    past its end read its last row / column, which is what the replicated padding holds."""
     wy, wx = _local_windows(points[:, 0], taps[0]), _local_windows(points[:, 1], taps[1])
-    if wy is None or wx is None:
-        return None
     sf = (taps[0][4], taps[1][4])
-    labels = np.zeros(len(points), np.int64)
+    if (wy[2] < 0).any() or (wx[2] < 0).any():
+        return None
+    volume = (np.floor(wy[1] * sf[0]) * np.floor(wx[1] * sf[1])).sum()
+    if volume > _MAX_WINDOW_SHARE * len(taps[0][0]) * len(taps[1][0]):
+        return None  # windows from the axis starts: the dense path costs less
+    values = torch.empty(len(points), x.shape[1], dtype=x.dtype)
     shapes = np.stack([wy[1], wx[1]], 1)
     for cy, cx in np.unique(shapes, axis=0).tolist():
         members = np.flatnonzero((shapes[:, 0] == cy) & (shapes[:, 1] == cx))
@@ -294,10 +324,9 @@ def _kernel_labels_at(x: torch.Tensor, points: np.ndarray, taps: tuple) -> np.nd
         crops = x[0][:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # (n, C, cy, cx)
         up = F.interpolate(crops.contiguous(memory_format=torch.channels_last), scale_factor=sf, mode="bilinear",
                            align_corners=False, recompute_scale_factor=False)
-        picked = up.permute(0, 2, 3, 1)[torch.arange(len(members)), torch.from_numpy(wy[2][members]),
-                                        torch.from_numpy(wx[2][members])]  # (n, C), channels contiguous
-        labels[members] = picked.max(-1).indices.numpy()
-    return labels
+        values[torch.from_numpy(members)] = up.permute(0, 2, 3, 1)[
+            torch.arange(len(members)), torch.from_numpy(wy[2][members]), torch.from_numpy(wx[2][members])]
+    return values
 
 
 def stuff_labels_at(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
