@@ -37,19 +37,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef STUFF_PROFILE /* development: stage CPU times on stderr */
-#include <stdio.h>
-#include <time.h>
-#define PROF_T(t)                                                                                               \
-    struct timespec t;                                                                                          \
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
-#define MS(a, b) ((b.tv_sec - a.tv_sec) * 1e3 + (b.tv_nsec - a.tv_nsec) * 1e-6)
-#define PROF_PRINT(a, b, c, d) fprintf(stderr, "cells %.2f block %.2f pixels %.2f ms\n", MS(a, b), MS(b, c), MS(c, d))
-#else
-#define PROF_T(t)
-#define PROF_PRINT(a, b, c, d)
-#endif
-
 typedef struct {
     const float *base; /* cell (k, i, j) at base[k * sc + i * sh + j * sw] */
     Py_ssize_t c, h, w, sc, sh, sw;
@@ -293,16 +280,13 @@ static Py_ssize_t decide(const Logits *L, const Job *J, double margin_factor) {
         !tmpl)
         goto done;
     double bound;
-    PROF_T(t0);
     int bad_cells = cell_pass(L, top, lead, best, low, &bound);
-    PROF_T(t1);
     if (bad_cells != 0) {
         n_near = -1;
         goto done;
     }
     const double margin = margin_factor * bound;
     block_pass(top, lead, h, w, margin, ok);
-    PROF_T(t2);
     for (Py_ssize_t j = 0; j < w; j++) stamp[j] = -1;
     RowMix R = {L, mix, mix_top, mix_best, mix_lead, stamp, -1, 0, 0, 0.0f};
     /* runs of output columns with the same two source columns (the same for every row) */
@@ -326,9 +310,11 @@ static Py_ssize_t decide(const Logits *L, const Job *J, double margin_factor) {
             last_i1 = i1;
             const uint8_t *ok_row = ok + i0 * w;
             const int32_t *top_row = top + i0 * w;
-            /* the row weights of the output rows that follow with these source rows */
+            /* the row weights of the output rows that follow with these source rows (those that use
+               this template) */
             double ly_lo = J->tly[y], ly_hi = J->tly[y];
-            for (Py_ssize_t z = y + 1; z < oh && J->ty0[z] == J->ty0[y] && J->ty1[z] == J->ty1[y]; z++) {
+            for (Py_ssize_t z = y + 1; z < oh && (J->ty0[z] < h ? J->ty0[z] : h - 1) == i0 &&
+                                       (J->ty1[z] < h ? J->ty1[z] : h - 1) == i1; z++) {
                 ly_lo = J->tly[z] < ly_lo ? J->tly[z] : ly_lo;
                 ly_hi = J->tly[z] > ly_hi ? J->tly[z] : ly_hi;
             }
@@ -391,8 +377,6 @@ static Py_ssize_t decide(const Logits *L, const Job *J, double margin_factor) {
             }
         }
     }
-    PROF_T(t3);
-    PROF_PRINT(t0, t1, t2, t3);
 done:
     free(top);
     free(lead);

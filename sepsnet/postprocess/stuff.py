@@ -118,7 +118,7 @@ def _native_decided_labels(native: ModuleType, logits: torch.Tensor, out_hw: tup
     cell read twice). Same decisions and proof, in one pass; near ties go to the kernel here. None
     when the dense path must run (one class, a NaN or infinite logit, too many near ties)."""
     (oh, ow), (c, h, w) = out_hw, logits.shape[1:]
-    if c < 2:
+    if c < 2 or h < 1 or w < 1:
         return None
     # the kernel's indices and weights on the padded map (h + 1, w + 1) of the dense path
     ty0, ty1, tly = (t[:oh].numpy() for t in source_taps(int(math.floor(float(h + 1) * sf[0])), h + 1, sf[0]))
