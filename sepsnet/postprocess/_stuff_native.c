@@ -178,6 +178,7 @@ static inline double cell_lead(const Logits *L, const int32_t *top, const float 
    (i1, j0), (i1, j1) */
 typedef struct {
     Py_ssize_t x0, x1, j0, j1;
+    double lx_lo, lx_hi; /* the range of the column weights */
     int n;
     int32_t cls[4];
     double m[4][4];
@@ -214,8 +215,13 @@ static Py_ssize_t open_run(RowMix *R, const Run *u, const Job *J, double margin,
         a1[q] = q < u->n ? ly0 * u->m[q][1] + ly * u->m[q][3] : -1e300;
         cls[q] = q < u->n ? u->cls[q] : -1;
     }
-    for (Py_ssize_t x = u->x0; x < u->x1; x++) {
-        const double lx = J->tlx[x], lx0 = 1.0 - lx;
+    /* locals: the byte stores into row may alias any memory, so fields read through pointers would be
+       reloaded after each */
+    const float *tlx = J->tlx;
+    const int itemsize = J->itemsize;
+    const Py_ssize_t x1 = u->x1;
+    for (Py_ssize_t x = u->x0; x < x1; x++) {
+        const double lx = tlx[x], lx0 = 1.0 - lx;
         /* at most one class can have a positive lower bound of lead, so the order does not matter:
            selects, no branches (the winner changes from pixel to pixel where the cells disagree) */
         int64_t label = a0[3] * lx0 + a1[3] * lx > margin ? cls[3] : -1;
@@ -233,7 +239,7 @@ static Py_ssize_t open_run(RowMix *R, const Run *u, const Job *J, double margin,
         }
         if (label < 0) { /* step 4 */
             const float *r0 = R->mix + u->j0 * c, *r1 = R->mix + u->j1 * c;
-            const float fx1 = J->tlx[x], fx0 = 1.0f - fx1;
+            const float fx1 = tlx[x], fx0 = 1.0f - fx1;
             float best = fx0 * r0[0] + fx1 * r1[0], second = -INFINITY;
             label = 0;
             for (Py_ssize_t k = 1; k < c; k++) {
@@ -253,7 +259,7 @@ static Py_ssize_t open_run(RowMix *R, const Run *u, const Job *J, double margin,
                 n_near++;
             }
         }
-        put_label(row, J->itemsize, x, label);
+        put_label(row, itemsize, x, label);
     }
     return n_near;
 }
@@ -294,10 +300,13 @@ static Py_ssize_t decide(const Logits *L, const Job *J, double margin_factor) {
     for (Py_ssize_t x = 0; x < ow; x++) {
         Py_ssize_t j0 = J->tx0[x] < w ? J->tx0[x] : w - 1, j1 = J->tx1[x] < w ? J->tx1[x] : w - 1;
         if (n_runs == 0 || runs[n_runs - 1].j0 != j0 || runs[n_runs - 1].j1 != j1) {
-            runs[n_runs] = (Run){x, x + 1, j0, j1, 0, {0}, {{0}}};
+            runs[n_runs] = (Run){x, x + 1, j0, j1, J->tlx[x], J->tlx[x], 0, {0}, {{0}}};
             n_runs++;
         } else {
-            runs[n_runs - 1].x1 = x + 1;
+            Run *u = &runs[n_runs - 1];
+            u->x1 = x + 1;
+            u->lx_lo = J->tlx[x] < u->lx_lo ? J->tlx[x] : u->lx_lo;
+            u->lx_hi = J->tlx[x] > u->lx_hi ? J->tlx[x] : u->lx_hi;
         }
     }
     n_near = 0;
@@ -338,11 +347,7 @@ static Py_ssize_t decide(const Logits *L, const Job *J, double margin_factor) {
                     }
                     /* step 2 for the whole run at once: the bilinear bound is smallest at a corner of the
                        rectangle of the run's (ly, lx) weights */
-                    double lx_lo = J->tlx[u->x0], lx_hi = J->tlx[u->x0];
-                    for (Py_ssize_t x = u->x0 + 1; x < u->x1; x++) {
-                        lx_lo = J->tlx[x] < lx_lo ? J->tlx[x] : lx_lo;
-                        lx_hi = J->tlx[x] > lx_hi ? J->tlx[x] : lx_hi;
-                    }
+                    const double lx_lo = u->lx_lo, lx_hi = u->lx_hi;
                     for (int q = 0; q < u->n && label < 0; q++) {
                         const double *m = u->m[q];
                         double low = INFINITY;
