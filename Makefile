@@ -10,7 +10,7 @@ DEMO   ?= demo_out
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py sepsnet/eval/_pq_native.c  # setup.py builds the C helper of sepsnet-pq
+$(STAMP): pyproject.toml setup.py sepsnet/eval/_pq_native.c sepsnet/postprocess/_stuff_native.c  # setup.py builds the C helpers
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1

@@ -33,3 +33,32 @@ def pq_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "fallback":
         monkeypatch.setattr(pq_native, "NATIVE", None)
     return request.param
+
+
+class CountingStuffNative:
+    """The stuff C helper, counting its calls and those that decided the labels (not -1 / -2)."""
+
+    def __init__(self, module) -> None:
+        self.module, self.calls, self.decided = module, 0, 0
+
+    def decide_labels(self, *args):
+        n = self.module.decide_labels(*args)
+        self.calls += 1
+        self.decided += n >= 0
+        return n
+
+
+@pytest.fixture(params=["native", "numpy"])
+def stuff_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> CountingStuffNative | None:
+    """The stuff labels' two paths: the C helper (skipped when it is not built), counted, and NumPy (None)."""
+    from sepsnet.postprocess import stuff
+
+    if request.param == "native":
+        if stuff.NATIVE is None:
+            pytest.skip("C helper sepsnet.postprocess._stuff_native not built (pip install -e . builds it) "
+                        "or SEPSNET_STUFF_NATIVE=0")
+        counting = CountingStuffNative(stuff.NATIVE)
+        monkeypatch.setattr(stuff, "NATIVE", counting)
+        return counting
+    monkeypatch.setattr(stuff, "NATIVE", None)
+    return None

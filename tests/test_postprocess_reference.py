@@ -72,6 +72,7 @@ def test_deferred_read_form_and_row_tiles_equal_reference(seed: int, monkeypatch
     read; scatter-add counts) and the stuff resample split into row tiles, run here on CPU."""
     monkeypatch.setattr(fusion, "READ_ON_CPU", False)
     monkeypatch.setattr(stuff, "_intra_op_threads", lambda: 3)
+    monkeypatch.setattr(stuff, "NATIVE", None)
     monkeypatch.setattr(stuff, "_MAX_UNDECIDED", -1.0)  # the resample itself, not the decided labels
     _check_randomized(seed)
 
@@ -79,6 +80,7 @@ def test_deferred_read_form_and_row_tiles_equal_reference(seed: int, monkeypatch
 def test_stuff_row_tiles_equal_single_resample(monkeypatch) -> None:
     """Stuff labels from exact row tiles (several threads) are those of the single resample of
     the reference, for power-of-two and other scales, enlarging and shrinking."""
+    monkeypatch.setattr(stuff, "NATIVE", None)
     monkeypatch.setattr(stuff, "_MAX_UNDECIDED", -1.0)  # the resample itself, not the decided labels
     g = torch.Generator().manual_seed(7)
     tiled = 0
@@ -101,25 +103,25 @@ def test_stuff_row_tiles_equal_single_resample(monkeypatch) -> None:
     assert tiled >= 10
 
 
-def test_stuff_labels_decided_without_resampling_equal_reference(monkeypatch) -> None:
+def test_stuff_labels_decided_without_resampling_equal_reference(monkeypatch, stuff_path) -> None:
     """Labels decided from agreeing source cells, interpolated where they disagree and left to the
     kernel (on a small window) at near ties are those of the full resample of the reference: region
-    maps like a trained stuff head's, the same with exact ties, and noise (where the fast form
-    gives up), at enlarging, shrinking and power-of-two scales."""
+    maps like a trained stuff head's, the same with exact ties, and noise (where the NumPy form
+    gives up), at enlarging, shrinking and power-of-two scales; by the C helper and by NumPy."""
     calls = {"decided": 0, "windows": 0}
-    decided, window = stuff._decided_labels, stuff._kernel_label_at
+    decided, windows = stuff._decided_labels, stuff._kernel_labels_at
 
     def count_decided(*args):
         out = decided(*args)
         calls["decided"] += out is not None
         return out
 
-    def count_window(*args):
-        calls["windows"] += 1
-        return window(*args)
+    def count_windows(x, points, taps):
+        calls["windows"] += len(points)
+        return windows(x, points, taps)
 
     monkeypatch.setattr(stuff, "_decided_labels", count_decided)
-    monkeypatch.setattr(stuff, "_kernel_label_at", count_window)
+    monkeypatch.setattr(stuff, "_kernel_labels_at", count_windows)
     g = torch.Generator().manual_seed(11)
     for i in range(18):
         c = int(torch.randint(2, 14, (1,), generator=g))
@@ -135,6 +137,8 @@ def test_stuff_labels_decided_without_resampling_equal_reference(monkeypatch) ->
                   else (rh * (1, 2, 4)[i % 3], rw * (1, 2, 4)[i % 3]))
         want = ref.stuff_labels_at(logits, (rh, rw), (oh, ow))
         assert torch.equal(stuff.stuff_label_map(logits, (rh, rw), (oh, ow)).long(), want)
+    if stuff_path is not None:  # the C helper decided these (the NumPy form is not called then)
+        calls["decided"] = stuff_path.decided
     assert calls["decided"] >= 10 and calls["windows"] >= 1
 
 

@@ -13,10 +13,18 @@ row range whose output rows get exactly the source indices and weights of the fu
 (checked with :func:`source_taps`, the kernel's index arithmetic): the same kernel then does the
 same arithmetic on the same values, and the labels are identical. When no such split exists
 (e.g. a scale that is not a power of two) the single call is used.
+
+On CPU the labels are first decided without resampling every class (:func:`_decided_labels`, exact):
+by the optional C helper ``_stuff_native.c`` (built by ``pip install``; ``NATIVE``) on the unpadded
+logits, else by the NumPy form. ``SEPSNET_STUFF_NATIVE=0`` selects the NumPy form; both give the labels
+of the dense path.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -30,6 +38,21 @@ STUFF_STRIDE = 4
 _MARGIN = 1e-5  # x max |logit|: a lead kept through the kernel's rounding (a few float32 ulps, ~4e-7)
 _MAX_UNDECIDED = 0.25  # above this share of pixels to interpolate here, the dense kernel is faster
 _MAX_NEAR_TIES = 256  # pixels left to the kernel one by one; beyond, the dense kernel
+_MAX_WINDOW_SHARE = 0.25  # near-tie windows resampling more than this share of the output: the dense kernel
+
+
+def load_native() -> ModuleType | None:
+    """The C helper ``_stuff_native`` when it was built and ``SEPSNET_STUFF_NATIVE`` is not ``0``, else None."""
+    if os.environ.get("SEPSNET_STUFF_NATIVE", "1").strip() == "0":
+        return None
+    try:
+        from sepsnet.postprocess import _stuff_native
+    except ImportError:
+        return None
+    return _stuff_native
+
+
+NATIVE = load_native()  # read at call time: tests set it to None for the NumPy form
 
 
 def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
@@ -44,12 +67,18 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
     dev = stuff_logits.device
     dtype = torch.uint8 if c <= 256 else torch.int64
     if c * oh * ow * 4 <= _INTERP_BYTES:
+        sf = (stride * oh / rh, stride * ow / rw)
+        native = NATIVE
+        if dev.type == "cpu" and native is not None:
+            with one_intra_op_thread(dev):  # a second thread costs more than it gives when a core is busy
+                decided = _native_decided_labels(native, logits, (oh, ow), sf)
+            if decided is not None:
+                return decided
         # one channels-last F.interpolate with the exact scale (same mapping as the grid below);
         # a replicated extra cell makes the output cover (oh, ow) whatever rounding
         x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
-        sf = (stride * oh / rh, stride * ow / rw)
-        if dev.type == "cpu":
-            with one_intra_op_thread(dev):  # a second thread costs more than it gives when a core is busy
+        if dev.type == "cpu" and native is None:
+            with one_intra_op_thread(dev):
                 decided = _decided_labels(x, (oh, ow), sf, dtype)
             if decided is not None:
                 return decided
@@ -80,6 +109,33 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
         vals = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
         labels[y0:y0 + band] = vals[0].argmax(0).to(dtype)
     return labels
+
+
+def _native_decided_labels(native: ModuleType, logits: torch.Tensor, out_hw: tuple[int, int],
+                           sf: tuple[float, float]) -> torch.Tensor | None:
+    """:func:`_decided_labels` by the C helper, on the cropped logits (1, C, hs, ws) as they are (any
+    strides, no padded channels-last copy: the replicated extra cell of the dense path is the last
+    cell read twice). Same decisions and proof, in one pass; near ties go to the kernel here. None
+    when the dense path must run (one class, a NaN or infinite logit, too many near ties)."""
+    (oh, ow), (c, h, w) = out_hw, logits.shape[1:]
+    if c < 2 or h < 1 or w < 1:
+        return None
+    # the kernel's indices and weights on the padded map (h + 1, w + 1) of the dense path
+    ty0, ty1, tly = (t[:oh].numpy() for t in source_taps(int(math.floor(float(h + 1) * sf[0])), h + 1, sf[0]))
+    tx0, tx1, tlx = (t[:ow].numpy() for t in source_taps(int(math.floor(float(w + 1) * sf[1])), w + 1, sf[1]))
+    if len(ty0) < oh or len(tx0) < ow:
+        return None
+    out = np.empty((oh, ow), np.uint8 if c <= 256 else np.int64)
+    near = np.empty((_MAX_NEAR_TIES, 2), np.int64)
+    n = native.decide_labels(logits[0].detach().numpy(), ty0, ty1, tly, tx0, tx1, tlx, _MARGIN, out, near)
+    if n < 0:
+        return None
+    if n:  # near ties: the kernel decides, on a few cells around each pixel
+        labels = _kernel_labels_at(logits, near[:n], ((ty0, ty1, tly, h + 1, sf[0]), (tx0, tx1, tlx, w + 1, sf[1])))
+        if labels is None:
+            return None
+        out[near[:n, 0], near[:n, 1]] = labels
+    return torch.from_numpy(out)
 
 
 def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, float],
@@ -136,12 +192,11 @@ def _decided_labels(x: torch.Tensor, out_hw: tuple[int, int], sf: tuple[float, f
         if near.any():  # near ties: the kernel decides, run on a few cells around each such pixel
             if near.sum() > _MAX_NEAR_TIES:
                 return None
-            taps = ((ty0, ty1, tly, h, sf[0]), (tx0, tx1, tlx, w, sf[1]))
-            for y, x_ in zip(ys[near], xs[near]):
-                label = _kernel_label_at(x, (int(y), int(x_)), taps)
-                if label is None:
-                    return None
-                out[y, x_] = label
+            labels = _kernel_labels_at(x, np.stack([ys[near], xs[near]], 1),
+                                       ((ty0, ty1, tly, h, sf[0]), (tx0, tx1, tlx, w, sf[1])))
+            if labels is None:
+                return None
+            out[ys[near], xs[near]] = labels
     return torch.from_numpy(out).to(dtype)
 
 
@@ -190,32 +245,88 @@ def _not_sure_of_corner_class(out: np.ndarray, ys: np.ndarray, xs: np.ndarray, r
     return ys[unsure], xs[unsure]
 
 
-def _local_window(i: int, taps: tuple) -> tuple[int, int, int] | None:
-    """A source window (first cell, cells) around output index ``i`` along one axis and the index
-    ``k`` of that output in the window's own resample, such that it gets the source cells and weight
-    of the full call (same kernel arithmetic then): (first, cells, k), or None."""
+@functools.lru_cache(maxsize=64)
+def _window_taps(cells: int, sf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`source_taps` of a window of ``cells`` source cells (read-only arrays, kept per size)."""
+    taps = tuple(t.numpy() for t in source_taps(int(math.floor(float(cells) * sf)), cells, sf))
+    for t in taps:
+        t.flags.writeable = False
+    return taps
+
+
+_WINDOW_SEARCH = 16  # window starts tried one by one before the axis start (which always matches)
+
+
+def _local_windows(idx: np.ndarray, taps: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output index in ``idx`` along one axis: a source window (first cell, cells) around it and the
+    index ``k`` of that output in the window's own resample, such that it gets the source cells and
+    weight of the full call (same kernel arithmetic then): (first, cells, k) arrays. The window starts
+    a cell before the index's first source cell (no clamping there unless the map's own) and ends a
+    cell after its second; where the window's float32 source coordinate rounds differently from the
+    full call's (a scale whose reciprocal is no short binary fraction), earlier starts are tried, and
+    at last the axis start: there the window's arithmetic is the full call's own."""
     t0, t1, tl, n_in, sf = taps
-    g0, g1 = int(t0[i]), int(t1[i])
-    first = max(0, g0 - 1)  # a cell before: no clamping at the window's start unless the map's own
-    cells = min(n_in, g1 + 2) - first  # and a cell after, unless the map ends there
-    l0, l1, ll = source_taps(int(math.floor(float(cells) * sf)), cells, sf)
-    guess = int(round((i + 0.5) - first * sf))
-    for k in range(max(0, guess - 3), min(len(l0), guess + 4)):
-        if int(l0[k]) + first == g0 and int(l1[k]) + first == g1 and float(ll[k]) == float(tl[i]):
-            return first, cells, k
-    return None
+    g0, g1 = t0[idx].astype(np.int64), t1[idx].astype(np.int64)
+    first = np.maximum(0, g0 - 1)
+    end = np.minimum(n_in, g1 + 2)  # and a cell after, unless the map ends there
+    cells = end - first
+    guess = np.round((idx + 0.5) - first * sf).astype(np.int64)
+    k = np.full(len(idx), -1, np.int64)
+    for size in np.unique(cells).tolist():
+        l0, l1, ll = _window_taps(size, sf)
+        of_size = cells == size
+        for d in range(-3, 4):  # the first matching index from guess - 3 on
+            kk = guess + d
+            inside = of_size & (k < 0) & (kk >= 0) & (kk < len(l0))
+            at = np.where(inside, kk, 0)
+            k = np.where(inside & (l0[at] + first == g0) & (l1[at] + first == g1) & (ll[at] == tl[idx]), kk, k)
+    for n in np.flatnonzero(k < 0).tolist():
+        i, lam = int(idx[n]), float(tl[idx[n]])
+        starts = [*range(int(first[n]) - 1, max(0, int(first[n]) - 1 - _WINDOW_SEARCH), -1), 0]
+        for start in starts:
+            l0, l1, ll = _window_taps(int(end[n]) - start, sf)
+            g = int(round((i + 0.5) - start * sf))
+            found = [kk for kk in range(max(0, g - 3), min(len(l0), g + 4))
+                     if l0[kk] + start == g0[n] and l1[kk] + start == g1[n] and float(ll[kk]) == lam]
+            if found:
+                first[n], cells[n], k[n] = start, int(end[n]) - start, found[0]
+                break
+    return first, cells, k
 
 
-def _kernel_label_at(x: torch.Tensor, yx: tuple[int, int], taps: tuple) -> int | None:
-    """The dense path's label of output pixel ``yx``: the kernel run on a small window of ``x`` whose
-    resample gives that pixel the full call's source cells and weights; None if no such window."""
-    wy, wx = _local_window(yx[0], taps[0]), _local_window(yx[1], taps[1])
-    if wy is None or wx is None:
-        return None
-    crop = x[:, :, wy[0]:wy[0] + wy[1], wx[0]:wx[0] + wx[1]].contiguous(memory_format=torch.channels_last)
+def _kernel_labels_at(x: torch.Tensor, points: np.ndarray, taps: tuple) -> np.ndarray | None:
+    """The dense path's labels of output pixels ``points`` (n, 2) (y, x), from :func:`_kernel_values_at`
+    (first maximum over the classes, as the dense path takes it); None where that gives None."""
+    values = _kernel_values_at(x, points, taps)
+    return None if values is None else values.max(-1).indices.numpy()
+
+
+def _kernel_values_at(x: torch.Tensor, points: np.ndarray, taps: tuple) -> torch.Tensor | None:
+    """The dense path's class values (n, C) at output pixels ``points`` (n, 2) (y, x), bit for bit: the
+    kernel run on small windows of the padded map whose resample gives each pixel the full call's
+    source cells and weights (:func:`_local_windows`; windows of one size batched in one call: the
+    kernel does each batch item alone); None if a pixel has no such window or the windows would cost
+    more than the dense call. ``x`` (1, C, H, W) is the padded map or the map before padding: indices
+    past its end read its last row / column, which is what the replicated padding holds."""
+    wy, wx = _local_windows(points[:, 0], taps[0]), _local_windows(points[:, 1], taps[1])
     sf = (taps[0][4], taps[1][4])
-    up = F.interpolate(crop, scale_factor=sf, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-    return int(up[0].permute(1, 2, 0)[wy[2]:wy[2] + 1, wx[2]:wx[2] + 1].max(-1).indices)
+    if (wy[2] < 0).any() or (wx[2] < 0).any():
+        return None
+    volume = (np.floor(wy[1] * sf[0]) * np.floor(wx[1] * sf[1])).sum()
+    if volume > _MAX_WINDOW_SHARE * len(taps[0][0]) * len(taps[1][0]):
+        return None  # windows from the axis starts: the dense path costs less
+    values = torch.empty(len(points), x.shape[1], dtype=x.dtype)
+    shapes = np.stack([wy[1], wx[1]], 1)
+    for cy, cx in np.unique(shapes, axis=0).tolist():
+        members = np.flatnonzero((shapes[:, 0] == cy) & (shapes[:, 1] == cx))
+        rows = (torch.from_numpy(wy[0][members])[:, None] + torch.arange(cy)).clamp(max=x.shape[2] - 1)
+        cols = (torch.from_numpy(wx[0][members])[:, None] + torch.arange(cx)).clamp(max=x.shape[3] - 1)
+        crops = x[0][:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)  # (n, C, cy, cx)
+        up = F.interpolate(crops.contiguous(memory_format=torch.channels_last), scale_factor=sf, mode="bilinear",
+                           align_corners=False, recompute_scale_factor=False)
+        values[torch.from_numpy(members)] = up.permute(0, 2, 3, 1)[
+            torch.arange(len(members)), torch.from_numpy(wy[2][members]), torch.from_numpy(wx[2][members])]
+    return values
 
 
 def stuff_labels_at(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
