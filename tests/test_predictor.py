@@ -408,26 +408,71 @@ def test_ort_sessions_do_not_spin_by_default(tmp_path: Path) -> None:
 
 def test_instance_engine_rewritten_for_cpu_gives_the_exported_outputs(artifacts: tuple[Path, Path]) -> None:
     """The bundle's instance graph loads on the CPU with its attention softmax rewritten, the two crops
-    of the bases shared and the confidence head's 70-channel conv padded to 72 (sepsnet.engines.ort_graph);
-    on a real photo's candidates its outputs are the graph's as exported, up to float rounding."""
+    of the bases shared, the confidence head's 70-channel conv padded to 72 and the attention's bilinear
+    upsampling done by two products (sepsnet.engines.ort_graph); on a real photo's candidates its outputs
+    are the graph's as exported, up to float rounding."""
     from sepsnet.engines.ort_backend import OrtBackend
-    from sepsnet.postprocess.candidates import level_entries, select_candidates
 
     pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
-    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1}
+    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1, "upsample": 1}
     plain = OrtBackend(artifacts[1] / "instance.onnx", device="cpu", cpu_rewrites=False)
+    feeds = _photo_candidate_feeds(pred)
+    got, ref = pred.instance.run(feeds), plain.run(feeds)
+    assert set(got) == set(ref) == {"mask_probs", "iou_score", "silhouette_score"}
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6), name
+
+
+def _photo_candidate_feeds(pred: PanopticPredictor) -> dict[str, torch.Tensor]:
+    """The instance engine's feeds for the candidates of the first sample photo."""
+    from sepsnet.postprocess.candidates import level_entries, select_candidates
+
     prepared = pred.prepare(read_rgb(PHOTOS[0]))
     dense, _ = pred.run_dense(prepared)
     cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
                               level_entries(dense["p3"].shape[-2:], pred.preselect), pred.postprocess,
                               [prepared.sizes[0]])[0]
-    assert len(cands) > 1
-    feeds = {"bases": dense["bases"], "p3": dense["p3"], "attention": cands.attention,
-             "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
-    got, ref = pred.instance.run(feeds), plain.run(feeds)
+    assert len(cands) > 2
+    return {"bases": dense["bases"], "p3": dense["p3"], "attention": cands.attention,
+            "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
+
+
+def test_repeated_candidate_rows_run_the_instance_engine_once(artifacts: tuple[Path, Path]) -> None:
+    """A location kept for two classes gives two candidates with the same box and attention: on the CPU
+    the instance engine gets each distinct row once, and every candidate gets the outputs of its row
+    (equal to running all rows, up to float rounding; a repeat's outputs are its first row's)."""
+    from sepsnet.engines.predictor import distinct_rows
+
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
+    feeds = _photo_candidate_feeds(pred)
+    n = len(feeds["rois"])
+    base = distinct_rows(feeds["rois"], feeds["attention"])
+    distinct = n if base is None else len(base[0])
+    order = torch.tensor([*range(n), 0, 2, 0])  # three repeats of real rows, at the end
+    rois, attention = feeds["rois"][order], feeds["attention"][order]
+    keep, inverse = distinct_rows(rois, attention)
+    assert len(keep) == distinct and torch.equal(rois[keep][inverse], rois) and torch.equal(
+        attention[keep][inverse], attention)
+    seen: list[int] = []
+    engine = pred.instance
+
+    class Counting:
+        device = engine.device
+        thread_safe = True
+
+        def run(self, feeds: dict) -> dict:
+            seen.append(len(feeds["rois"]))
+            return engine.run(feeds)
+
+    pred.instance = Counting()
+    got = pred._run_instances(feeds["bases"], feeds["p3"], rois, attention)
+    ref = engine.run({"bases": feeds["bases"], "p3": feeds["p3"], "rois": rois, "attention": attention})
+    assert seen == [distinct]
     assert set(got) == set(ref) == {"mask_probs", "iou_score", "silhouette_score"}
     for name in ref:
-        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6), name
+        assert got[name].shape == ref[name].shape and torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[name][n:], got[name][[0, 2, 0]])
+    assert distinct_rows(rois[keep], attention[keep]) is None  # nothing repeats any more
 
 
 def test_postprocess_threads_apply_to_the_frame_only(artifacts: tuple[Path, Path]) -> None:

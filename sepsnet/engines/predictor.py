@@ -274,8 +274,19 @@ class PanopticPredictor:
 
     def _run_instances(self, bases: torch.Tensor, p3: torch.Tensor, rois: torch.Tensor,
                        attention: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The instance engine on the candidates' rows. On the CPU, rows that repeat an earlier one
+        bit for bit (the same location kept for two classes: the same box and attention) are run
+        once and their outputs copied (:func:`distinct_rows`)."""
+        rois = rois.float()
+        on_cpu = rois.device.type == "cpu" and attention.device.type == "cpu"
+        rows = distinct_rows(rois, attention) if on_cpu else None
+        if rows is not None:
+            keep, inverse = rows
+            rois, attention = rois[keep], attention[keep]
         with self._instance_lock:
-            out = self.instance.run({"bases": bases, "p3": p3, "rois": rois.float(), "attention": attention})
+            out = self.instance.run({"bases": bases, "p3": p3, "rois": rois, "attention": attention})
+        if rows is not None:
+            out = {k: v[inverse.to(v.device)] for k, v in out.items()}
         return {k: v.to(rois.device) for k, v in out.items()}
 
     def __call__(self, frame: np.ndarray, bgr: bool = False) -> PanopticResult:
@@ -324,6 +335,26 @@ class PanopticPredictor:
         return result
 
     predict = __call__
+
+
+def distinct_rows(rois: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(indices of the first of each distinct (roi, attention) row, index of each row's distinct row)
+    for CPU tensors, or None when no row repeats. Rows are equal when their bytes are (exact; a dict
+    of the rows' bytes: ``torch.unique(dim=0)`` sorts 800-wide rows about 500x slower)."""
+    if rois.shape[0] < 2:
+        return None
+    key = torch.cat([rois.float(), attention.float()], 1).contiguous().numpy()
+    seen: dict[bytes, int] = {}
+    keep: list[int] = []
+    inverse: list[int] = []
+    for i, row in enumerate(key):
+        j = seen.setdefault(row.tobytes(), len(keep))
+        if j == len(keep):
+            keep.append(i)
+        inverse.append(j)
+    if len(keep) == len(inverse):
+        return None
+    return torch.tensor(keep, dtype=torch.long), torch.tensor(inverse, dtype=torch.long)
 
 
 def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:
