@@ -519,9 +519,16 @@ def test_predictor_overhead_benchmark_runs_on_a_folder_of_images(artifacts: tupl
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "o.json"
     assert bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--size", "96x160", "--repeats", "1",
-                       "--warmup", "0", "--compare-ort-defaults", "--out", str(out)]) == 0
+                       "--warmup", "0", "--compare-ort-defaults", "--profile-instance", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["images"] == ["a.jpg"] and doc["frame_hw"] == [96, 160]
+    prof = doc["instance_engine_profile"]  # the instance graph's kernels, on the feeds of this frame
+    assert prof["calls"] == 3 and prof["rows_per_call"] >= 1 and prof["kernel_ms_per_call"] > 0
+    assert {"Conv", "RoiAlign"} <= set(prof["by_op_ms"]) and prof["top_nodes_ms"]
+    # the confidence head's convolutions at the demo config (Sec. III-G): 14x14, 72 -> 256 -> 128 -> 32, then
+    # 32 -> 8 at stride 2 (the first conv's input padded from 70 to 72 channels on the CPU)
+    expected = 2 * 3 * 3 * (14 * 14 * (72 * 256 + 256 * 128 + 128 * 32) + 7 * 7 * 32 * 8) / 1e9
+    assert prof["conv_gflop_per_row"] == pytest.approx(expected)
     for section in (doc, doc["ort_defaults"]):
         ms = section["median_ms"]
         parts = ms["dense"] + ms["instance_engine"] + ms["preprocess"] + ms["postprocess"] + ms["other"]
