@@ -280,13 +280,13 @@ class PanopticPredictor:
         rois = rois.float()
         on_cpu = rois.device.type == "cpu" and attention.device.type == "cpu"
         rows = distinct_rows(rois, attention) if on_cpu else None
-        if rows is not None:
+        if rows is not None:  # NumPy indexing: see distinct_rows
             keep, inverse = rows
-            rois, attention = rois[keep], attention[keep]
+            rois, attention = (torch.from_numpy(t.detach().numpy()[keep]) for t in (rois, attention))
         with self._instance_lock:
             out = self.instance.run({"bases": bases, "p3": p3, "rois": rois, "attention": attention})
         if rows is not None:
-            out = {k: v[inverse.to(v.device)] for k, v in out.items()}
+            out = {k: torch.from_numpy(v.detach().cpu().numpy()[inverse]) for k, v in out.items()}
         return {k: v.to(rois.device) for k, v in out.items()}
 
     def __call__(self, frame: np.ndarray, bgr: bool = False) -> PanopticResult:
@@ -337,24 +337,25 @@ class PanopticPredictor:
     predict = __call__
 
 
-def distinct_rows(rois: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def distinct_rows(rois: torch.Tensor, attention: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     """(indices of the first of each distinct (roi, attention) row, index of each row's distinct row)
-    for CPU tensors, or None when no row repeats. Rows are equal when their bytes are (exact; a dict
-    of the rows' bytes: ``torch.unique(dim=0)`` sorts 800-wide rows about 500x slower)."""
+    for CPU tensors, or None when no row repeats. Rows are equal when their bytes are (exact). NumPy
+    and a dict of the rows' bytes, no torch op: ``torch.unique(dim=0)`` sorts 800-wide rows ~500x
+    slower, and on a busy CPU any torch op that starts OpenMP threads waits for them (~20 ms)."""
     if rois.shape[0] < 2:
         return None
-    key = torch.cat([rois.float(), attention.float()], 1).contiguous().numpy()
+    boxes, attn = rois.detach().numpy(), attention.detach().numpy()
     seen: dict[bytes, int] = {}
     keep: list[int] = []
     inverse: list[int] = []
-    for i, row in enumerate(key):
-        j = seen.setdefault(row.tobytes(), len(keep))
+    for i in range(boxes.shape[0]):
+        j = seen.setdefault(boxes[i].tobytes() + attn[i].tobytes(), len(keep))
         if j == len(keep):
             keep.append(i)
         inverse.append(j)
     if len(keep) == len(inverse):
         return None
-    return torch.tensor(keep, dtype=torch.long), torch.tensor(inverse, dtype=torch.long)
+    return np.asarray(keep, dtype=np.int64), np.asarray(inverse, dtype=np.int64)
 
 
 def _auto_backend(bundle_has_plans: bool, device: torch.device) -> tuple[str, str]:
