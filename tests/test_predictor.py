@@ -437,6 +437,21 @@ def _photo_candidate_feeds(pred: PanopticPredictor) -> dict[str, torch.Tensor]:
             "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
 
 
+def test_distinct_rows_need_the_same_box_and_attention() -> None:
+    """Only rows equal in both box and attention are merged: the same box with another attention (another
+    location's candidate) is a distinct row."""
+    from sepsnet.engines.predictor import distinct_rows
+
+    box, other = [0, 1, 2, 30, 40], [0, 5, 6, 70, 80]
+    rois = torch.tensor([box, box, box, other], dtype=torch.float32)
+    attention = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    attention[1] = attention[0]
+    keep, inverse = distinct_rows(rois, attention)
+    assert keep.tolist() == [0, 2, 3] and inverse.tolist() == [0, 0, 1, 2]
+    assert distinct_rows(rois[[0, 2, 3]], attention[[0, 2, 3]]) is None
+    assert distinct_rows(rois[:1], attention[:1]) is None
+
+
 def test_repeated_candidate_rows_run_the_instance_engine_once(artifacts: tuple[Path, Path]) -> None:
     """A location kept for two classes gives two candidates with the same box and attention: on the CPU
     the instance engine gets each distinct row once, and every candidate gets the outputs of its row

@@ -345,12 +345,15 @@ def distinct_rows(rois: torch.Tensor, attention: torch.Tensor) -> tuple[np.ndarr
     if rois.shape[0] < 2:
         return None
     boxes, attn = rois.detach().numpy(), attention.detach().numpy()
-    seen: dict[bytes, int] = {}
+    by_box: dict[bytes, list[int]] = {}  # a box's bytes -> its distinct rows (indices into keep)
     keep: list[int] = []
     inverse: list[int] = []
-    for i in range(boxes.shape[0]):
-        j = seen.setdefault(boxes[i].tobytes() + attn[i].tobytes(), len(keep))
-        if j == len(keep):
+    for i in range(len(boxes)):
+        same_box = by_box.setdefault(boxes[i].tobytes(), [])
+        j = next((j for j in same_box if attn[keep[j]].tobytes() == attn[i].tobytes()), None)
+        if j is None:
+            j = len(keep)
+            same_box.append(j)
             keep.append(i)
         inverse.append(j)
     if len(keep) == len(inverse):
