@@ -146,15 +146,21 @@ def test_padding_of_a_concat_read_elsewhere_pads_the_conv_input(tmp_path: Path) 
 
 
 def _resize_graph(tmp_path: Path, hw_in: tuple[int, int], hw_out: tuple[int, int], mode: str = "linear",
-                  coord: str = "half_pixel", by_scales: bool = False) -> Path:
-    shape_out = [3, 4, *hw_out]
+                  coord: str = "half_pixel", by_scales: bool = False, batch: int | str = "instances") -> Path:
+    """A Resize of (batch, 4, h, w) maps; the sizes are computed from the input's shape as the exported
+    instance graph does (the leading axis stays symbolic), or given as constant scales."""
     if by_scales:
         scales = np.array([1, 1, hw_out[0] / hw_in[0], hw_out[1] / hw_in[1]], np.float32)
-        inputs, inits = ["x", "", "scales"], {"scales": scales}
+        nodes, inits = [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode,
+                                         coordinate_transformation_mode=coord)], {"scales": scales}
     else:
-        inputs, inits = ["x", "", "", "sizes"], {"sizes": np.array(shape_out, np.int64)}
-    node = helper.make_node("Resize", inputs, ["y"], mode=mode, coordinate_transformation_mode=coord)
-    return _save(tmp_path / "rs.onnx", [node], {"x": ("f", [3, 4, *hw_in])}, {"y": shape_out}, 18, inits)
+        nodes = [helper.make_node("Shape", ["x"], ["lead"], start=0, end=2),
+                 helper.make_node("Concat", ["lead", "hw"], ["sizes"], axis=0),
+                 helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode,
+                                  coordinate_transformation_mode=coord)]
+        inits = {"hw": np.array(hw_out, np.int64)}
+    return _save(tmp_path / "rs.onnx", nodes, {"x": ("f", [batch, 4, *hw_in])}, {"y": [batch, 4, *hw_out]}, 18,
+                 inits)
 
 
 @pytest.mark.parametrize("hw_in, hw_out, coord, by_scales", [
@@ -167,10 +173,11 @@ def test_bilinear_upsampling_becomes_two_matmuls(tmp_path: Path, hw_in: tuple, h
     path = _resize_graph(tmp_path, hw_in, hw_out, coord=coord, by_scales=by_scales)
     rewritten, counts = cpu_graph(path)
     assert counts == {**NONE, "upsample": 1}
-    assert [n.op_type for n in onnx.load_from_string(rewritten).graph.node] == ["MatMul", "MatMul"]
+    assert [n.op_type for n in onnx.load_from_string(rewritten).graph.node if n.op_type not in ("Shape", "Concat")
+            ] == ["MatMul", "MatMul"]
     x = (np.random.default_rng(5).standard_normal((3, 4, *hw_in)) * 10).astype(np.float32)
     got, ref = _run(rewritten, {"x": x})[0], _run(str(path), {"x": x})[0]
-    assert got.shape == ref.shape == (3, 4, *hw_out)
+    assert got.shape == ref.shape == (3, 4, *hw_out)  # the symbolic batch of 3
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -183,3 +190,10 @@ def test_other_resizes_left_alone(tmp_path: Path, hw_in: tuple, hw_out: tuple, m
 
 def test_resize_with_align_corners_left_alone(tmp_path: Path) -> None:
     assert cpu_graph(_resize_graph(tmp_path, (14, 14), (56, 56), coord="align_corners")) == (None, NONE)
+
+
+@pytest.mark.parametrize("batch, hw_out", [(1, (56, 56)), ("instances", (128, 128))])
+def test_dense_feature_map_upsampling_left_alone(tmp_path: Path, batch: int | str, hw_out: tuple) -> None:
+    """A static batch (the dense graph's feature maps) or an output plane above MAX_UPSAMPLE_PLANE is not
+    rewritten."""
+    assert cpu_graph(_resize_graph(tmp_path, (14, 14), hw_out, batch=batch)) == (None, NONE)

@@ -415,6 +415,7 @@ def test_instance_engine_rewritten_for_cpu_gives_the_exported_outputs(artifacts:
 
     pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
     assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1, "upsample": 1}
+    assert not any(pred.dense.rewrites.values())  # the dense graph loads as exported
     plain = OrtBackend(artifacts[1] / "instance.onnx", device="cpu", cpu_rewrites=False)
     feeds = _photo_candidate_feeds(pred)
     got, ref = pred.instance.run(feeds), plain.run(feeds)

@@ -20,8 +20,9 @@ function:
   third slower than it needs. When that input is a ``Concat`` along the channels read by nothing
   else, the zero channels are appended to the Concat's last input instead (the same tensor, without
   a copy of the whole input: the mask crop has 1 channel, the concatenation 70).
-* A bilinear 2-d upsampling ``Resize`` (mode linear, half-pixel coordinates, no antialias, known
-  input and output sizes, output at least the input in both axes) -> two ``MatMul`` with its
+* A bilinear 2-d upsampling ``Resize`` of a batch of per-instance maps (mode linear, half-pixel
+  coordinates, no antialias, a symbolic leading axis, known input and output sizes, the output at
+  least the input in both axes and at most ``MAX_UPSAMPLE_PLANE`` pixels) -> two ``MatMul`` with its
   constant interpolation matrices (columns, then rows): the same weighted sums of the same two
   neighbours per axis, so equal up to float rounding for finite inputs (a non-finite value would
   reach its whole row and column through the zero weights). ONNX Runtime's CPU Resize costs about
@@ -196,6 +197,12 @@ def _channel_concat_for(graph, tensor):
     return producer
 
 
+#: largest output plane (H*W) an upsampling ``Resize`` is rewritten for: per-instance maps (the blender's
+#: 56x56). The dense graph's feature-map upsamplings (static batch) are left alone: measured no faster as
+#: products, and rewriting them would make loading its 50 MB graph take ~1.5 s instead of ~0.1 s
+MAX_UPSAMPLE_PLANE = 64 * 64
+
+
 def _linear_weights(n_in: int, n_out: int, mode: str) -> np.ndarray:
     """(n_out, n_in) matrix of ONNX ``Resize`` linear interpolation along one axis with half-pixel
     coordinates (``x = (o + 0.5) * n_in / n_out - 0.5``, clamped to the input; ``pytorch_half_pixel``
@@ -231,9 +238,9 @@ def _upsampling_resize(node, opset: int) -> tuple[tuple[int, int], tuple[int, in
         return None
     x, y = node.inputs[0], node.outputs[0]
     hw_in, hw_out = _static_hw(x), _static_hw(y)
-    if hw_in is None or hw_out is None or list(x.shape[:2]) != list(y.shape[:2]):
-        return None
-    if hw_out[0] < hw_in[0] or hw_out[1] < hw_in[1] or hw_out == hw_in:
+    if hw_in is None or hw_out is None or list(x.shape[:2]) != list(y.shape[:2]) or not isinstance(x.shape[0], str):
+        return None  # a batch of per-instance maps only: a symbolic leading axis (the dense graph's are left alone)
+    if hw_out[0] < hw_in[0] or hw_out[1] < hw_in[1] or hw_out == hw_in or hw_out[0] * hw_out[1] > MAX_UPSAMPLE_PLANE:
         return None
     scales = node.inputs[2] if len(node.inputs) > 2 else None
     if scales is not None and not scales.is_empty():
@@ -269,6 +276,15 @@ def _upsample_as_matmul(graph, opset: int) -> int:
     return count
 
 
+def _resize_candidates(model: onnx.ModelProto) -> bool:
+    """Whether the graph has a linear Resize and an input with a symbolic leading axis (a quick look at
+    the protobuf for what :func:`_upsample_as_matmul` may rewrite)."""
+    linear = any(n.op_type == "Resize" and any(a.name == "mode" and a.s == b"linear" for a in n.attribute)
+                 for n in model.graph.node)
+    return linear and any(i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_param
+                          for i in model.graph.input)
+
+
 def _conv_candidates(model: onnx.ModelProto) -> bool:
     """Whether some Conv's weight initializer has an input channel count :func:`_pad_conv_channels` pads
     (a quick look at the protobuf, before any graph is built)."""
@@ -286,7 +302,8 @@ def cpu_graph(path: str | Path) -> tuple[bytes | None, dict[str, int]]:
     model = onnx.load(str(path), load_external_data=False)
     counts = {"softmax": 0, "roi_align": 0, "conv_channels": 0, "upsample": 0}
     ops = {n.op_type for n in model.graph.node}
-    if not ({"Softmax", "RoiAlign", "Resize"} & ops or _conv_candidates(model)) or _has_external_data(model):
+    if not ({"Softmax", "RoiAlign"} & ops or _conv_candidates(model) or _resize_candidates(model)) \
+            or _has_external_data(model):
         return None, counts
     import onnx_graphsurgeon as gs
 
