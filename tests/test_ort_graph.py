@@ -197,3 +197,16 @@ def test_dense_feature_map_upsampling_left_alone(tmp_path: Path, batch: int | st
     """A static batch (the dense graph's feature maps) or an output plane above MAX_UPSAMPLE_PLANE is not
     rewritten."""
     assert cpu_graph(_resize_graph(tmp_path, (14, 14), hw_out, batch=batch)) == (None, NONE)
+
+
+def test_float16_upsampling_left_alone(tmp_path: Path) -> None:
+    """The products are made in float32 only (an fp16 graph keeps its Resize)."""
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear",
+                            coordinate_transformation_mode="half_pixel")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["n", 4, 14, 14])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["n", 4, 56, 56])],
+                              [numpy_helper.from_array(np.array([1, 1, 4, 4], np.float32), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "h.onnx"))
+    assert cpu_graph(tmp_path / "h.onnx") == (None, NONE)

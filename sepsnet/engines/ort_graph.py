@@ -20,7 +20,7 @@ function:
   third slower than it needs. When that input is a ``Concat`` along the channels read by nothing
   else, the zero channels are appended to the Concat's last input instead (the same tensor, without
   a copy of the whole input: the mask crop has 1 channel, the concatenation 70).
-* A bilinear 2-d upsampling ``Resize`` of a batch of per-instance maps (mode linear, half-pixel
+* A bilinear 2-d float32 upsampling ``Resize`` of a batch of per-instance maps (mode linear, half-pixel
   coordinates, no antialias, a symbolic leading axis, known input and output sizes, the output at
   least the input in both axes and at most ``MAX_UPSAMPLE_PLANE`` pixels) -> two ``MatMul`` with its
   constant interpolation matrices (columns, then rows): the same weighted sums of the same two
@@ -237,6 +237,8 @@ def _upsampling_resize(node, opset: int) -> tuple[tuple[int, int], tuple[int, in
             or a.get("keep_aspect_ratio_policy", "stretch") != "stretch"):
         return None
     x, y = node.inputs[0], node.outputs[0]
+    if x.dtype is None or np.dtype(x.dtype) != np.float32:  # float32 MatMul (the CPU provider's fp16 set is small)
+        return None
     hw_in, hw_out = _static_hw(x), _static_hw(y)
     if hw_in is None or hw_out is None or list(x.shape[:2]) != list(y.shape[:2]) or not isinstance(x.shape[0], str):
         return None  # a batch of per-instance maps only: a symbolic leading axis (the dense graph's are left alone)
@@ -264,7 +266,7 @@ def _upsample_as_matmul(graph, opset: int) -> int:
         (h, w), (H, W) = sizes
         coord = node.attrs.get("coordinate_transformation_mode", "half_pixel")
         x, y = node.inputs[0], node.outputs[0]
-        dtype = x.dtype if x.dtype is not None else np.float32
+        dtype = np.float32
         tag = f"{node.name or 'resize'}_{count}"
         cols = gs.Constant(f"{tag}_cols", _linear_weights(w, W, coord).T.astype(dtype))  # (w, W)
         rows = gs.Constant(f"{tag}_rows", _linear_weights(h, H, coord).astype(dtype))  # (H, h)
