@@ -22,12 +22,18 @@ machine inflates the threaded stages differently from the engines; so is the CPU
 (all threads) per part, ``cpu_*`` and ``non_dense_cpu_share``, which a shared machine disturbs far less
 than wall time (busy-waiting threads count in it: they are work the frame pays for).
 
+``--profile-instance`` also runs the instance engine's graph, loaded as the predictor loads it (CPU
+rewrites, threads), under ONNX Runtime's profiler on the feeds the predictor gave it for these frames,
+and saves its kernel time per operator type and per node (``instance_engine_profile``) with the
+convolutions' GFLOP per instance: where the instance engine's time goes.
+
 ``--compare-ort-defaults`` also builds the predictor with ONNX Runtime's own defaults (intra-op
 threads that spin after a run, graphs loaded as exported: ``OrtBackend(spinning=True,
 cpu_rewrites=False)``) and alternates passes with it, so both are measured under the same load.
 
     python benchmarks/predictor_overhead.py --bundle BUNDLE [--images DIR] [--size 512x1024]
-        [--repeats 10] [--warmup 2] [--threads 2] [--compare-ort-defaults] [--out predictor_overhead.json]
+        [--repeats 10] [--warmup 2] [--threads 2] [--compare-ort-defaults] [--profile-instance]
+        [--out predictor_overhead.json]
 """
 from __future__ import annotations
 
@@ -175,6 +181,91 @@ def summary(med: dict[str, float]) -> dict[str, Any]:
             "non_dense_cpu_share": med["non_dense_cpu_share"]}
 
 
+def instance_feeds(predictor: Any, frames: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """The instance engine's feeds (NumPy) for each frame, as the predictor gives them."""
+    engine, seen = predictor.instance, []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def run(self, feeds: dict) -> dict:
+            seen.append({k: v.detach().cpu().numpy().copy() for k, v in feeds.items()})
+            return engine.run(feeds)
+
+    predictor.instance = Recording()
+    try:
+        for _, frame in frames:
+            predictor(frame, bgr=True)
+    finally:
+        predictor.instance = engine
+    return seen
+
+
+def conv_gflop_per_row(model_bytes_or_path: Any) -> float:
+    """GFLOP of the graph's Conv nodes per instance row (2 x MACs; static weights and spatial sizes)."""
+    import onnx
+
+    model = (onnx.load_from_string(model_bytes_or_path) if isinstance(model_bytes_or_path, bytes)
+             else onnx.load(str(model_bytes_or_path)))
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    flop = 0.0
+    for node in model.graph.node:
+        out = shapes.get(node.output[0], [])
+        if node.op_type == "Conv" and node.input[1] in weights and len(out) == 4 and all(out[1:]):
+            k = weights[node.input[1]]  # (out channels, in channels per group, kh, kw)
+            flop += 2.0 * out[1] * k[1] * k[2] * k[3] * out[2] * out[3]
+    return flop / 1e9
+
+
+def profile_instance_engine(predictor: Any, frames: list[tuple[str, Any]], threads: int, runs: int = 3
+                            ) -> dict[str, Any]:
+    """Kernel milliseconds per instance-engine call, by operator type and by node (ONNX Runtime's
+    profiler), on the graph the predictor's CPU backend loads."""
+    import json
+
+    import onnxruntime as ort
+
+    from sepsnet.engines.ort_graph import cpu_graph
+
+    engine = predictor.instance
+    path = engine.path
+    source = (cpu_graph(path)[0] if engine.rewrites else None) or str(path)
+    feeds = instance_feeds(predictor, frames)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"sepsnet_instance_{os.getpid()}")
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        for f in feeds:
+            session.run(None, f)
+    trace = Path(session.end_profiling())
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    calls = max(1, sum(1 for e in events if e.get("name") == "model_run"))
+    by_op: dict[str, float] = {}
+    by_node: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1000.0 / calls
+            node = by_node.setdefault(e["name"][:-len("_kernel_time")], [op, 0.0])
+            node[1] += e["dur"] / 1000.0 / calls
+    total = sum(by_op.values())
+    top = sorted(by_node.items(), key=lambda kv: -kv[1][1])[:12]
+    return {"calls": calls, "rows_per_call": statistics.median(len(f["rois"]) for f in feeds),
+            "kernel_ms_per_call": total,
+            "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "top_nodes_ms": [{"node": k, "op": v[0], "ms": v[1]} for k, v in top],
+            "conv_gflop_per_row": conv_gflop_per_row(source if isinstance(source, bytes) else path)}
+
+
 def ort_defaults_predictor(bundle: str, threads: int) -> Any:
     """The same bundle with ONNX Runtime's own defaults: spinning intra-op threads, graphs as exported."""
     from sepsnet.engines.ort_backend import OrtBackend
@@ -205,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--panoptic-only", action="store_true",
                    help="predictor.panoptic_only: the instance engine only on candidates that can enter the "
                         "panoptic result (same panoptic output)")
+    p.add_argument("--profile-instance", action="store_true",
+                   help="also profile the instance engine per operator (ONNX Runtime's profiler) on these frames")
     p.add_argument("--out", default="predictor_overhead.json")
     a = p.parse_args(argv)
     if a.repeats < 1 or a.warmup < 0 or a.threads < 1 or (a.postprocess_threads or 1) < 1:
@@ -243,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.compare_ort_defaults:
         result["ort_defaults"] = {**summary(got["ort_defaults"]["median"]),
                                   "per_image": got["ort_defaults"]["per_image"]}
+    if a.profile_instance:
+        result["instance_engine_profile"] = profile_instance_engine(predictor, frames, a.threads)
     atomic_write_json(result, a.out)
     print(f"predictor overhead, {predictor.backend_choice}, {a.threads} threads (post-processing "
           f"{a.postprocess_threads or a.threads}), {len(frames)} image(s) at "
@@ -266,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
               f"dense {od['dense']:.1f}, instance engine {od['instance_engine']:.1f}, post-processing "
               f"{od['postprocess']:.1f} ms; non-dense share {od['non_dense_share']:.1%} (CPU "
               f"{od['non_dense_cpu_share']:.1%})")
+    if a.profile_instance:
+        prof = result["instance_engine_profile"]
+        ops = ", ".join(f"{op} {ms:.1f}" for op, ms in list(prof["by_op_ms"].items())[:6])
+        print(f"  instance engine profile ({prof['rows_per_call']:.0f} rows/call, convolutions "
+              f"{prof['conv_gflop_per_row']:.3f} GFLOP/row): kernels {prof['kernel_ms_per_call']:.1f} ms/call: {ops}")
     print(f"  saved {a.out}")
     return 0
 

@@ -440,26 +440,87 @@ def test_ort_sessions_do_not_spin_by_default(tmp_path: Path) -> None:
 
 def test_instance_engine_rewritten_for_cpu_gives_the_exported_outputs(artifacts: tuple[Path, Path]) -> None:
     """The bundle's instance graph loads on the CPU with its attention softmax rewritten, the two crops
-    of the bases shared and the confidence head's 70-channel conv padded to 72 (sepsnet.engines.ort_graph);
-    on a real photo's candidates its outputs are the graph's as exported, up to float rounding."""
+    of the bases shared, the confidence head's 70-channel conv padded to 72 and the attention's bilinear
+    upsampling done by two products (sepsnet.engines.ort_graph); on a real photo's candidates its outputs
+    are the graph's as exported, up to float rounding."""
     from sepsnet.engines.ort_backend import OrtBackend
-    from sepsnet.postprocess.candidates import level_entries, select_candidates
 
     pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
-    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1}
+    assert pred.instance.rewrites == {"softmax": 1, "roi_align": 1, "conv_channels": 1, "upsample": 1}
+    assert not any(pred.dense.rewrites.values())  # the dense graph loads as exported
     plain = OrtBackend(artifacts[1] / "instance.onnx", device="cpu", cpu_rewrites=False)
+    feeds = _photo_candidate_feeds(pred)
+    got, ref = pred.instance.run(feeds), plain.run(feeds)
+    assert set(got) == set(ref) == {"mask_probs", "iou_score", "silhouette_score"}
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6), name
+
+
+def _photo_candidate_feeds(pred: PanopticPredictor) -> dict[str, torch.Tensor]:
+    """The instance engine's feeds for the candidates of the first sample photo."""
+    from sepsnet.postprocess.candidates import level_entries, select_candidates
+
     prepared = pred.prepare(read_rgb(PHOTOS[0]))
     dense, _ = pred.run_dense(prepared)
     cands = select_candidates(dense["boxes"], dense["scores"], dense["centerness"], dense["attention"],
                               level_entries(dense["p3"].shape[-2:], pred.preselect), pred.postprocess,
                               [prepared.sizes[0]])[0]
-    assert len(cands) > 1
-    feeds = {"bases": dense["bases"], "p3": dense["p3"], "attention": cands.attention,
-             "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
-    got, ref = pred.instance.run(feeds), plain.run(feeds)
+    assert len(cands) > 2
+    return {"bases": dense["bases"], "p3": dense["p3"], "attention": cands.attention,
+            "rois": torch.cat([cands.batch_index[:, None].float(), cands.boxes], 1)}
+
+
+def test_distinct_rows_need_the_same_box_and_attention() -> None:
+    """Only rows equal in both box and attention are merged: the same box with another attention (another
+    location's candidate) is a distinct row."""
+    from sepsnet.engines.predictor import distinct_rows
+
+    box, other = [0, 1, 2, 30, 40], [0, 5, 6, 70, 80]
+    rois = torch.tensor([box, box, box, other], dtype=torch.float32)
+    attention = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    attention[1] = attention[0]
+    keep, inverse = distinct_rows(rois, attention)
+    assert keep.tolist() == [0, 2, 3] and inverse.tolist() == [0, 0, 1, 2]
+    assert distinct_rows(rois[[0, 2, 3]], attention[[0, 2, 3]]) is None
+    assert distinct_rows(rois[:1], attention[:1]) is None
+
+
+def test_repeated_candidate_rows_run_the_instance_engine_once(artifacts: tuple[Path, Path]) -> None:
+    """A location kept for two classes gives two candidates with the same box and attention: on the CPU
+    the instance engine gets each distinct row once, and every candidate gets the outputs of its row
+    (equal to running all rows, up to float rounding; a repeat's outputs are its first row's)."""
+    from sepsnet.engines.predictor import distinct_rows
+
+    pred = PanopticPredictor.from_bundle(artifacts[1], backend="ort", device="cpu")
+    feeds = _photo_candidate_feeds(pred)
+    n = len(feeds["rois"])
+    base = distinct_rows(feeds["rois"], feeds["attention"])
+    distinct = n if base is None else len(base[0])
+    order = torch.tensor([*range(n), 0, 2, 0])  # three repeats of real rows, at the end
+    rois, attention = feeds["rois"][order], feeds["attention"][order]
+    keep, inverse = distinct_rows(rois, attention)
+    assert len(keep) == distinct and torch.equal(rois[keep][inverse], rois) and torch.equal(
+        attention[keep][inverse], attention)
+    seen: list[int] = []
+    engine = pred.instance
+
+    class Counting:
+        device = engine.device
+        thread_safe = True
+
+        def run(self, feeds: dict) -> dict:
+            seen.append(len(feeds["rois"]))
+            return engine.run(feeds)
+
+    pred.instance = Counting()
+    got = pred._run_instances(feeds["bases"], feeds["p3"], rois, attention)
+    ref = engine.run({"bases": feeds["bases"], "p3": feeds["p3"], "rois": rois, "attention": attention})
+    assert seen == [distinct]
     assert set(got) == set(ref) == {"mask_probs", "iou_score", "silhouette_score"}
     for name in ref:
-        assert torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6), name
+        assert got[name].shape == ref[name].shape and torch.allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[name][n:], got[name][[0, 2, 0]])
+    assert distinct_rows(rois[keep], attention[keep]) is None  # nothing repeats any more
 
 
 def test_postprocess_threads_apply_to_the_frame_only(artifacts: tuple[Path, Path]) -> None:
@@ -506,9 +567,16 @@ def test_predictor_overhead_benchmark_runs_on_a_folder_of_images(artifacts: tupl
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "o.json"
     assert bench.main(["--bundle", str(artifacts[1]), "--images", str(images), "--size", "96x160", "--repeats", "1",
-                       "--warmup", "0", "--compare-ort-defaults", "--out", str(out)]) == 0
+                       "--warmup", "0", "--compare-ort-defaults", "--profile-instance", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["images"] == ["a.jpg"] and doc["frame_hw"] == [96, 160]
+    prof = doc["instance_engine_profile"]  # the instance graph's kernels, on the feeds of this frame
+    assert prof["calls"] == 3 and prof["rows_per_call"] >= 1 and prof["kernel_ms_per_call"] > 0
+    assert {"Conv", "RoiAlign"} <= set(prof["by_op_ms"]) and prof["top_nodes_ms"]
+    # the confidence head's convolutions at the demo config (Sec. III-G): 14x14, 72 -> 256 -> 128 -> 32, then
+    # 32 -> 8 at stride 2 (the first conv's input padded from 70 to 72 channels on the CPU)
+    expected = 2 * 3 * 3 * (14 * 14 * (72 * 256 + 256 * 128 + 128 * 32) + 7 * 7 * 32 * 8) / 1e9
+    assert prof["conv_gflop_per_row"] == pytest.approx(expected)
     for section in (doc, doc["ort_defaults"]):
         ms = section["median_ms"]
         parts = ms["dense"] + ms["instance_engine"] + ms["preprocess"] + ms["postprocess"] + ms["other"]
