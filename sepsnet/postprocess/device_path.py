@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import level_entries
@@ -44,7 +43,7 @@ from sepsnet.postprocess.paste import PastedMasks, _interp_weights, paste_region
 from sepsnet.postprocess.preselect import Preselect
 from sepsnet.postprocess.results import PanopticResult
 from sepsnet.postprocess.scoring import mask_scores
-from sepsnet.postprocess.stuff import STUFF_STRIDE
+from sepsnet.postprocess.stuff import resampled_labels
 from sepsnet.postprocess.timing import StageTimer
 
 #: fixed-point steps of the dedup (an n x n product each, cheap) and of the fusion's things pass (a
@@ -54,9 +53,6 @@ DEDUP_ITERATIONS = 32
 FUSION_ITERATIONS = 12
 #: float32 scratch per chunk of the paste product
 PASTE_CHUNK_BYTES = 256 << 20
-#: stuff logits resampled in one call up to this many bytes (row bands beyond), as the reference
-_INTERP_BYTES = 768 << 20
-_BAND_BYTES = 128 << 20
 
 _log = logging.getLogger("sepsnet")
 
@@ -133,31 +129,6 @@ def dedup_alive(planes: torch.Tensor, areas: torch.Tensor, regions: torch.Tensor
     keep_sorted, settled = greedy_suppression(suppress, torch.ones_like(valid), iterations)
     keep = torch.empty_like(keep_sorted).scatter_(0, order, keep_sorted)
     return valid & keep, settled >= n
-
-
-def device_stuff_labels(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
-                        stride: int = STUFF_STRIDE) -> torch.Tensor:
-    """Stuff labels (oh, ow) int64 by the reference's own resample and argmax (no data-dependent
-    shortcut): one channels-last ``F.interpolate`` up to ``_INTERP_BYTES``, ``grid_sample`` row bands beyond."""
-    (rh, rw), (oh, ow) = resized_hw, original_hw
-    logits = stuff_logits[:, : -(-rh // stride), : -(-rw // stride)].float()[None]
-    c, hs, ws = logits.shape[1:]
-    dev = stuff_logits.device
-    if c * oh * ow * 4 <= _INTERP_BYTES:
-        x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
-        up = F.interpolate(x, scale_factor=(stride * oh / rh, stride * ow / rw), mode="bilinear",
-                           align_corners=False, recompute_scale_factor=False)
-        return up[0, :, :oh, :ow].argmax(0)
-    gx = (torch.arange(ow, device=dev, dtype=torch.float32) + 0.5) * (2.0 * rw / (ow * stride * ws)) - 1.0
-    gy_all = (torch.arange(oh, device=dev, dtype=torch.float32) + 0.5) * (2.0 * rh / (oh * stride * hs)) - 1.0
-    labels = torch.empty((oh, ow), dtype=torch.int64, device=dev)
-    band = max(1, _BAND_BYTES // max(1, 4 * ow * (c + 2)))
-    for y0 in range(0, oh, band):
-        gy = gy_all[y0:y0 + band]
-        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)[None]
-        vals = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        labels[y0:y0 + band] = vals[0].argmax(0)
-    return labels
 
 
 def fuse(planes: torch.Tensor, areas: torch.Tensor, scores: torch.Tensor, alive: torch.Tensor,
@@ -239,7 +210,7 @@ def _image_on_device(sc: SlotCandidates, b: int, inst: Mapping[str, torch.Tensor
             alive, dedup_settled = dedup_alive(planes, areas, regions, sc.classes[b], sil, valid & (
                 scores >= pp.instance_score_thresh), valid, pp.dedup_iou, dedup_iterations)
     with timer.stage("stuff"):
-        labels = device_stuff_labels(stuff_logits, resized_hw, original_hw)
+        labels = resampled_labels(stuff_logits, resized_hw, original_hw, row_tiles=False).long()
     with timer.stage("fusion"):
         fused = fuse(planes, areas, scores, alive, labels, num_stuff, pp, iterations)
     # the kept slots first, in slot order (the instance lists are its first ``alive.sum()``)

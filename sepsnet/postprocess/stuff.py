@@ -74,15 +74,32 @@ def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], ori
                 decided = _native_decided_labels(native, logits, (oh, ow), sf)
             if decided is not None:
                 return decided
-        # one channels-last F.interpolate with the exact scale (same mapping as the grid below);
-        # a replicated extra cell makes the output cover (oh, ow) whatever rounding
-        x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
         if dev.type == "cpu" and native is None:
+            # a replicated extra cell makes the resample cover (oh, ow) whatever rounding (as below)
+            x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
             with one_intra_op_thread(dev):
                 decided = _decided_labels(x, (oh, ow), sf, dtype)
             if decided is not None:
                 return decided
-        tiles = _row_tiles(x.shape[2], oh, sf[0], _intra_op_threads()) if dev.type == "cpu" else None
+    return resampled_labels(stuff_logits, resized_hw, original_hw, stride)
+
+
+def resampled_labels(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
+                     stride: int = STUFF_STRIDE, row_tiles: bool = True) -> torch.Tensor:
+    """:func:`stuff_label_map` by the resample of every class and the first maximum, with no
+    data-dependent shortcut: the CPU fallback, and with ``row_tiles=False`` (no host-side tile
+    check) the device path's form, free of host reads."""
+    (rh, rw), (oh, ow) = resized_hw, original_hw
+    logits = stuff_logits[:, : math.ceil(rh / stride), : math.ceil(rw / stride)].float()[None]
+    c, hs, ws = logits.shape[1:]
+    dev = stuff_logits.device
+    dtype = torch.uint8 if c <= 256 else torch.int64
+    if c * oh * ow * 4 <= _INTERP_BYTES:
+        # one channels-last F.interpolate with the exact scale (same mapping as the grid below);
+        # a replicated extra cell makes the output cover (oh, ow) whatever rounding
+        x = F.pad(logits, (0, 1, 0, 1), mode="replicate").contiguous(memory_format=torch.channels_last)
+        sf = (stride * oh / rh, stride * ow / rw)
+        tiles = _row_tiles(x.shape[2], oh, sf[0], _intra_op_threads()) if row_tiles and dev.type == "cpu" else None
         if tiles is not None:
             n = tiles[0][2]
             batch = torch.cat([x[:, :, s:s + n] for _, s, _, _ in tiles]).contiguous(memory_format=torch.channels_last)
