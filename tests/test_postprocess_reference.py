@@ -308,3 +308,69 @@ def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu:
             want = ref.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
             got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
             assert torch.equal(got[0], want[0]) and got[1] == want[1], (num_stuff, lab.dtype)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_host_paste_shared_among_threads_equals_reference(workers: int, monkeypatch) -> None:
+    """The CPU paste (scratch reused, NumPy threshold into one buffer, boxes shared among host
+    threads by area) gives the reference's masks and the areas counted from them, for boxes inside,
+    across and outside the image, thin and large ones, and thresholds that are not float32 values."""
+    from sepsnet.postprocess import paste
+    from sepsnet.postprocess.threads import intra_op_threads
+
+    monkeypatch.setattr(paste, "HOST_SPLIT_PIXELS", 1)
+    g = torch.Generator().manual_seed(20 + workers)
+    h, w, n = 90, 130, 23
+    probs = torch.sigmoid(F.interpolate(torch.randn(n, 1, 5, 5, generator=g) * 4, size=(R, R), mode="bilinear")[:, 0])
+    probs[3] = 0.5  # a constant mask at the threshold: the rounding of the weights decides
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w + 40.0, h + 40.0]) - 20.0
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([90.0, 70.0]) + 0.3
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[5] = torch.tensor([-30.0, -20.0, -5.0, -1.0])  # fully outside: an empty crop
+    for thr in (0.5, 0.3 + 1e-9):
+        want = ref.paste_masks(probs, boxes, (h, w), thr)
+        with intra_op_threads(workers):
+            got = paste.paste_mask_crops(probs, boxes, (h, w), thr)
+        assert torch.equal(got.dense(), want)
+        assert got.areas == want.flatten(1).sum(1).tolist()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dedup_pairs_bounded_by_areas_equal_reference(seed: int) -> None:
+    """Silhouette dedup on CPU (pairs ruled out by the area bound, the rest counted on the crops'
+    overlap) and the device form run on CPU tensors keep exactly the reference's instances: many
+    overlapping same-class masks, nested masks whose IoU equals the threshold (not above it: kept)
+    or passes it by one pixel, ineligible instances."""
+    from sepsnet.postprocess import scoring
+    from sepsnet.postprocess.paste import PastedMasks
+
+    g = torch.Generator().manual_seed(seed)
+    h, w, n = 60, 80, 40
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    for i in range(n - 4):
+        x0, y0 = int(torch.randint(0, w - 20, (1,), generator=g)), int(torch.randint(0, h - 16, (1,), generator=g))
+        bw, bh = (int(v) for v in torch.randint(8, 24, (2,), generator=g))
+        masks[i, y0:y0 + bh, x0:x0 + bw] = torch.rand(min(bh, h - y0), min(bw, w - x0), generator=g) > 0.15
+    masks[n - 4, 10:20, 10:20] = True  # 100 pixels
+    masks[n - 3, 10:15, 10:20] = True  # nested, 50 pixels: IoU 0.5 exactly
+    masks[n - 2, 30:40, 30:40] = True
+    masks[n - 1, 30:40, 30:35] = True
+    masks[n - 1, 30, 35] = True  # 51 pixels: IoU 0.51
+    classes = torch.randint(0, 2, (n,), generator=g)
+    classes[n - 4:] = 2
+    sil = torch.rand(n, generator=g)
+    eligible = torch.rand(n, generator=g) > 0.1
+    eligible[n - 4:] = True
+    pasted = PastedMasks.from_dense(masks)
+    host_args = (classes.tolist(), [bool(v) for v in eligible])
+    removed = []
+    for thr in (0.5, 0.3, 0.7):
+        want = ref.silhouette_dedup(masks, classes, sil, thr, eligible=eligible)
+        assert torch.equal(scoring.silhouette_dedup(masks, classes, sil, thr, eligible=eligible), want)
+        host = scoring._duplicates_host(pasted, host_args[0], thr, host_args[1])
+        device = scoring._duplicates_device(pasted, host_args[0], thr, host_args[1])
+        assert [sorted(d) for d in host] == [sorted(d) for d in device]
+        if thr == 0.5:
+            assert (n - 3) not in host[n - 4] and (n - 1) in host[n - 2]
+        removed.append(n - len(want))
+    assert removed[1] > removed[0] > 0

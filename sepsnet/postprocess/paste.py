@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
-from sepsnet.postprocess.threads import one_intra_op_thread
+from sepsnet.postprocess.threads import host_workers, on_host_workers, one_intra_op_thread
 
 #: crops kept in memory per image (bool bytes); beyond it they are pasted again on demand
 CROP_BUDGET_BYTES = 256 << 20
 #: a larger region is pasted in row bands (bounds the float32 scratch to ~4 bytes x this)
 BAND_PIXELS = 1 << 24
+#: on CPU, region pixels per host worker thread from which the boxes are shared among the intra-op
+#: threads the caller allows (below it one thread pastes them all)
+HOST_SPLIT_PIXELS = 1 << 18
 
 
 def _interp_weights(coord0: torch.Tensor, size: torch.Tensor, pix: torch.Tensor, r: int) -> torch.Tensor:
@@ -113,6 +116,49 @@ def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], thr
         wyb = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(s, e, device=device), r)
         torch.ge((wyb @ p @ wxt)[0], threshold, out=out[s - y0:e - y0])
     return out
+
+
+def _paste_host(probs: torch.Tensor, idx: Sequence[int], regions: Sequence[Sequence[int]], wx: torch.Tensor,
+                ox: Sequence[int], wy: torch.Tensor, oy: Sequence[int], threshold: float,
+                workers: int) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`paste_one` on CPU for masks ``idx`` (single-band regions, weights from
+    :func:`_ragged_weights`) -> their bool crops and foreground counts. The same two ``bmm``
+    products per box as the reference (float32 scratch reused instead of fresh memory, same
+    alignment), the threshold compared in float32 by NumPy straight into one bool buffer the crops
+    are views of; the boxes are shared among ``workers`` host threads by area, each with its own
+    scratch."""
+    sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in regions]
+    starts = [0]
+    for hh, ww in sizes:
+        starts.append(starts[-1] + hh * ww)
+    out = torch.empty(starts[-1], dtype=torch.bool)
+    out_np = out.numpy()
+    thr = np.float32(threshold)  # torch compares a float32 tensor with a Python float in float32
+    r = probs.shape[-1]
+    areas = [0] * len(idx)
+
+    def paste_some(jobs: list[int]) -> None:
+        rows = max(sizes[j][0] for j in jobs)
+        scratch_t = torch.empty(rows * r, dtype=torch.float32)
+        scratch_v = torch.empty(max(sizes[j][0] * sizes[j][1] for j in jobs), dtype=torch.float32)
+        for j in jobs:
+            hh, ww = sizes[j]
+            t = torch.bmm(wy[oy[j]:oy[j + 1]][None], probs[idx[j]][None], out=scratch_t[:hh * r].view(1, hh, r))
+            v = torch.bmm(t, wx[ox[j]:ox[j + 1]][None].transpose(1, 2), out=scratch_v[:hh * ww].view(1, hh, ww))
+            crop = out_np[starts[j]:starts[j + 1]]
+            np.greater_equal(v.numpy().reshape(-1), thr, out=crop)
+            areas[j] = int(np.count_nonzero(crop))
+
+    # greedy split by area, largest first, onto the least loaded worker (each keeps index order)
+    parts: list[list[int]] = [[] for _ in range(max(1, min(workers, len(idx))))]
+    load = [0] * len(parts)
+    for j in sorted(range(len(idx)), key=lambda j: -sizes[j][0] * sizes[j][1]):
+        k = load.index(min(load))
+        parts[k].append(j)
+        load[k] += sizes[j][0] * sizes[j][1]
+    on_host_workers(paste_some, [sorted(p) for p in parts if p])
+    crops = [out[starts[j]:starts[j + 1]].view(hh, ww) for j, (hh, ww) in enumerate(sizes)]
+    return crops, areas
 
 
 @dataclass
@@ -256,6 +302,9 @@ def paste_mask_crops(
         size = max(0, x1 - x0) * max(0, y1 - y0)
         kept.append(used + size <= budget_bytes)
         used += size if kept[-1] else 0
+    workers = host_workers(device, sum(max(0, x1 - x0) * max(0, y1 - y0) for x0, y0, x1, y1 in regions),
+                           HOST_SPLIT_PIXELS)
+    areas: list[int] | None = None
     with one_intra_op_thread(device):  # small operations: see sepsnet.postprocess.threads
         # interpolation weights of every kept, non-empty, single-band crop in one go
         idx = [i for i, (x0, y0, x1, y1) in enumerate(regions)
@@ -264,20 +313,33 @@ def paste_mask_crops(
         if idx:
             b = boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device))
             r = probs.shape[-1]
-            wx, ox = _ragged_weights(b[:, 0], b[:, 2] - b[:, 0], [regions[i][0] for i in idx],
-                                     [regions[i][2] - regions[i][0] for i in idx], r)
-            wy, oy = _ragged_weights(b[:, 1], b[:, 3] - b[:, 1], [regions[i][1] for i in idx],
-                                     [regions[i][3] - regions[i][1] for i in idx], r)
+            # x and y weights in one call (the same element-wise values): every box's columns, then its rows
+            starts = [regions[i][0] for i in idx] + [regions[i][1] for i in idx]
+            lens = [regions[i][2] - regions[i][0] for i in idx] + [regions[i][3] - regions[i][1] for i in idx]
+            wx, offsets = _ragged_weights(torch.cat([b[:, 0], b[:, 1]]),
+                                          torch.cat([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]]), starts, lens, r)
+            wy, ox, oy = wx, offsets[:len(idx) + 1], offsets[len(idx):]
+        host = device.type == "cpu" and bool(idx)
+        if host:
+            pasted, areas = _paste_host(probs, idx, [regions[i] for i in idx], wx, ox, wy, oy, threshold, workers)
+            got = dict(zip(idx, pasted))
         for i, reg in enumerate(regions):
             if not kept[i]:
                 crops.append(None)
+            elif host and i in slot:
+                crops.append(got[i])
             elif i in slot:
                 j = slot[i]
                 crops.append(paste_one(probs[i], boxes[i], reg, threshold, wx[ox[j]:ox[j + 1]], wy[oy[j]:oy[j + 1]]))
             else:
                 crops.append(paste_one(probs[i], boxes[i], reg, threshold))
+        if areas is not None:  # the host counted the masks it pasted; the others are empty or unknown
+            by_index = dict(zip(idx, areas))
+            areas = [by_index.get(i, 0 if x1 <= x0 or y1 <= y0 else None) for i, (x0, y0, x1, y1) in enumerate(regions)]
+            if None in areas:
+                areas = None
     return PastedMasks(regions=regions, image_size=(h, w), probs=probs, boxes=boxes, threshold=threshold,
-                       crops=crops, device=device)
+                       crops=crops, device=device, _areas=areas)
 
 
 def paste_masks(
