@@ -280,20 +280,29 @@ def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: 
     assert any(s["isthing"] for r in full for s in r.segments_info)
 
 
-@pytest.mark.parametrize("read_on_cpu,byte_visits", [(True, 255), (True, 3), (False, 255)])
+@pytest.mark.parametrize("read_on_cpu,byte_visits,workers,byte_segments",
+                         [(True, 255, 1, 255), (True, 3, 1, 255), (False, 255, 1, 255), (True, 255, 3, 255),
+                          (True, 255, 2, 9)])
 def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, byte_visits: int,
+                                                                    workers: int, byte_segments: int,
                                                                     monkeypatch) -> None:
-    """Fusion alone against the reference: uint8 and int64 stuff labels (negative and >= S values
-    ignored), 0 to 300 stuff classes (one and several 32-class bit words on CPU, the generic form
-    past 254), row bands of a few rows, byte and int32 occupancy of the CPU things pass."""
+    """Fusion alone against the reference: uint8, int8 and int64 stuff labels (negative and >= S
+    values ignored), 0 to 300 stuff classes (one and several 8-, 16- and 32-class bit words on CPU,
+    the generic form past 254 or when things and stuff classes overflow the byte codes), row bands
+    of a few rows, byte and int32 occupancy of the CPU things pass, the stuff pass's strips shared
+    among host threads."""
+    from sepsnet.postprocess.threads import intra_op_threads
+
     monkeypatch.setattr(fusion, "READ_ON_CPU", read_on_cpu)
     monkeypatch.setattr(fusion, "BYTE_OCCUPANCY_VISITS", byte_visits)
+    monkeypatch.setattr(fusion, "BYTE_CODE_SEGMENTS", byte_segments)
     monkeypatch.setattr(fusion, "BAND_PIXELS", 7 * 53)
+    monkeypatch.setattr(fusion, "HOST_SPLIT_PIXELS", 1)
     cfg = SEPSNetConfig().postprocess
     cfg.stuff_area_limit, cfg.overlap_thresh, cfg.instance_score_thresh = 20, 0.5, 0.3
     g = torch.Generator().manual_seed(11)
     h, w = 61, 53
-    for num_stuff in (0, 3, 31, 40, 70, 300):
+    for num_stuff in (0, 3, 11, 31, 40, 70, 300):
         n = int(torch.randint(0, 12, (1,), generator=g))
         masks = torch.zeros(n, h, w, dtype=torch.bool)
         for i in range(n):
@@ -304,9 +313,11 @@ def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu:
         coarse[0, 0, 2, 1], coarse[0, 0, 5, 4] = -250, 262  # would wrap to 6 as bytes
         labels = F.interpolate(coarse, size=(h, w), mode="nearest")[0, 0].long()
         forms = [labels] + ([labels.clamp(0, 255).to(torch.uint8)] if num_stuff < 250 else [])
+        forms += [labels.clamp(-128, 127).to(torch.int8)] if num_stuff < 120 else []
         for lab in forms:
             want = ref.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
-            got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
+            with intra_op_threads(workers):
+                got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
             assert torch.equal(got[0], want[0]) and got[1] == want[1], (num_stuff, lab.dtype)
 
 
