@@ -321,15 +321,17 @@ def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu:
             assert torch.equal(got[0], want[0]) and got[1] == want[1], (num_stuff, lab.dtype)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_host_paste_shared_among_threads_equals_reference(workers: int, monkeypatch) -> None:
+@pytest.mark.parametrize("workers,on_host", [(1, True), (2, True), (3, True), (1, False)])
+def test_host_paste_shared_among_threads_equals_reference(workers: int, on_host: bool, monkeypatch) -> None:
     """The CPU paste (scratch reused, NumPy threshold into one buffer, boxes shared among host
-    threads by area) gives the reference's masks and the areas counted from them, for boxes inside,
-    across and outside the image, thin and large ones, and thresholds that are not float32 values."""
+    threads by area, each making its boxes' weights) and the per-box torch form of other devices
+    give the reference's masks and the areas counted from them, for boxes inside, across and
+    outside the image, thin and large ones, and thresholds that are not float32 values."""
     from sepsnet.postprocess import paste
     from sepsnet.postprocess.threads import intra_op_threads
 
     monkeypatch.setattr(paste, "HOST_SPLIT_PIXELS", 1)
+    monkeypatch.setattr(paste, "PASTE_ON_HOST", on_host)
     g = torch.Generator().manual_seed(20 + workers)
     h, w, n = 90, 130, 23
     probs = torch.sigmoid(F.interpolate(torch.randn(n, 1, 5, 5, generator=g) * 4, size=(R, R), mode="bilinear")[:, 0])

@@ -33,6 +33,9 @@ BAND_PIXELS = 1 << 24
 #: on CPU, region pixels per host worker thread from which the boxes are shared among the intra-op
 #: threads the caller allows (below it one thread pastes them all)
 HOST_SPLIT_PIXELS = 1 << 18
+#: on CPU paste with :func:`_paste_host`; False runs the per-box torch form used on other devices
+#: (tests run it on CPU)
+PASTE_ON_HOST = True
 
 
 def _interp_weights(coord0: torch.Tensor, size: torch.Tensor, pix: torch.Tensor, r: int) -> torch.Tensor:
@@ -118,15 +121,27 @@ def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], thr
     return out
 
 
-def _paste_host(probs: torch.Tensor, idx: Sequence[int], regions: Sequence[Sequence[int]], wx: torch.Tensor,
-                ox: Sequence[int], wy: torch.Tensor, oy: Sequence[int], threshold: float,
-                workers: int) -> tuple[list[torch.Tensor], list[int]]:
-    """:func:`paste_one` on CPU for masks ``idx`` (single-band regions, weights from
-    :func:`_ragged_weights`) -> their bool crops and foreground counts. The same two ``bmm``
-    products per box as the reference (float32 scratch reused instead of fresh memory, same
-    alignment), the threshold compared in float32 by NumPy straight into one bool buffer the crops
-    are views of; the boxes are shared among ``workers`` host threads by area, each with its own
-    scratch."""
+def _box_weights(boxes: torch.Tensor, regions: Sequence[Sequence[int]],
+                 r: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """:func:`_ragged_weights` of boxes (n, 4) over their regions, x and y in one call (the same
+    element-wise values): every box's columns, then every box's rows. Returns the weights and the
+    first row of each box's x weights (``ox``) and y weights (``oy``), n + 1 entries each."""
+    n = len(regions)
+    starts = [reg[0] for reg in regions] + [reg[1] for reg in regions]
+    lens = [reg[2] - reg[0] for reg in regions] + [reg[3] - reg[1] for reg in regions]
+    w, offsets = _ragged_weights(torch.cat([boxes[:, 0], boxes[:, 1]]),
+                                 torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]]), starts, lens, r)
+    return w, offsets[:n + 1], offsets[n:]
+
+
+def _paste_host(probs: torch.Tensor, boxes: torch.Tensor, idx: Sequence[int], regions: Sequence[Sequence[int]],
+                threshold: float, workers: int) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`paste_one` on CPU for masks ``idx`` (non-empty single-band ``regions``) -> their bool
+    crops and foreground counts. The boxes are shared among ``workers`` host threads by area; each
+    makes its boxes' weights in one :func:`_box_weights` call and runs the same two ``bmm``
+    products per box as the reference (into float32 scratch reused from box to box, each product at
+    the start of it, aligned as fresh memory is), and NumPy compares with the threshold in float32
+    straight into one bool buffer the crops are views of."""
     sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in regions]
     starts = [0]
     for hh, ww in sizes:
@@ -138,13 +153,14 @@ def _paste_host(probs: torch.Tensor, idx: Sequence[int], regions: Sequence[Seque
     areas = [0] * len(idx)
 
     def paste_some(jobs: list[int]) -> None:
-        rows = max(sizes[j][0] for j in jobs)
-        scratch_t = torch.empty(rows * r, dtype=torch.float32)
+        b = boxes.index_select(0, torch.tensor([idx[j] for j in jobs], dtype=torch.long))
+        w, ox, oy = _box_weights(b, [regions[j] for j in jobs], r)
+        scratch_t = torch.empty(max(sizes[j][0] for j in jobs) * r, dtype=torch.float32)
         scratch_v = torch.empty(max(sizes[j][0] * sizes[j][1] for j in jobs), dtype=torch.float32)
-        for j in jobs:
+        for k, j in enumerate(jobs):
             hh, ww = sizes[j]
-            t = torch.bmm(wy[oy[j]:oy[j + 1]][None], probs[idx[j]][None], out=scratch_t[:hh * r].view(1, hh, r))
-            v = torch.bmm(t, wx[ox[j]:ox[j + 1]][None].transpose(1, 2), out=scratch_v[:hh * ww].view(1, hh, ww))
+            t = torch.bmm(w[oy[k]:oy[k + 1]][None], probs[idx[j]][None], out=scratch_t[:hh * r].view(1, hh, r))
+            v = torch.bmm(t, w[ox[k]:ox[k + 1]][None].transpose(1, 2), out=scratch_v[:hh * ww].view(1, hh, ww))
             crop = out_np[starts[j]:starts[j + 1]]
             np.greater_equal(v.numpy().reshape(-1), thr, out=crop)
             areas[j] = int(np.count_nonzero(crop))
@@ -306,31 +322,25 @@ def paste_mask_crops(
                            HOST_SPLIT_PIXELS)
     areas: list[int] | None = None
     with one_intra_op_thread(device):  # small operations: see sepsnet.postprocess.threads
-        # interpolation weights of every kept, non-empty, single-band crop in one go
+        # every kept, non-empty, single-band crop
         idx = [i for i, (x0, y0, x1, y1) in enumerate(regions)
                if kept[i] and x1 > x0 and 0 < y1 - y0 <= BAND_PIXELS // (x1 - x0)]
-        slot = {i: j for j, i in enumerate(idx)}
-        if idx:
-            b = boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device))
-            r = probs.shape[-1]
-            # x and y weights in one call (the same element-wise values): every box's columns, then its rows
-            starts = [regions[i][0] for i in idx] + [regions[i][1] for i in idx]
-            lens = [regions[i][2] - regions[i][0] for i in idx] + [regions[i][3] - regions[i][1] for i in idx]
-            wx, offsets = _ragged_weights(torch.cat([b[:, 0], b[:, 1]]),
-                                          torch.cat([b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]]), starts, lens, r)
-            wy, ox, oy = wx, offsets[:len(idx) + 1], offsets[len(idx):]
-        host = device.type == "cpu" and bool(idx)
-        if host:
-            pasted, areas = _paste_host(probs, idx, [regions[i] for i in idx], wx, ox, wy, oy, threshold, workers)
+        got: dict[int, torch.Tensor] = {}
+        if device.type == "cpu" and PASTE_ON_HOST and idx:
+            pasted, areas = _paste_host(probs, boxes, idx, [regions[i] for i in idx], threshold, workers)
             got = dict(zip(idx, pasted))
+        elif idx:  # interpolation weights of every kept, non-empty, single-band crop in one go
+            wx, ox, oy = _box_weights(boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device)),
+                                      [regions[i] for i in idx], probs.shape[-1])
+        slot = {i: j for j, i in enumerate(idx)}
         for i, reg in enumerate(regions):
             if not kept[i]:
                 crops.append(None)
-            elif host and i in slot:
+            elif i in got:
                 crops.append(got[i])
             elif i in slot:
                 j = slot[i]
-                crops.append(paste_one(probs[i], boxes[i], reg, threshold, wx[ox[j]:ox[j + 1]], wy[oy[j]:oy[j + 1]]))
+                crops.append(paste_one(probs[i], boxes[i], reg, threshold, wx[ox[j]:ox[j + 1]], wx[oy[j]:oy[j + 1]]))
             else:
                 crops.append(paste_one(probs[i], boxes[i], reg, threshold))
         if areas is not None:  # the host counted the masks it pasted; the others are empty or unknown
