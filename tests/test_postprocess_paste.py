@@ -1,5 +1,6 @@
 """Mask pasting: exact box fill, brute-force per-pixel reference, grid_sample agreement."""
 import math
+import os
 
 import pytest
 import torch
@@ -137,5 +138,45 @@ def test_intra_op_threads_nest_and_restore_under_concurrency():
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(frame, range(16)))
         assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_host_workers_run_every_part_keep_thread_counts_and_survive_fork():
+    """Host worker threads: every part runs once (the first on the caller), an error in any part
+    reaches the caller, torch's thread counts are unchanged afterwards, and a forked child gets a
+    pool of its own (the parent's threads do not exist there)."""
+    import multiprocessing
+    import threading
+
+    from sepsnet.postprocess.threads import host_workers, on_host_workers, one_intra_op_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert host_workers(torch.device("cpu"), 10, 1) == min(2, os.cpu_count() or 1)
+        assert host_workers(torch.device("cpu"), 10, 100) == 1
+        assert host_workers(torch.device("meta"), 10, 1) == 1
+        seen: list[tuple[int, str]] = []
+        with one_intra_op_thread(torch.device("cpu")):
+            on_host_workers(lambda k: seen.append((k, threading.current_thread().name)), [0, 1, 2])
+            assert torch.get_num_threads() == 1
+        assert sorted(k for k, _ in seen) == [0, 1, 2]
+        assert dict(seen)[0] == threading.current_thread().name
+        assert torch.get_num_threads() == 2
+
+        def fail(k: int) -> None:
+            if k == 1:
+                raise ValueError("part 1")
+        with pytest.raises(ValueError, match="part 1"):
+            on_host_workers(fail, [0, 1])
+        if "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            child = ctx.Process(target=on_host_workers, args=(len, ["ab", "cd", "ef"]))
+            child.start()
+            child.join(30)
+            if child.is_alive():  # waiting for a thread that does not exist in the child
+                child.kill()
+            assert child.exitcode == 0
     finally:
         torch.set_num_threads(before)

@@ -58,10 +58,14 @@ _POOL_LOCK = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _one_thread_worker() -> None:
-    """Host worker threads run their torch calls on one intra-op thread (a per-thread setting: the
-    callers' own count is untouched)."""
-    torch.set_num_threads(1)
+def _forget_pool() -> None:
+    """In a forked child the pool's threads are gone: it makes its own when it needs one."""
+    global _pool, _POOL_LOCK
+    _pool, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def host_workers(device: torch.device, work: int, per_worker: int) -> int:
@@ -76,7 +80,10 @@ def host_workers(device: torch.device, work: int, per_worker: int) -> int:
 def on_host_workers(fn: Callable[[T], None], parts: Sequence[T]) -> None:
     """``fn(part)`` for every part: the first on the calling thread, the others on a shared pool of
     host threads (for work that releases the GIL: OpenCV, NumPy, torch kernels); returns when all
-    are done and re-raises the first error. Parts must not wait for each other."""
+    are done and re-raises the first error. Parts must not wait for each other. Callers run it
+    inside :func:`one_intra_op_thread`: a pool thread takes the OpenMP thread count in force when it
+    first runs torch code (one), and never calls ``torch.set_num_threads`` itself (from a thread
+    that is not the main one it can change the main thread's count too)."""
     global _pool
     if len(parts) <= 1:
         for part in parts:
@@ -84,8 +91,7 @@ def on_host_workers(fn: Callable[[T], None], parts: Sequence[T]) -> None:
         return
     with _POOL_LOCK:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                       thread_name_prefix="sepsnet-host", initializer=_one_thread_worker)
+            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="sepsnet-host")
         pool = _pool
     futures = [pool.submit(fn, part) for part in parts[1:]]
     try:
