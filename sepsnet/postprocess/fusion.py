@@ -84,7 +84,7 @@ def _fuse_things_host(masks: PastedMasks, order: list[int], own: np.ndarray,
     occupancy (segment ids, 0 = free) the caller made, bytes up to 255 visits (see :func:`_fuse_host`)
     or the int32 id map, so a pixel is kept where ``mask byte (0/1) > occupancy``; OpenCV counts
     the kept pixels and takes their bbox. On bytes OpenCV also compares and writes the segment id
-    under the kept pixels (``occupancy | id`` where kept: those pixels hold 0)."""
+    under the kept pixels (``occupancy | (kept & id)``: kept pixels hold 0, kept is 255 or 0)."""
     areas = masks.areas
     visits: list[int] = []
     rows: list[list[int]] = []
@@ -104,8 +104,8 @@ def _fuse_things_host(masks: PastedMasks, order: list[int], own: np.ndarray,
         k = cv2.countNonZero(kept_u8)
         if k == 0 or (area - k) / area > pp.overlap_thresh:
             continue
-        if byte_map:
-            cv2.bitwise_or(occupied, len(visits) + 1, dst=occupied, mask=kept_u8)
+        if byte_map:  # kept pixels hold 0: OR the id in (unmasked kernels; OpenCV's masked ones are slower)
+            cv2.bitwise_or(occupied, cv2.bitwise_and(kept_u8, len(visits) + 1), dst=occupied)
         else:
             np.copyto(occupied, len(visits) + 1, where=kept)
         bx, by, bw, bh = cv2.boundingRect(kept_u8)
