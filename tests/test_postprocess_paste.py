@@ -180,3 +180,26 @@ def test_host_workers_run_every_part_keep_thread_counts_and_survive_fork():
             assert child.exitcode == 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_host_paste_scratch_in_and_out_of_inference_mode():
+    """The scratch a host thread keeps between pastes is usable whether it was first made inside
+    ``torch.inference_mode`` (evaluation) or outside it, in either order (a fresh thread each time:
+    the scratch is per thread), and the masks are the same."""
+    import threading
+
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(5, 14, 14, generator=g)
+    boxes = torch.tensor([[2.0, 3.0, 40.0, 30.0], [10, 5, 70, 44], [0, 0, 80, 60], [33, 21, 35, 26], [5, 9, 60, 12]])
+    want = paste_masks(probs, boxes, (60, 80), 0.5)
+    for first_inference in (True, False):
+        got: list[torch.Tensor] = []
+
+        def run(first_inference: bool = first_inference, got: list = got) -> None:
+            for inference in (first_inference, not first_inference):
+                with torch.inference_mode(inference):
+                    got.append(paste_mask_crops(probs, boxes, (60, 80), 0.5).dense())
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        assert len(got) == 2 and all(torch.equal(m, want) for m in got)

@@ -17,6 +17,7 @@ when asked for (pasting is deterministic, the crop is the same).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ BAND_PIXELS = 1 << 24
 #: on CPU, region pixels per host worker thread from which the boxes are shared among the intra-op
 #: threads the caller allows (below it one thread pastes them all)
 HOST_SPLIT_PIXELS = 1 << 18
+#: float32 scratch kept per host thread and use (paste weights and products), bytes
+SCRATCH_KEEP_BYTES = 32 << 20
 #: on CPU paste with :func:`_paste_host`; False runs the per-box torch form used on other devices
 #: (tests run it on CPU)
 PASTE_ON_HOST = True
@@ -69,6 +72,22 @@ def paste_regions(boxes: torch.Tensor, out_hw: tuple[int, int], mask_size: int) 
     return torch.stack([x0, y0, x1, y1], 1).long()
 
 
+_scratch = threading.local()
+
+
+def _host_scratch(name: str, numel: int) -> torch.Tensor:
+    """``numel`` float32 of this thread's scratch ``name`` (any content), reused from call to call so
+    that large temporaries do not fault fresh pages in each time; kept up to :data:`SCRATCH_KEEP_BYTES`
+    per name and thread, larger requests get fresh memory. Valid until the thread's next request."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=torch.float32)
+        if 4 * numel <= SCRATCH_KEEP_BYTES:
+            setattr(_scratch, name, buf)
+    return buf[:numel]
+
+
 def _ragged_weights(coord0: torch.Tensor, size: torch.Tensor, starts: Sequence[int], lens: Sequence[int],
                     r: int) -> tuple[torch.Tensor, list[int]]:
     """The rows of :func:`_interp_weights` for every box at once: box ``i`` gets pixels
@@ -87,7 +106,10 @@ def _ragged_weights(coord0: torch.Tensor, size: torch.Tensor, starts: Sequence[i
     u0 = torch.floor(u)
     f = u - u0
     u0 = u0.long()
-    out = torch.zeros((*u.shape, r + 2), dtype=u.dtype, device=device)
+    if device.type == "cpu" and u.dtype == torch.float32:  # zeroed reused memory: no page faults
+        out = _host_scratch("weights", u.numel() * (r + 2)).view(-1, r + 2).zero_()
+    else:
+        out = torch.zeros((*u.shape, r + 2), dtype=u.dtype, device=device)
     out.scatter_(1, (u0 + 1).clamp(0, r + 1)[:, None], (1.0 - f)[:, None])
     out.scatter_add_(1, (u0 + 2).clamp(0, r + 1)[:, None], f[:, None])
     return out[:, 1:r + 1], offsets
@@ -155,8 +177,8 @@ def _paste_host(probs: torch.Tensor, boxes: torch.Tensor, idx: Sequence[int], re
     def paste_some(jobs: list[int]) -> None:
         b = boxes.index_select(0, torch.tensor([idx[j] for j in jobs], dtype=torch.long))
         w, ox, oy = _box_weights(b, [regions[j] for j in jobs], r)
-        scratch_t = torch.empty(max(sizes[j][0] for j in jobs) * r, dtype=torch.float32)
-        scratch_v = torch.empty(max(sizes[j][0] * sizes[j][1] for j in jobs), dtype=torch.float32)
+        scratch_t = _host_scratch("rows", max(sizes[j][0] for j in jobs) * r)
+        scratch_v = _host_scratch("values", max(sizes[j][0] * sizes[j][1] for j in jobs))
         for k, j in enumerate(jobs):
             hh, ww = sizes[j]
             t = torch.bmm(w[oy[k]:oy[k + 1]][None], probs[idx[j]][None], out=scratch_t[:hh * r].view(1, hh, r))
