@@ -63,7 +63,7 @@ BYTE_OCCUPANCY_VISITS = 255
 BYTE_CODE_SEGMENTS = 255
 #: on CPU, label pixels per host worker thread from which the stuff pass's strips are shared among
 #: the intra-op threads the caller allows
-HOST_SPLIT_PIXELS = 1 << 19
+HOST_SPLIT_PIXELS = 1 << 18
 #: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
 #: False runs the deferred-read form used on other devices (tests run it on CPU)
 READ_ON_CPU = True
