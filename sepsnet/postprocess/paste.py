@@ -174,17 +174,25 @@ def _paste_host(probs: torch.Tensor, boxes: torch.Tensor, idx: Sequence[int], re
     r = probs.shape[-1]
     areas = [0] * len(idx)
 
+    probs_1 = probs.unsqueeze(1).unbind(0)  # (1, R, R) views of each mask, as probs[i][None]
+
     def paste_some(jobs: list[int]) -> None:
         b = boxes.index_select(0, torch.tensor([idx[j] for j in jobs], dtype=torch.long))
         w, ox, oy = _box_weights(b, [regions[j] for j in jobs], r)
+        n = len(jobs)
+        # every box's (1, h, R) y weights and (1, R, w) transposed x weights as views, in two calls
+        lens = [ox[k + 1] - ox[k] for k in range(n)] + [oy[k + 1] - oy[k] for k in range(n)]
+        wys = w[None].split(lens, dim=1)[n:]
+        wxts = w[None].transpose(1, 2).split(lens, dim=2)[:n]
         scratch_t = _host_scratch("rows", max(sizes[j][0] for j in jobs) * r)
         scratch_v = _host_scratch("values", max(sizes[j][0] * sizes[j][1] for j in jobs))
+        values = scratch_v.numpy()
         for k, j in enumerate(jobs):
             hh, ww = sizes[j]
-            t = torch.bmm(w[oy[k]:oy[k + 1]][None], probs[idx[j]][None], out=scratch_t[:hh * r].view(1, hh, r))
-            v = torch.bmm(t, w[ox[k]:ox[k + 1]][None].transpose(1, 2), out=scratch_v[:hh * ww].view(1, hh, ww))
+            t = torch.bmm(wys[k], probs_1[idx[j]], out=scratch_t.as_strided((1, hh, r), (hh * r, r, 1)))
+            torch.bmm(t, wxts[k], out=scratch_v.as_strided((1, hh, ww), (hh * ww, ww, 1)))
             crop = out_np[starts[j]:starts[j + 1]]
-            np.greater_equal(v.numpy().reshape(-1), thr, out=crop)
+            np.greater_equal(values[:hh * ww], thr, out=crop)
             areas[j] = int(np.count_nonzero(crop))
 
     # greedy split by area, largest first, onto the least loaded worker (each keeps index order)
