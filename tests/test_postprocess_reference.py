@@ -280,17 +280,18 @@ def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: 
     assert any(s["isthing"] for r in full for s in r.segments_info)
 
 
-@pytest.mark.parametrize("read_on_cpu,byte_visits,workers,byte_segments",
-                         [(True, 255, 1, 255), (True, 3, 1, 255), (False, 255, 1, 255), (True, 255, 3, 255),
-                          (True, 255, 2, 9)])
+@pytest.mark.parametrize("read_on_cpu,byte_visits,workers,byte_segments,run_fraction",
+                         [(True, 255, 1, 255, 1 / 16), (True, 3, 1, 255, 1 / 16), (False, 255, 1, 255, 1 / 16),
+                          (True, 255, 3, 255, 1 / 16), (True, 255, 2, 9, 1 / 16), (True, 255, 2, 255, 0.0),
+                          (True, 255, 1, 255, 1.0)])
 def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, byte_visits: int,
                                                                     workers: int, byte_segments: int,
-                                                                    monkeypatch) -> None:
+                                                                    run_fraction: float, monkeypatch) -> None:
     """Fusion alone against the reference: uint8, int8 and int64 stuff labels (negative and >= S
     values ignored), 0 to 300 stuff classes (one and several 8-, 16- and 32-class bit words on CPU,
     the generic form past 254 or when things and stuff classes overflow the byte codes), row bands
     of a few rows, byte and int32 occupancy of the CPU things pass, the stuff pass's strips shared
-    among host threads."""
+    among host threads and counted per run of equal codes, by byte kernels, or both."""
     from sepsnet.postprocess.threads import intra_op_threads
 
     monkeypatch.setattr(fusion, "READ_ON_CPU", read_on_cpu)
@@ -298,6 +299,7 @@ def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu:
     monkeypatch.setattr(fusion, "BYTE_CODE_SEGMENTS", byte_segments)
     monkeypatch.setattr(fusion, "BAND_PIXELS", 7 * 53)
     monkeypatch.setattr(fusion, "HOST_SPLIT_PIXELS", 1)
+    monkeypatch.setattr(fusion, "MAX_RUN_FRACTION", run_fraction)
     cfg = SEPSNetConfig().postprocess
     cfg.stuff_area_limit, cfg.overlap_thresh, cfg.instance_score_thresh = 20, 0.5, 0.3
     g = torch.Generator().manual_seed(11)

@@ -59,6 +59,9 @@ BAND_PIXELS = 1 << 22
 HOST_STRIP_PIXELS = 1 << 17
 #: on CPU, up to this many instances to visit the things pass keeps its occupancy in bytes
 BYTE_OCCUPANCY_VISITS = 255
+#: on CPU, a strip of the stuff pass with more runs of equal codes than this fraction of its pixels is
+#: counted by byte kernels (calcHist, bit lookups) instead of per run
+MAX_RUN_FRACTION = 1 / 16
 #: on CPU, the things visited plus the stuff classes up to which the stuff pass uses byte codes
 BYTE_CODE_SEGMENTS = 255
 #: on CPU, label pixels per host worker thread from which the stuff pass's strips are shared among
@@ -176,16 +179,34 @@ def _stuff_codes(lab: np.ndarray, own: np.ndarray, num_stuff: int, base: int, ou
     np.minimum(stuff, own - np.uint8(1), out=out)
 
 
+def _code_runs(flat: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Runs of equal codes in a strip (rows of ``w`` pixels, flattened), each row starting a run:
+    their first pixels and lengths, or None when there are more than :data:`MAX_RUN_FRACTION` of the
+    pixels (noise: bytes kernels are then the faster)."""
+    change = flat[1:] != flat[:-1]
+    change[w - 1::w] = True  # the boundary before each row's first pixel
+    ends = np.flatnonzero(change)
+    if ends.size + 1 > flat.size * MAX_RUN_FRACTION:
+        return None
+    starts = np.empty(ends.size + 1, dtype=np.int64)
+    starts[0] = 0
+    np.add(ends, 1, out=starts[1:])
+    return starts, np.diff(starts, append=flat.size)
+
+
 def _fuse_stuff_host(stuff_labels: torch.Tensor, own: np.ndarray, ids: np.ndarray, num_stuff: int, things: int,
                      pp: Any, workers: int = 1) -> torch.Tensor:
     """:func:`_fuse_stuff` on CPU when ``things + num_stuff <= 255``, with OpenCV byte kernels on
     NumPy views, in row strips of at most :data:`HOST_STRIP_PIXELS` pixels (or one row), shared
     among ``workers`` host threads. Every pixel gets one byte code (:func:`_stuff_codes`): the
-    thing's visit, the void pixel's stuff class, or 255; its histogram gives the class areas (float32
-    bins, exact for strips of at most 2**24 pixels), per-row and per-column bitwise ORs of one bit
-    per class (8, 16 or 32 classes per word) the bboxes, and one lookup table turns the codes into
-    segment ids. ``own``: the things' byte occupancy (:func:`_fuse_host`, ``things`` segments);
-    ``ids`` (int32, any content) gets every pixel's segment id (0 = void)."""
+    thing's visit, the void pixel's stuff class, or 255. A strip made of long runs of equal codes
+    (:func:`_code_runs`: stuff regions and masks) is counted per run: the histogram of the codes
+    weighted by run length gives the class areas, each stuff run marks its row and its column
+    range (one difference array per class, summed at the end) for the bboxes. Other strips take
+    ``calcHist`` (float32 bins, exact for strips of at most 2**24 pixels) and per-row and per-column
+    bitwise ORs of one bit per class (8, 16 or 32 classes per word). One lookup table then turns the
+    codes into segment ids. ``own``: the things' byte occupancy (:func:`_fuse_host`, ``things``
+    segments); ``ids`` (int32, any content) gets every pixel's segment id (0 = void)."""
     h, w = ids.shape
     if h == 0 or w == 0:
         return torch.zeros((num_stuff, 6), dtype=torch.long)
@@ -198,28 +219,52 @@ def _fuse_stuff_host(stuff_labels: torch.Tensor, own: np.ndarray, ids: np.ndarra
     if word is np.uint32:
         bit_luts = bit_luts.view(np.int32)  # OpenCV has no uint32 lookup table; the bits are the same
     code = np.empty((h, w), dtype=np.uint8)
-    row_bits = np.zeros((words, h), dtype=word)
+    row_present = np.zeros((num_stuff, h), dtype=bool)
     band = max(1, min(BAND_PIXELS, HOST_STRIP_PIXELS) // w)
     strips = [(s, min(h, s + band)) for s in range(0, h, band)]
     parts = _split(strips, workers)
-    found: list[tuple[np.ndarray, np.ndarray]] = [None] * len(parts)  # type: ignore[list-item]
+    found: list[tuple] = [None] * len(parts)
 
     def first_pass(k: int) -> None:
         hist = np.zeros(256, dtype=np.int64)
         col_bits = np.zeros((words, w), dtype=word)
+        edges: list[np.ndarray] = []  # per stuff run: class * (w + 1) + first column, then + end column
         for s, e in parts[k]:
             c = code[s:e]
             _stuff_codes(stuff_labels[s:e].numpy(), own[s:e], num_stuff, things, c)
+            flat = c.reshape(-1)
+            runs = _code_runs(flat, w)
+            if runs is not None:
+                starts, lengths = runs
+                vals = flat[starts]
+                hist += np.bincount(vals, weights=lengths, minlength=256).astype(np.int64)  # exact below 2**53
+                sel = (vals >= things) & (vals < things + num_stuff)
+                if sel.any():
+                    first, cls = starts[sel], vals[sel].astype(np.int64) - things
+                    row_present[cls, s + first // w] = True
+                    x0 = first % w
+                    edges.append(np.concatenate([cls * (w + 1) + x0, cls * (w + 1) + x0 + lengths[sel]]))
+                continue
             hist += cv2.calcHist([c], [0], None, [256], [0, 256])[:, 0].astype(np.int64)
             for wd in range(words):
                 bits = cv2.LUT(c, bit_luts[wd]).view(word)
-                row_bits[wd, s:e] = np.bitwise_or.reduce(bits, axis=1)
+                rows = np.bitwise_or.reduce(bits, axis=1)
+                for cl in range(wd * bits_per_word, min(num_stuff, (wd + 1) * bits_per_word)):
+                    row_present[cl, s:e] |= (rows & word(1 << (cl % bits_per_word))) != 0
                 col_bits[wd] |= np.bitwise_or.reduce(bits, axis=0)
-        found[k] = (hist, col_bits)
+        found[k] = (hist, col_bits, edges)
 
     on_host_workers(first_pass, list(range(len(parts))))
     counts = sum(f[0] for f in found)[things:things + num_stuff]
     col_bits = np.bitwise_or.reduce(np.stack([f[1] for f in found]), axis=0)
+    edges = [a for f in found for a in f[2]]
+    col_cover = np.zeros(num_stuff * (w + 1), dtype=np.int64)
+    if edges:  # +1 at each run's first column, -1 past its last; a prefix sum > 0 is a covered column
+        both = np.concatenate(edges)
+        half = [len(a) // 2 for a in edges]
+        sign = np.concatenate([np.repeat(np.array([1, -1], dtype=np.int64), [m, m]) for m in half])
+        col_cover = np.bincount(both, weights=sign, minlength=num_stuff * (w + 1)).astype(np.int64)
+    col_present = np.cumsum(col_cover.reshape(num_stuff, w + 1), axis=1)[:, :w] > 0
     taken = (counts > 0) & (counts >= pp.stuff_area_limit)
     id_lut = np.zeros(256, dtype=np.int32)
     id_lut[:things] = np.arange(1, things + 1)
@@ -233,9 +278,8 @@ def _fuse_stuff_host(stuff_labels: torch.Tensor, own: np.ndarray, ids: np.ndarra
     stats = np.zeros((num_stuff, 6), dtype=np.int64)
     stats[:, 0], stats[:, 1] = taken, counts
     for c in np.flatnonzero(counts):
-        bit = word(1 << (c % bits_per_word))
-        ys = np.flatnonzero(row_bits[c // bits_per_word] & bit)
-        xs = np.flatnonzero(col_bits[c // bits_per_word] & bit)
+        ys = np.flatnonzero(row_present[c])
+        xs = np.flatnonzero(col_present[c] | ((col_bits[c // bits_per_word] & word(1 << (c % bits_per_word))) != 0))
         stats[c, 2:] = ys[0], ys[-1], xs[0], xs[-1]
     return torch.from_numpy(stats)
 
