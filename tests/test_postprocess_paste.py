@@ -144,15 +144,18 @@ def test_intra_op_threads_nest_and_restore_under_concurrency():
 
 def test_host_workers_run_every_part_keep_thread_counts_and_survive_fork():
     """Host worker threads: every part runs once (the first on the caller), an error in any part
-    reaches the caller, torch's thread counts are unchanged afterwards, and a forked child gets a
-    pool of its own (the parent's threads do not exist there)."""
+    reaches the caller, torch's thread count is the caller's afterwards (also when a pool thread
+    started, and set its own, during the block), and a forked child gets a pool of its own (the
+    parent's threads do not exist there)."""
     import multiprocessing
     import threading
 
+    from sepsnet.postprocess import threads
     from sepsnet.postprocess.threads import host_workers, on_host_workers, one_intra_op_thread
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
+    threads._forget_pool()  # a fresh pool thread: it sets its own count on its first part
     try:
         assert host_workers(torch.device("cpu"), 10, 1) == min(2, os.cpu_count() or 1)
         assert host_workers(torch.device("cpu"), 10, 100) == 1

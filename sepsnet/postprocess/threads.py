@@ -68,6 +68,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _pool_thread_start() -> None:
+    """A pool thread runs torch (and MKL, whose thread count torch sets per thread: unset, a pool
+    thread's products would start a team of their own) on one thread. It starts on the first
+    submission, which callers make inside :func:`one_intra_op_thread`, so the count it sets is the
+    process's count at that moment: from a thread other than the main one ``torch.set_num_threads``
+    may also reach the main thread's OpenMP count, and that block restores it on exit."""
+    torch.set_num_threads(1)
+
+
 def host_workers(device: torch.device, work: int, per_worker: int) -> int:
     """How many host threads share ``work`` units of a CPU stage: the intra-op thread count the
     caller allows (torch's setting, e.g. ``predictor.postprocess_threads``), at most one per
@@ -81,9 +90,7 @@ def on_host_workers(fn: Callable[[T], None], parts: Sequence[T]) -> None:
     """``fn(part)`` for every part: the first on the calling thread, the others on a shared pool of
     host threads (for work that releases the GIL: OpenCV, NumPy, torch kernels); returns when all
     are done and re-raises the first error. Parts must not wait for each other. Callers run it
-    inside :func:`one_intra_op_thread`: a pool thread takes the OpenMP thread count in force when it
-    first runs torch code (one), and never calls ``torch.set_num_threads`` itself (from a thread
-    that is not the main one it can change the main thread's count too)."""
+    inside :func:`one_intra_op_thread` (see :func:`_pool_thread_start`)."""
     global _pool
     if len(parts) <= 1:
         for part in parts:
@@ -91,7 +98,8 @@ def on_host_workers(fn: Callable[[T], None], parts: Sequence[T]) -> None:
         return
     with _POOL_LOCK:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="sepsnet-host")
+            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="sepsnet-host",
+                                       initializer=_pool_thread_start)
         pool = _pool
     futures = [pool.submit(fn, part) for part in parts[1:]]
     try:
