@@ -83,3 +83,60 @@ def test_prefix_nms_equals_full_batched_nms(seed):
         for iou in (0.3, 0.6):
             want = batched_nms(boxes, scores, classes, iou)[:k]
             assert torch.equal(class_nms_top(boxes, scores, classes, iou, k), want)
+
+
+def _select_as_before(boxes, scores, centerness, attention, counts, pp, image_hw):
+    """The selection of one image as written before the host fast path (issue 13): torch
+    ``nonzero`` and ``masked_select`` per level, then the same NMS (:func:`class_nms_top`)."""
+    from sepsnet.postprocess.candidates import class_nms_top
+
+    locs, clss, vals, start = [], [], [], 0
+    for c in counts:
+        prob = scores[0, start:start + c]
+        above = prob > pp.score_thresh
+        flat = above.reshape(-1).nonzero()[:, 0]
+        loc = torch.div(flat, prob.shape[1], rounding_mode="floor")
+        val = prob.masked_select(above) * centerness[0, start + loc]
+        if val.numel() > pp.pre_nms_topk:
+            val, top = val.topk(pp.pre_nms_topk, sorted=False)
+            flat, loc = flat[top], loc[top]
+        locs.append(loc + start)
+        clss.append(flat - loc * prob.shape[1])
+        vals.append(val)
+        start += c
+    loc, cls, fcos = torch.cat(locs), torch.cat(clss), torch.cat(vals).clamp(min=0).sqrt()
+    bx = boxes[0, loc].clone()
+    bx[:, 0::2] = bx[:, 0::2].clamp(0, float(image_hw[1]))
+    bx[:, 1::2] = bx[:, 1::2].clamp(0, float(image_hw[0]))
+    valid = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
+    bx, cls, fcos, loc = bx[valid], cls[valid], fcos[valid], loc[valid]
+    keep = class_nms_top(bx, fcos, cls, pp.nms_thresh, pp.max_instances)
+    return bx[keep], fcos[keep], cls[keep], attention[0, loc[keep]]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_host_selection_equals_torch_selection(seed):
+    """On CPU the per-level indices come from NumPy and the values from indexing instead of
+    ``masked_select``: the same candidates, scores, classes and attention rows, in the same order,
+    as the torch form, with thousands of locations above the threshold, per-level top-k cuts, scores
+    stored as a non-contiguous view, and ties (scores on a coarse grid)."""
+    g = torch.Generator().manual_seed(seed)
+    counts, num_cls = [2400, 600, 150], 4
+    n = sum(counts)
+    xy = torch.rand(n, 2, generator=g) * 300 - 20
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 90 + 1], 1)[None]
+    scores = torch.rand(n, num_cls, generator=g) * 0.2
+    if seed == 1:
+        scores = (scores * 40).round() / 40  # many equal scores
+    if seed == 2:
+        scores = scores.t().contiguous().t()  # (n, T) view of a (T, n) tensor
+    scores = scores[None]
+    centerness = 0.5 + 0.5 * torch.rand(1, n, generator=g)
+    attention = torch.randn(1, n, 6, generator=g)
+    pp = PostprocessConfig()
+    pp.score_thresh, pp.pre_nms_topk, pp.max_instances, pp.nms_thresh = 0.05, 900, 60, 0.6
+    (got,) = select_candidates(boxes, scores, centerness, attention, counts, pp, [(240, 260)])
+    want = _select_as_before(boxes, scores, centerness, attention, counts, pp, (240, 260))
+    assert len(got) == pp.max_instances
+    assert torch.equal(got.boxes, want[0]) and torch.equal(got.scores, want[1])
+    assert torch.equal(got.classes, want[2]) and torch.equal(got.attention, want[3])

@@ -1,5 +1,6 @@
 """Mask pasting: exact box fill, brute-force per-pixel reference, grid_sample agreement."""
 import math
+import os
 
 import pytest
 import torch
@@ -139,3 +140,69 @@ def test_intra_op_threads_nest_and_restore_under_concurrency():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_host_workers_run_every_part_keep_thread_counts_and_survive_fork():
+    """Host worker threads: every part runs once (the first on the caller), an error in any part
+    reaches the caller, torch's thread count is the caller's afterwards (also when a pool thread
+    started, and set its own, during the block), and a forked child gets a pool of its own (the
+    parent's threads do not exist there)."""
+    import multiprocessing
+    import threading
+
+    from sepsnet.postprocess import threads
+    from sepsnet.postprocess.threads import host_workers, on_host_workers, one_intra_op_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    threads._forget_pool()  # a fresh pool thread: it sets its own count on its first part
+    try:
+        assert host_workers(torch.device("cpu"), 10, 1) == min(2, os.cpu_count() or 1)
+        assert host_workers(torch.device("cpu"), 10, 100) == 1
+        assert host_workers(torch.device("meta"), 10, 1) == 1
+        seen: list[tuple[int, str]] = []
+        with one_intra_op_thread(torch.device("cpu")):
+            on_host_workers(lambda k: seen.append((k, threading.current_thread().name)), [0, 1, 2])
+            assert torch.get_num_threads() == 1
+        assert sorted(k for k, _ in seen) == [0, 1, 2]
+        assert dict(seen)[0] == threading.current_thread().name
+        assert torch.get_num_threads() == 2
+
+        def fail(k: int) -> None:
+            if k == 1:
+                raise ValueError("part 1")
+        with pytest.raises(ValueError, match="part 1"):
+            on_host_workers(fail, [0, 1])
+        if "fork" in multiprocessing.get_all_start_methods():
+            ctx = multiprocessing.get_context("fork")
+            child = ctx.Process(target=on_host_workers, args=(len, ["ab", "cd", "ef"]))
+            child.start()
+            child.join(30)
+            if child.is_alive():  # waiting for a thread that does not exist in the child
+                child.kill()
+            assert child.exitcode == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_host_paste_scratch_in_and_out_of_inference_mode():
+    """The scratch a host thread keeps between pastes is usable whether it was first made inside
+    ``torch.inference_mode`` (evaluation) or outside it, in either order (a fresh thread each time:
+    the scratch is per thread), and the masks are the same."""
+    import threading
+
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(5, 14, 14, generator=g)
+    boxes = torch.tensor([[2.0, 3.0, 40.0, 30.0], [10, 5, 70, 44], [0, 0, 80, 60], [33, 21, 35, 26], [5, 9, 60, 12]])
+    want = paste_masks(probs, boxes, (60, 80), 0.5)
+    for first_inference in (True, False):
+        got: list[torch.Tensor] = []
+
+        def run(first_inference: bool = first_inference, got: list = got) -> None:
+            for inference in (first_inference, not first_inference):
+                with torch.inference_mode(inference):
+                    got.append(paste_mask_crops(probs, boxes, (60, 80), 0.5).dense())
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        assert len(got) == 2 and all(torch.equal(m, want) for m in got)

@@ -284,20 +284,31 @@ def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: 
     assert any(s["isthing"] for r in full for s in r.segments_info)
 
 
-@pytest.mark.parametrize("read_on_cpu,byte_visits", [(True, 255), (True, 3), (False, 255)])
+@pytest.mark.parametrize("read_on_cpu,byte_visits,workers,byte_segments,run_fraction",
+                         [(True, 255, 1, 255, 1 / 16), (True, 3, 1, 255, 1 / 16), (False, 255, 1, 255, 1 / 16),
+                          (True, 255, 3, 255, 1 / 16), (True, 255, 2, 9, 1 / 16), (True, 255, 2, 255, 0.0),
+                          (True, 255, 1, 255, 1.0)])
 def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu: bool, byte_visits: int,
-                                                                    monkeypatch) -> None:
-    """Fusion alone against the reference: uint8 and int64 stuff labels (negative and >= S values
-    ignored), 0 to 300 stuff classes (one and several 32-class bit words on CPU, the generic form
-    past 254), row bands of a few rows, byte and int32 occupancy of the CPU things pass."""
+                                                                    workers: int, byte_segments: int,
+                                                                    run_fraction: float, monkeypatch) -> None:
+    """Fusion alone against the reference: uint8, int8 and int64 stuff labels (negative and >= S
+    values ignored), 0 to 300 stuff classes (one and several 8-, 16- and 32-class bit words on CPU,
+    the generic form past 254 or when things and stuff classes overflow the byte codes), row bands
+    of a few rows, byte and int32 occupancy of the CPU things pass, the stuff pass's strips shared
+    among host threads and counted per run of equal codes, by byte kernels, or both."""
+    from sepsnet.postprocess.threads import intra_op_threads
+
     monkeypatch.setattr(fusion, "READ_ON_CPU", read_on_cpu)
     monkeypatch.setattr(fusion, "BYTE_OCCUPANCY_VISITS", byte_visits)
+    monkeypatch.setattr(fusion, "BYTE_CODE_SEGMENTS", byte_segments)
     monkeypatch.setattr(fusion, "BAND_PIXELS", 7 * 53)
+    monkeypatch.setattr(fusion, "HOST_SPLIT_PIXELS", 1)
+    monkeypatch.setattr(fusion, "MAX_RUN_FRACTION", run_fraction)
     cfg = SEPSNetConfig().postprocess
     cfg.stuff_area_limit, cfg.overlap_thresh, cfg.instance_score_thresh = 20, 0.5, 0.3
     g = torch.Generator().manual_seed(11)
     h, w = 61, 53
-    for num_stuff in (0, 3, 31, 40, 70, 300):
+    for num_stuff in (0, 3, 11, 31, 40, 70, 300):
         n = int(torch.randint(0, 12, (1,), generator=g))
         masks = torch.zeros(n, h, w, dtype=torch.bool)
         for i in range(n):
@@ -308,7 +319,77 @@ def test_fusion_label_dtypes_many_classes_and_bands_equal_reference(read_on_cpu:
         coarse[0, 0, 2, 1], coarse[0, 0, 5, 4] = -250, 262  # would wrap to 6 as bytes
         labels = F.interpolate(coarse, size=(h, w), mode="nearest")[0, 0].long()
         forms = [labels] + ([labels.clamp(0, 255).to(torch.uint8)] if num_stuff < 250 else [])
+        forms += [labels.clamp(-128, 127).to(torch.int8)] if num_stuff < 120 else []
         for lab in forms:
             want = ref.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
-            got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
+            with intra_op_threads(workers):
+                got = fusion.panoptic_fusion(masks, scores, classes, lab, cfg, num_stuff)
             assert torch.equal(got[0], want[0]) and got[1] == want[1], (num_stuff, lab.dtype)
+
+
+@pytest.mark.parametrize("workers,on_host", [(1, True), (2, True), (3, True), (1, False)])
+def test_host_paste_shared_among_threads_equals_reference(workers: int, on_host: bool, monkeypatch) -> None:
+    """The CPU paste (scratch reused, NumPy threshold into one buffer, boxes shared among host
+    threads by area, each making its boxes' weights) and the per-box torch form of other devices
+    give the reference's masks and the areas counted from them, for boxes inside, across and
+    outside the image, thin and large ones, and thresholds that are not float32 values."""
+    from sepsnet.postprocess import paste
+    from sepsnet.postprocess.threads import intra_op_threads
+
+    monkeypatch.setattr(paste, "HOST_SPLIT_PIXELS", 1)
+    monkeypatch.setattr(paste, "PASTE_ON_HOST", on_host)
+    g = torch.Generator().manual_seed(20 + workers)
+    h, w, n = 90, 130, 23
+    probs = torch.sigmoid(F.interpolate(torch.randn(n, 1, 5, 5, generator=g) * 4, size=(R, R), mode="bilinear")[:, 0])
+    probs[3] = 0.5  # a constant mask at the threshold: the rounding of the weights decides
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w + 40.0, h + 40.0]) - 20.0
+    wh = torch.rand(n, 2, generator=g) * torch.tensor([90.0, 70.0]) + 0.3
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[5] = torch.tensor([-30.0, -20.0, -5.0, -1.0])  # fully outside: an empty crop
+    for thr in (0.5, 0.3 + 1e-9):
+        want = ref.paste_masks(probs, boxes, (h, w), thr)
+        with intra_op_threads(workers):
+            got = paste.paste_mask_crops(probs, boxes, (h, w), thr)
+        assert torch.equal(got.dense(), want)
+        assert got.areas == want.flatten(1).sum(1).tolist()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dedup_pairs_bounded_by_areas_equal_reference(seed: int) -> None:
+    """Silhouette dedup on CPU (pairs ruled out by the area bound, the rest counted on the crops'
+    overlap) and the device form run on CPU tensors keep exactly the reference's instances: many
+    overlapping same-class masks, nested masks whose IoU equals the threshold (not above it: kept)
+    or passes it by one pixel, ineligible instances."""
+    from sepsnet.postprocess import scoring
+    from sepsnet.postprocess.paste import PastedMasks
+
+    g = torch.Generator().manual_seed(seed)
+    h, w, n = 60, 80, 40
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    for i in range(n - 4):
+        x0, y0 = int(torch.randint(0, w - 20, (1,), generator=g)), int(torch.randint(0, h - 16, (1,), generator=g))
+        bw, bh = (int(v) for v in torch.randint(8, 24, (2,), generator=g))
+        masks[i, y0:y0 + bh, x0:x0 + bw] = torch.rand(min(bh, h - y0), min(bw, w - x0), generator=g) > 0.15
+    masks[n - 4, 10:20, 10:20] = True  # 100 pixels
+    masks[n - 3, 10:15, 10:20] = True  # nested, 50 pixels: IoU 0.5 exactly
+    masks[n - 2, 30:40, 30:40] = True
+    masks[n - 1, 30:40, 30:35] = True
+    masks[n - 1, 30, 35] = True  # 51 pixels: IoU 0.51
+    classes = torch.randint(0, 2, (n,), generator=g)
+    classes[n - 4:] = 2
+    sil = torch.rand(n, generator=g)
+    eligible = torch.rand(n, generator=g) > 0.1
+    eligible[n - 4:] = True
+    pasted = PastedMasks.from_dense(masks)
+    host_args = (classes.tolist(), [bool(v) for v in eligible])
+    removed = []
+    for thr in (0.5, 0.3, 0.7):
+        want = ref.silhouette_dedup(masks, classes, sil, thr, eligible=eligible)
+        assert torch.equal(scoring.silhouette_dedup(masks, classes, sil, thr, eligible=eligible), want)
+        host = scoring._duplicates_host(pasted, host_args[0], thr, host_args[1])
+        device = scoring._duplicates_device(pasted, host_args[0], thr, host_args[1])
+        assert [sorted(d) for d in host] == [sorted(d) for d in device]
+        if thr == 0.5:
+            assert (n - 3) not in host[n - 4] and (n - 1) in host[n - 2]
+        removed.append(n - len(want))
+    assert removed[1] > removed[0] > 0

@@ -16,8 +16,10 @@ Fast and memory-bounded form of the same rule: each instance is fused on its box
 the running occupancy (the id map itself), its area and bbox taken from the pixels it kept
 (stuff never overwrites a thing); stuff areas and bboxes come from per-row and per-column
 counts of the void pixels of each class, in row bands, so no full-image plane per class or per
-instance is ever made. On CPU (:func:`_fuse_host`) the occupancy is a byte map and the stuff pass
-uses OpenCV byte kernels and per-row/per-column bit ORs instead of counts (same output).
+instance is ever made. On CPU (:func:`_fuse_host`) the occupancy is a byte map written by OpenCV
+under each kept crop, and the stuff pass gives every pixel one byte code (thing, void stuff class
+or nothing) whose histogram, per-row/per-column bit ORs and one lookup table give the areas, bboxes
+and ids (same output), in row strips shared among the host threads the caller allows.
 
 No host synchronisation until the end (issue 13): the keep/skip decision of each instance, its
 segment id (a running count on the device), kept area and bbox stay tensors on the id map's
@@ -37,7 +39,7 @@ import torch
 from sepsnet.errors import ConfigError
 from sepsnet.postprocess.candidates import postprocess_cfg
 from sepsnet.postprocess.paste import PastedMasks
-from sepsnet.postprocess.threads import one_intra_op_thread
+from sepsnet.postprocess.threads import host_workers, on_host_workers, one_intra_op_thread
 
 
 def _num_stuff(cfg: Any, num_stuff_classes: int | None) -> int:
@@ -57,6 +59,14 @@ BAND_PIXELS = 1 << 22
 HOST_STRIP_PIXELS = 1 << 17
 #: on CPU, up to this many instances to visit the things pass keeps its occupancy in bytes
 BYTE_OCCUPANCY_VISITS = 255
+#: on CPU, a strip of the stuff pass with more runs of equal codes than this fraction of its pixels is
+#: counted by byte kernels (calcHist, bit lookups) instead of per run
+MAX_RUN_FRACTION = 1 / 16
+#: on CPU, the things visited plus the stuff classes up to which the stuff pass uses byte codes
+BYTE_CODE_SEGMENTS = 255
+#: on CPU, label pixels per host worker thread from which the stuff pass's strips are shared among
+#: the intra-op threads the caller allows
+HOST_SPLIT_PIXELS = 1 << 18
 #: on CPU read values as they come (no device to wait for) and leave skipped instances at once;
 #: False runs the deferred-read form used on other devices (tests run it on CPU)
 READ_ON_CPU = True
@@ -76,22 +86,31 @@ def _fuse_things_host(masks: PastedMasks, order: list[int], own: np.ndarray,
     calls, values read as they come and a skipped instance left at once. ``own``: the running
     occupancy (segment ids, 0 = free) the caller made, bytes up to 255 visits (see :func:`_fuse_host`)
     or the int32 id map, so a pixel is kept where ``mask byte (0/1) > occupancy``; OpenCV counts
-    the kept pixels and takes their bbox."""
+    the kept pixels and takes their bbox. On bytes OpenCV also compares and writes the segment id
+    under the kept pixels (``occupancy | (kept & id)``: kept pixels hold 0, kept is 255 or 0)."""
     areas = masks.areas
     visits: list[int] = []
     rows: list[list[int]] = []
+    byte_map = own.dtype == np.uint8
     for i in order:
         x0, y0, x1, y1 = masks.regions[i]
         area = areas[i]
         if area == 0:
             continue
         occupied = own[y0:y1, x0:x1]
-        kept = np.greater(masks.crop(i).numpy().view(np.uint8), occupied)
-        kept_u8 = kept.view(np.uint8)
+        crop = masks.crop(i).numpy().view(np.uint8)
+        if byte_map:
+            kept_u8 = cv2.compare(crop, occupied, cv2.CMP_GT)  # 255 where kept
+        else:
+            kept = np.greater(crop, occupied)
+            kept_u8 = kept.view(np.uint8)
         k = cv2.countNonZero(kept_u8)
         if k == 0 or (area - k) / area > pp.overlap_thresh:
             continue
-        np.copyto(occupied, len(visits) + 1, where=kept)
+        if byte_map:  # kept pixels hold 0: OR the id in (unmasked kernels; OpenCV's masked ones are slower)
+            cv2.bitwise_or(occupied, cv2.bitwise_and(kept_u8, len(visits) + 1), dst=occupied)
+        else:
+            np.copyto(occupied, len(visits) + 1, where=kept)
         bx, by, bw, bh = cv2.boundingRect(kept_u8)
         rows.append([1, k, y0 + by, y0 + by + bh - 1, x0 + bx, x0 + bx + bw - 1])
         visits.append(i)
@@ -147,59 +166,134 @@ def _count(keys: torch.Tensor, n: int) -> torch.Tensor:
         0, keys.long(), torch.ones(1, dtype=torch.long, device=keys.device).expand(keys.numel()))
 
 
-def _fuse_stuff_host(stuff_labels: torch.Tensor, own: np.ndarray, ids: np.ndarray, num_stuff: int,
-                     first_id: int, pp: Any) -> torch.Tensor:
-    """:func:`_fuse_stuff` on CPU for ``num_stuff < 255``, with OpenCV byte kernels on NumPy views, in
-    row strips of at most :data:`HOST_STRIP_PIXELS` pixels (or one row): each pixel's stuff class
-    (255 where taken or not a stuff class) by one 256-entry lookup and a max with the occupancy;
-    class areas from its histogram (float32 bins, exact for strips of at most 2**24 pixels); bboxes
-    from per-row and per-column bitwise ORs of one bit per class (32 classes per int32 word) instead
-    of per-row and per-column counts. ``own``: the things' occupancy (:func:`_fuse_host`); ``ids``
-    (int32, zeros) gets ``own`` plus the stuff ids, or ``own`` is ``ids``."""
+def _stuff_codes(lab: np.ndarray, own: np.ndarray, num_stuff: int, base: int, out: np.ndarray) -> None:
+    """One strip of the code map of :func:`_fuse_stuff_host`: ``own - 1`` on things (bytes wrap,
+    so a free pixel gives 255), ``base + c`` on void pixels of stuff class ``c``, 255 on the other
+    void pixels, as the minimum of the two (``base`` is the number of things, so a thing's code is
+    below every stuff code). Stuff codes by saturating byte kernels, no lookup table: ``lab + base``,
+    then 255 wherever ``lab >= S`` (labels of another integer dtype are brought to bytes first)."""
+    if lab.dtype != np.uint8:  # any other integer dtype: outside [0, S) -> 255
+        lab = np.where((lab >= 0) & (lab < num_stuff), lab, 255).astype(np.uint8)
+    lab = np.ascontiguousarray(lab)
+    stuff = cv2.max(cv2.add(lab, base), cv2.threshold(lab, num_stuff - 1, 255, cv2.THRESH_BINARY)[1])
+    np.minimum(stuff, own - np.uint8(1), out=out)
+
+
+def _code_runs(flat: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Runs of equal codes in a strip (rows of ``w`` pixels, flattened), each row starting a run:
+    their first pixels and lengths, or None when there are more than :data:`MAX_RUN_FRACTION` of the
+    pixels (noise: bytes kernels are then the faster)."""
+    change = flat[1:] != flat[:-1]
+    change[w - 1::w] = True  # the boundary before each row's first pixel
+    ends = np.flatnonzero(change)
+    if ends.size + 1 > flat.size * MAX_RUN_FRACTION:
+        return None
+    starts = np.empty(ends.size + 1, dtype=np.int64)
+    starts[0] = 0
+    np.add(ends, 1, out=starts[1:])
+    return starts, np.diff(starts, append=flat.size)
+
+
+def _fuse_stuff_host(stuff_labels: torch.Tensor, own: np.ndarray, ids: np.ndarray, num_stuff: int, things: int,
+                     pp: Any, workers: int = 1) -> torch.Tensor:
+    """:func:`_fuse_stuff` on CPU when ``things + num_stuff <= 255``, with OpenCV byte kernels on
+    NumPy views, in row strips of at most :data:`HOST_STRIP_PIXELS` pixels (or one row), shared
+    among ``workers`` host threads. Every pixel gets one byte code (:func:`_stuff_codes`): the
+    thing's visit, the void pixel's stuff class, or 255. A strip made of long runs of equal codes
+    (:func:`_code_runs`: stuff regions and masks) is counted per run: the histogram of the codes
+    weighted by run length gives the class areas, each stuff run marks its row and its column
+    range (one difference array per class, summed at the end) for the bboxes. Other strips take
+    ``calcHist`` (float32 bins, exact for strips of at most 2**24 pixels) and per-row and per-column
+    bitwise ORs of one bit per class (8, 16 or 32 classes per word). One lookup table then turns the
+    codes into segment ids. ``own``: the things' byte occupancy (:func:`_fuse_host`, ``things``
+    segments); ``ids`` (int32, any content) gets every pixel's segment id (0 = void)."""
     h, w = ids.shape
     if h == 0 or w == 0:
         return torch.zeros((num_stuff, 6), dtype=torch.long)
-    words = -(-num_stuff // 32)
-    bit_luts = np.zeros((words, 256), dtype=np.uint32)
+    word = np.uint8 if num_stuff <= 8 else np.uint16 if num_stuff <= 16 else np.uint32
+    bits_per_word = 8 * np.dtype(word).itemsize
+    words = -(-num_stuff // bits_per_word)
+    bit_luts = np.zeros((words, 256), dtype=word)
     for c in range(num_stuff):
-        bit_luts[c // 32, c] = np.uint32(1) << np.uint32(c % 32)
-    bit_luts = bit_luts.view(np.int32)  # OpenCV has no uint32 lookup table; the bits are the same
-    class_lut = np.full(256, 255, dtype=np.uint8)
-    class_lut[:num_stuff] = np.arange(num_stuff, dtype=np.uint8)
-    masked = np.empty((h, w), dtype=np.uint8)
-    row_bits = np.zeros((words, h), dtype=np.uint32)
-    col_bits = np.zeros((words, w), dtype=np.uint32)
-    counts = np.zeros(num_stuff, dtype=np.int64)
+        bit_luts[c // bits_per_word, things + c] = 1 << (c % bits_per_word)
+    if word is np.uint32:
+        bit_luts = bit_luts.view(np.int32)  # OpenCV has no uint32 lookup table; the bits are the same
+    code = np.empty((h, w), dtype=np.uint8)
+    row_present = np.zeros((num_stuff, h), dtype=bool)
     band = max(1, min(BAND_PIXELS, HOST_STRIP_PIXELS) // w)
-    for s in range(0, h, band):
-        e = min(h, s + band)
-        lab = stuff_labels[s:e]
-        if lab.dtype == torch.uint8:
-            cls = cv2.LUT(np.ascontiguousarray(lab.numpy()), class_lut)
-        else:  # any other integer dtype: outside [0, S) -> 255
-            lab = lab.numpy()
-            cls = np.where((lab >= 0) & (lab < num_stuff), lab, 255).astype(np.uint8)
-        m = masked[s:e]
-        cv2.max(cls, cv2.compare(own[s:e], 0, cv2.CMP_NE), dst=m)
-        counts += cv2.calcHist([m], [0], None, [256], [0, 256])[:num_stuff, 0].astype(np.int64)
-        for wd in range(words):
-            bits = cv2.LUT(m, bit_luts[wd]).view(np.uint32)
-            row_bits[wd, s:e] = np.bitwise_or.reduce(bits, axis=1)
-            col_bits[wd] |= np.bitwise_or.reduce(bits, axis=0)
+    strips = [(s, min(h, s + band)) for s in range(0, h, band)]
+    parts = _split(strips, workers)
+    found: list[tuple] = [None] * len(parts)
+
+    def first_pass(k: int) -> None:
+        hist = np.zeros(256, dtype=np.int64)
+        col_bits = np.zeros((words, w), dtype=word)
+        edges: list[np.ndarray] = []  # per stuff run: class * (w + 1) + first column, then + end column
+        for s, e in parts[k]:
+            c = code[s:e]
+            _stuff_codes(stuff_labels[s:e].numpy(), own[s:e], num_stuff, things, c)
+            flat = c.reshape(-1)
+            runs = _code_runs(flat, w)
+            if runs is not None:
+                starts, lengths = runs
+                vals = flat[starts]
+                hist += np.bincount(vals, weights=lengths, minlength=256).astype(np.int64)  # exact below 2**53
+                sel = (vals >= things) & (vals < things + num_stuff)
+                if sel.any():
+                    first, cls = starts[sel], vals[sel].astype(np.int64) - things
+                    row_present[cls, s + first // w] = True
+                    x0 = first % w
+                    edges.append(np.concatenate([cls * (w + 1) + x0, cls * (w + 1) + x0 + lengths[sel]]))
+                continue
+            hist += cv2.calcHist([c], [0], None, [256], [0, 256])[:, 0].astype(np.int64)
+            for wd in range(words):
+                bits = cv2.LUT(c, bit_luts[wd]).view(word)
+                rows = np.bitwise_or.reduce(bits, axis=1)
+                for cl in range(wd * bits_per_word, min(num_stuff, (wd + 1) * bits_per_word)):
+                    row_present[cl, s:e] |= (rows & word(1 << (cl % bits_per_word))) != 0
+                col_bits[wd] |= np.bitwise_or.reduce(bits, axis=0)
+        found[k] = (hist, col_bits, edges)
+
+    on_host_workers(first_pass, list(range(len(parts))))
+    counts = sum(f[0] for f in found)[things:things + num_stuff]
+    col_bits = np.bitwise_or.reduce(np.stack([f[1] for f in found]), axis=0)
+    edges = [a for f in found for a in f[2]]
+    col_cover = np.zeros(num_stuff * (w + 1), dtype=np.int64)
+    if edges:  # +1 at each run's first column, -1 past its last; a prefix sum > 0 is a covered column
+        both = np.concatenate(edges)
+        half = [len(a) // 2 for a in edges]
+        sign = np.concatenate([np.repeat(np.array([1, -1], dtype=np.int64), [m, m]) for m in half])
+        col_cover = np.bincount(both, weights=sign, minlength=num_stuff * (w + 1)).astype(np.int64)
+    col_present = np.cumsum(col_cover.reshape(num_stuff, w + 1), axis=1)[:, :w] > 0
     taken = (counts > 0) & (counts >= pp.stuff_area_limit)
     id_lut = np.zeros(256, dtype=np.int32)
-    id_lut[:num_stuff] = np.where(taken, first_id + np.cumsum(taken) - 1, 0)
-    for s in range(0, h, band):  # void pixels hold 0, the others get id_lut[255] = 0
-        e = min(h, s + band)
-        np.add(own[s:e], cv2.LUT(masked[s:e], id_lut), out=ids[s:e])
+    id_lut[:things] = np.arange(1, things + 1)
+    id_lut[things:things + num_stuff] = np.where(taken, things + np.cumsum(taken), 0)
+
+    def second_pass(k: int) -> None:
+        for s, e in parts[k]:
+            cv2.LUT(code[s:e], id_lut, dst=ids[s:e])
+
+    on_host_workers(second_pass, list(range(len(parts))))
     stats = np.zeros((num_stuff, 6), dtype=np.int64)
     stats[:, 0], stats[:, 1] = taken, counts
     for c in np.flatnonzero(counts):
-        bit = np.uint32(1) << np.uint32(c % 32)
-        ys = np.flatnonzero(row_bits[c // 32] & bit)
-        xs = np.flatnonzero(col_bits[c // 32] & bit)
+        ys = np.flatnonzero(row_present[c])
+        xs = np.flatnonzero(col_present[c] | ((col_bits[c // bits_per_word] & word(1 << (c % bits_per_word))) != 0))
         stats[c, 2:] = ys[0], ys[-1], xs[0], xs[-1]
     return torch.from_numpy(stats)
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """``items`` in at most ``parts`` contiguous runs of near-equal length (none empty)."""
+    parts = max(1, min(parts, len(items)))
+    step, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + step + (k < extra)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int, first_id: torch.Tensor,
@@ -246,21 +340,26 @@ def _fuse_stuff(stuff_labels: torch.Tensor, id_map: torch.Tensor, num_stuff: int
                         present_c.argmax(0), w - 1 - present_c.flip(0).argmax(0)], 1)
 
 
-def _fuse_host(masks: PastedMasks, order: list[int], stuff_labels: torch.Tensor, id_map: torch.Tensor,
-               num_stuff: int, pp: Any) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Both steps on CPU (``id_map``: int32 zeros, filled): things against a byte occupancy map when
-    at most :data:`BYTE_OCCUPANCY_VISITS` instances are visited (else the id map itself), then the
-    OpenCV stuff pass, which also writes the things' ids into ``id_map`` (the generic stuff pass
-    past 254 stuff classes or 2**24-pixel rows). Returns visits, thing and stuff statistics, count."""
+def _fuse_host(masks: PastedMasks, order: list[int], stuff_labels: torch.Tensor, num_stuff: int, pp: Any,
+               workers: int = 1) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Both steps on CPU: things against a byte occupancy map when at most
+    :data:`BYTE_OCCUPANCY_VISITS` instances are visited (else the int32 id map itself), then the
+    OpenCV stuff pass, which writes every pixel's id, things' included, when the segments fit in
+    byte codes (the generic stuff pass otherwise, or past 2**24-pixel rows). Returns the int32 id
+    map, visits, thing and stuff statistics, count."""
+    h, w = stuff_labels.shape
+    byte_map = len(order) <= BYTE_OCCUPANCY_VISITS
+    own = np.zeros((h, w), dtype=np.uint8) if byte_map else None
+    id_map = torch.empty((h, w), dtype=torch.int32) if byte_map else torch.zeros((h, w), dtype=torch.int32)
     ids = id_map.numpy()
-    own = np.zeros(ids.shape, dtype=np.uint8) if len(order) <= BYTE_OCCUPANCY_VISITS else ids
-    visits, thing_stats, count = _fuse_things_host(masks, order, own, pp)
-    if 0 < num_stuff < 255 and ids.shape[1] <= 1 << 24:
-        return visits, thing_stats, count, _fuse_stuff_host(stuff_labels, own, ids, num_stuff, len(visits) + 1, pp)
-    if own is not ids:
+    visits, thing_stats, count = _fuse_things_host(masks, order, ids if own is None else own, pp)
+    if own is not None and 0 < num_stuff and len(visits) + num_stuff <= BYTE_CODE_SEGMENTS and w <= 1 << 24:
+        return id_map, visits, thing_stats, count, _fuse_stuff_host(stuff_labels, own, ids, num_stuff, len(visits),
+                                                                    pp, workers)
+    if own is not None:
         np.copyto(ids, own)
     stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
-    return visits, thing_stats, count, stuff_stats
+    return id_map, visits, thing_stats, count, stuff_stats
 
 
 def _segments_info(visits: list[int], thing_stats: torch.Tensor, stuff_stats: torch.Tensor | None,
@@ -313,14 +412,17 @@ def panoptic_fusion(
     if tuple(masks.image_size) != (h, w) or scores.shape != (n,) or classes.shape != (n,):
         raise ConfigError(f"panoptic_fusion: masks of {n} instances at {tuple(masks.image_size)}, scores "
                           f"{tuple(scores.shape)}, classes {tuple(classes.shape)} do not match stuff_labels ({h},{w})")
-    id_map = torch.zeros((h, w), dtype=torch.int32, device=stuff_labels.device)
+    device = stuff_labels.device
     score_list = scores if host_scores is None else host_scores
     score_list = score_list.detach().float().cpu().tolist() if isinstance(score_list, torch.Tensor) else score_list
-    with one_intra_op_thread(id_map.device):  # see sepsnet.postprocess.threads
+    workers = host_workers(device, h * w, HOST_SPLIT_PIXELS)
+    with one_intra_op_thread(device):  # see sepsnet.postprocess.threads
         order = _visit_order(masks, score_list, pp)
-        if id_map.device.type == "cpu" and READ_ON_CPU:
-            visits, thing_stats, count, stuff_stats = _fuse_host(masks, order, stuff_labels, id_map, num_stuff, pp)
+        if device.type == "cpu" and READ_ON_CPU:
+            id_map, visits, thing_stats, count, stuff_stats = _fuse_host(masks, order, stuff_labels, num_stuff, pp,
+                                                                         workers)
         else:
+            id_map = torch.zeros((h, w), dtype=torch.int32, device=device)
             visits, thing_stats, count = _fuse_things(masks, order, id_map, pp)
             stuff_stats = _fuse_stuff(stuff_labels, id_map, num_stuff, count + 1, pp) if num_stuff > 0 else None
     class_list = classes if host_classes is None else host_classes

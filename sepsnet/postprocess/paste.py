@@ -17,6 +17,7 @@ when asked for (pasting is deterministic, the crop is the same).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,12 +25,20 @@ import numpy as np
 import torch
 
 from sepsnet.errors import ConfigError
-from sepsnet.postprocess.threads import one_intra_op_thread
+from sepsnet.postprocess.threads import host_workers, on_host_workers, one_intra_op_thread
 
 #: crops kept in memory per image (bool bytes); beyond it they are pasted again on demand
 CROP_BUDGET_BYTES = 256 << 20
 #: a larger region is pasted in row bands (bounds the float32 scratch to ~4 bytes x this)
 BAND_PIXELS = 1 << 24
+#: on CPU, region pixels per host worker thread from which the boxes are shared among the intra-op
+#: threads the caller allows (below it one thread pastes them all)
+HOST_SPLIT_PIXELS = 1 << 18
+#: float32 scratch kept per host thread and use (paste weights and products), bytes
+SCRATCH_KEEP_BYTES = 32 << 20
+#: on CPU paste with :func:`_paste_host`; False runs the per-box torch form used on other devices
+#: (tests run it on CPU)
+PASTE_ON_HOST = True
 
 
 def _interp_weights(coord0: torch.Tensor, size: torch.Tensor, pix: torch.Tensor, r: int) -> torch.Tensor:
@@ -63,6 +72,22 @@ def paste_regions(boxes: torch.Tensor, out_hw: tuple[int, int], mask_size: int) 
     return torch.stack([x0, y0, x1, y1], 1).long()
 
 
+_scratch = threading.local()
+
+
+def _host_scratch(name: str, numel: int) -> torch.Tensor:
+    """``numel`` float32 of this thread's scratch ``name`` (any content), reused from call to call so
+    that large temporaries do not fault fresh pages in each time; kept up to :data:`SCRATCH_KEEP_BYTES`
+    per name and thread, larger requests get fresh memory. Valid until the thread's next request."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = torch.empty(numel, dtype=torch.float32)
+        if 4 * numel <= SCRATCH_KEEP_BYTES:
+            setattr(_scratch, name, buf)
+    return buf[:numel]
+
+
 def _ragged_weights(coord0: torch.Tensor, size: torch.Tensor, starts: Sequence[int], lens: Sequence[int],
                     r: int) -> tuple[torch.Tensor, list[int]]:
     """The rows of :func:`_interp_weights` for every box at once: box ``i`` gets pixels
@@ -81,7 +106,10 @@ def _ragged_weights(coord0: torch.Tensor, size: torch.Tensor, starts: Sequence[i
     u0 = torch.floor(u)
     f = u - u0
     u0 = u0.long()
-    out = torch.zeros((*u.shape, r + 2), dtype=u.dtype, device=device)
+    if device.type == "cpu" and u.dtype == torch.float32:  # zeroed reused memory: no page faults
+        out = _host_scratch("weights", u.numel() * (r + 2)).view(-1, r + 2).zero_()
+    else:
+        out = torch.zeros((*u.shape, r + 2), dtype=u.dtype, device=device)
     out.scatter_(1, (u0 + 1).clamp(0, r + 1)[:, None], (1.0 - f)[:, None])
     out.scatter_add_(1, (u0 + 2).clamp(0, r + 1)[:, None], f[:, None])
     return out[:, 1:r + 1], offsets
@@ -113,6 +141,70 @@ def paste_one(probs: torch.Tensor, box: torch.Tensor, region: Sequence[int], thr
         wyb = _interp_weights(b[:, 1], b[:, 3] - b[:, 1], torch.arange(s, e, device=device), r)
         torch.ge((wyb @ p @ wxt)[0], threshold, out=out[s - y0:e - y0])
     return out
+
+
+def _box_weights(boxes: torch.Tensor, regions: Sequence[Sequence[int]],
+                 r: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """:func:`_ragged_weights` of boxes (n, 4) over their regions, x and y in one call (the same
+    element-wise values): every box's columns, then every box's rows. Returns the weights and the
+    first row of each box's x weights (``ox``) and y weights (``oy``), n + 1 entries each."""
+    n = len(regions)
+    starts = [reg[0] for reg in regions] + [reg[1] for reg in regions]
+    lens = [reg[2] - reg[0] for reg in regions] + [reg[3] - reg[1] for reg in regions]
+    w, offsets = _ragged_weights(torch.cat([boxes[:, 0], boxes[:, 1]]),
+                                 torch.cat([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]]), starts, lens, r)
+    return w, offsets[:n + 1], offsets[n:]
+
+
+def _paste_host(probs: torch.Tensor, boxes: torch.Tensor, idx: Sequence[int], regions: Sequence[Sequence[int]],
+                threshold: float, workers: int) -> tuple[list[torch.Tensor], list[int]]:
+    """:func:`paste_one` on CPU for masks ``idx`` (non-empty single-band ``regions``) -> their bool
+    crops and foreground counts. The boxes are shared among ``workers`` host threads by area; each
+    makes its boxes' weights in one :func:`_box_weights` call and runs the same two ``bmm``
+    products per box as the reference (into float32 scratch reused from box to box, each product at
+    the start of it, aligned as fresh memory is), and NumPy compares with the threshold in float32
+    straight into one bool buffer the crops are views of."""
+    sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in regions]
+    starts = [0]
+    for hh, ww in sizes:
+        starts.append(starts[-1] + hh * ww)
+    out = torch.empty(starts[-1], dtype=torch.bool)
+    out_np = out.numpy()
+    thr = np.float32(threshold)  # torch compares a float32 tensor with a Python float in float32
+    r = probs.shape[-1]
+    areas = [0] * len(idx)
+
+    probs_1 = probs.unsqueeze(1).unbind(0)  # (1, R, R) views of each mask, as probs[i][None]
+
+    def paste_some(jobs: list[int]) -> None:
+        b = boxes.index_select(0, torch.tensor([idx[j] for j in jobs], dtype=torch.long))
+        w, ox, oy = _box_weights(b, [regions[j] for j in jobs], r)
+        n = len(jobs)
+        # every box's (1, h, R) y weights and (1, R, w) transposed x weights as views, in two calls
+        lens = [ox[k + 1] - ox[k] for k in range(n)] + [oy[k + 1] - oy[k] for k in range(n)]
+        wys = w[None].split(lens, dim=1)[n:]
+        wxts = w[None].transpose(1, 2).split(lens, dim=2)[:n]
+        scratch_t = _host_scratch("rows", max(sizes[j][0] for j in jobs) * r)
+        scratch_v = _host_scratch("values", max(sizes[j][0] * sizes[j][1] for j in jobs))
+        values = scratch_v.numpy()
+        for k, j in enumerate(jobs):
+            hh, ww = sizes[j]
+            t = torch.bmm(wys[k], probs_1[idx[j]], out=scratch_t.as_strided((1, hh, r), (hh * r, r, 1)))
+            torch.bmm(t, wxts[k], out=scratch_v.as_strided((1, hh, ww), (hh * ww, ww, 1)))
+            crop = out_np[starts[j]:starts[j + 1]]
+            np.greater_equal(values[:hh * ww], thr, out=crop)
+            areas[j] = int(np.count_nonzero(crop))
+
+    # greedy split by area, largest first, onto the least loaded worker (each keeps index order)
+    parts: list[list[int]] = [[] for _ in range(max(1, min(workers, len(idx))))]
+    load = [0] * len(parts)
+    for j in sorted(range(len(idx)), key=lambda j: -sizes[j][0] * sizes[j][1]):
+        k = load.index(min(load))
+        parts[k].append(j)
+        load[k] += sizes[j][0] * sizes[j][1]
+    on_host_workers(paste_some, [sorted(p) for p in parts if p])
+    crops = [out[starts[j]:starts[j + 1]].view(hh, ww) for j, (hh, ww) in enumerate(sizes)]
+    return crops, areas
 
 
 @dataclass
@@ -256,28 +348,38 @@ def paste_mask_crops(
         size = max(0, x1 - x0) * max(0, y1 - y0)
         kept.append(used + size <= budget_bytes)
         used += size if kept[-1] else 0
+    workers = host_workers(device, sum(max(0, x1 - x0) * max(0, y1 - y0) for x0, y0, x1, y1 in regions),
+                           HOST_SPLIT_PIXELS)
+    areas: list[int] | None = None
     with one_intra_op_thread(device):  # small operations: see sepsnet.postprocess.threads
-        # interpolation weights of every kept, non-empty, single-band crop in one go
+        # every kept, non-empty, single-band crop
         idx = [i for i, (x0, y0, x1, y1) in enumerate(regions)
                if kept[i] and x1 > x0 and 0 < y1 - y0 <= BAND_PIXELS // (x1 - x0)]
+        got: dict[int, torch.Tensor] = {}
+        if device.type == "cpu" and PASTE_ON_HOST and idx:
+            pasted, areas = _paste_host(probs, boxes, idx, [regions[i] for i in idx], threshold, workers)
+            got = dict(zip(idx, pasted))
+        elif idx:  # interpolation weights of every kept, non-empty, single-band crop in one go
+            wx, ox, oy = _box_weights(boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device)),
+                                      [regions[i] for i in idx], probs.shape[-1])
         slot = {i: j for j, i in enumerate(idx)}
-        if idx:
-            b = boxes.index_select(0, torch.tensor(idx, dtype=torch.long, device=device))
-            r = probs.shape[-1]
-            wx, ox = _ragged_weights(b[:, 0], b[:, 2] - b[:, 0], [regions[i][0] for i in idx],
-                                     [regions[i][2] - regions[i][0] for i in idx], r)
-            wy, oy = _ragged_weights(b[:, 1], b[:, 3] - b[:, 1], [regions[i][1] for i in idx],
-                                     [regions[i][3] - regions[i][1] for i in idx], r)
         for i, reg in enumerate(regions):
             if not kept[i]:
                 crops.append(None)
+            elif i in got:
+                crops.append(got[i])
             elif i in slot:
                 j = slot[i]
-                crops.append(paste_one(probs[i], boxes[i], reg, threshold, wx[ox[j]:ox[j + 1]], wy[oy[j]:oy[j + 1]]))
+                crops.append(paste_one(probs[i], boxes[i], reg, threshold, wx[ox[j]:ox[j + 1]], wx[oy[j]:oy[j + 1]]))
             else:
                 crops.append(paste_one(probs[i], boxes[i], reg, threshold))
+        if areas is not None:  # the host counted the masks it pasted; the others are empty or unknown
+            by_index = dict(zip(idx, areas))
+            areas = [by_index.get(i, 0 if x1 <= x0 or y1 <= y0 else None) for i, (x0, y0, x1, y1) in enumerate(regions)]
+            if None in areas:
+                areas = None
     return PastedMasks(regions=regions, image_size=(h, w), probs=probs, boxes=boxes, threshold=threshold,
-                       crops=crops, device=device)
+                       crops=crops, device=device, _areas=areas)
 
 
 def paste_masks(

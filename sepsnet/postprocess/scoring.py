@@ -81,8 +81,70 @@ def silhouette_dedup(
 
 def dedup_keep(masks: PastedMasks, classes: list[int], silhouette: list[float], iou_thresh: float,
                eligible: list[bool]) -> list[int]:
-    """:func:`silhouette_dedup` on host per-instance values -> ascending kept indices. Reads the
-    device once: the masks' areas and the pair intersections, in one transfer."""
+    """:func:`silhouette_dedup` on host per-instance values -> ascending kept indices. On CPU the
+    pairs are found and measured on the host (:func:`_duplicates_host`); elsewhere the device is read
+    once: the masks' areas and the pair intersections, in one transfer."""
+    n = len(masks)
+    if masks.device.type == "cpu":
+        dup = _duplicates_host(masks, classes, iou_thresh, eligible)
+    else:
+        dup = _duplicates_device(masks, classes, iou_thresh, eligible)
+    order = torch.argsort(torch.tensor(silhouette, dtype=torch.float64), descending=True, stable=True).tolist()
+    removed = [False] * n
+    for i in order:
+        if not removed[i]:
+            for j in dup[i]:
+                removed[j] = True
+    return [i for i in range(n) if not removed[i]]
+
+
+def _duplicates_host(masks: PastedMasks, classes: list[int], iou_thresh: float,
+                     eligible: list[bool]) -> list[list[int]]:
+    """Per instance the instances it duplicates (same class, both eligible, mask IoU above
+    ``iou_thresh``), on CPU. Pairs come from NumPy over the regions; a pair is measured only when
+    its IoU can pass: the intersection is at most ``m = min(area_i, area_j, region overlap)`` and
+    IoU grows with the intersection, so ``m / (area_i + area_j - m) <= iou_thresh`` (rounding is
+    monotone) rules it out exactly. The rest are counted on the overlap of the two crops."""
+    n = len(masks)
+    dup: list[list[int]] = [[] for _ in range(n)]
+    if n < 2:
+        return dup
+    reg = np.asarray(masks.regions, dtype=np.int64).reshape(-1, 4)
+    cls = np.asarray(classes, dtype=np.int64)
+    ok = np.asarray(eligible, dtype=bool)
+    ix0 = np.maximum(reg[:, None, 0], reg[None, :, 0])
+    iy0 = np.maximum(reg[:, None, 1], reg[None, :, 1])
+    ix1 = np.minimum(reg[:, None, 2], reg[None, :, 2])
+    iy1 = np.minimum(reg[:, None, 3], reg[None, :, 3])
+    pair = (ix1 > ix0) & (iy1 > iy0) & (cls[:, None] == cls[None, :]) & ok[:, None] & ok[None, :]
+    pair &= np.triu(np.ones((n, n), dtype=bool), 1)
+    if not pair.any():
+        return dup
+    area = np.asarray(masks.areas, dtype=np.int64)
+    ii, jj = np.nonzero(pair)
+    bound = np.minimum(np.minimum(area[ii], area[jj]), (ix1[ii, jj] - ix0[ii, jj]) * (iy1[ii, jj] - iy0[ii, jj]))
+    union = area[ii] + area[jj] - bound
+    can = union > 0
+    can[can] = bound[can] / union[can] > iou_thresh
+    areas = masks.areas
+    for i, j in zip(ii[can].tolist(), jj[can].tolist()):
+        x0, y0, x1, y1 = int(ix0[i, j]), int(iy0[i, j]), int(ix1[i, j]), int(iy1[i, j])
+        ri, rj = masks.regions[i], masks.regions[j]
+        a = masks.crop(i).numpy()[y0 - ri[1]:y1 - ri[1], x0 - ri[0]:x1 - ri[0]]
+        b = masks.crop(j).numpy()[y0 - rj[1]:y1 - rj[1], x0 - rj[0]:x1 - rj[0]]
+        inter = int(np.count_nonzero(a & b))
+        union_ij = areas[i] + areas[j] - inter
+        if union_ij > 0 and inter / union_ij > iou_thresh:
+            dup[i].append(j)
+            dup[j].append(i)
+    return dup
+
+
+def _duplicates_device(masks: PastedMasks, classes: list[int], iou_thresh: float,
+                       eligible: list[bool]) -> list[list[int]]:
+    """:func:`_duplicates_host` on the masks' device: every same-class pair of eligible instances
+    whose regions intersect is measured there, and the areas and intersections are read in one
+    transfer."""
     n = len(masks)
     reg = torch.tensor(masks.regions, dtype=torch.long).reshape(-1, 4)
     cls = torch.tensor(classes, dtype=torch.long)
@@ -96,7 +158,7 @@ def dedup_keep(masks: PastedMasks, classes: list[int], silhouette: list[float], 
     pair &= torch.ones(n, n, dtype=torch.bool).triu(1)
     pair &= ok[:, None] & ok[None, :]
     ii, jj = pair.nonzero(as_tuple=True)
-    dup = torch.zeros(n, n, dtype=torch.bool)
+    dup: list[list[int]] = [[] for _ in range(n)]
     if ii.numel():
         boxes = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
         pairs = list(zip(ii.tolist(), jj.tolist()))
@@ -105,20 +167,12 @@ def dedup_keep(masks: PastedMasks, classes: list[int], silhouette: list[float], 
             ri, rj = masks.regions[i], masks.regions[j]
             a = masks.crop(i)[y0 - ri[1]:y1 - ri[1], x0 - ri[0]:x1 - ri[0]]
             b = masks.crop(j)[y0 - rj[1]:y1 - rj[1], x0 - rj[0]:x1 - rj[0]]
-            if masks.device.type == "cpu":
-                inters.append(torch.tensor(int(np.count_nonzero(a.numpy() & b.numpy()))))
-            else:
-                inters.append((a & b).sum())
+            inters.append((a & b).sum())
         got = torch.cat([torch.stack(inters), masks.area_tensor()]).tolist()
         areas = got[len(pairs):]
         for (i, j), inter in zip(pairs, got[:len(pairs)]):
             union = areas[i] + areas[j] - inter
             if union > 0 and inter / union > iou_thresh:
-                dup[i, j] = dup[j, i] = True
-    order = torch.argsort(torch.tensor(silhouette, dtype=torch.float64), descending=True, stable=True).tolist()
-    removed = torch.zeros(n, dtype=torch.bool)
-    for i in order:
-        if not removed[i]:
-            removed |= dup[i]
-            removed[i] = False
-    return (~removed).nonzero(as_tuple=True)[0].tolist()
+                dup[i].append(j)
+                dup[j].append(i)
+    return dup
