@@ -14,6 +14,7 @@ from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.preselect import Preselect
 from sepsnet.postprocess.timing import PIPELINE_STAGES, StageTimer
 
+from _photo_frame import photo_dense
 from _samples import COCO_IMAGES
 
 T, S, K, M, R = 5, 4, 2, 4, 14
@@ -210,31 +211,11 @@ def test_preselect_typed_or_mapping_and_timing() -> None:
 @pytest.mark.parametrize("photo", COCO_IMAGES, ids=[p.name for p in COCO_IMAGES])
 def test_real_photos_equal_reference(photo) -> None:
     """A tiny model on the shipped COCO photos, resized as evaluation does; eager PyTorch."""
-    from pathlib import Path
-
-    from sepsnet.config import load_config, parse_overrides
-    from sepsnet.data.coco_panoptic import read_rgb
-    from sepsnet.data.transforms import normalize, pad_to, resize_shape
-    from sepsnet.model import build_model
-
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "tiny_synthetic.yaml", overrides=parse_overrides([
-        "data.min_size_test=160", "data.max_size_test=256", "postprocess.score_thresh=0.005",
-        "postprocess.instance_score_thresh=0.0", "postprocess.stuff_area_limit=16", "postprocess.max_instances=40"]))
-    torch.manual_seed(5)
-    model = build_model(cfg).eval()
-    rgb = read_rgb(photo)
-    h, w = rgb.shape[:2]
-    rh, rw = resize_shape(h, w, cfg.data.min_size_test, cfg.data.max_size_test)
-    import cv2
-
-    img = normalize(cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_LINEAR), cfg.data)
-    x = torch.zeros(1, 3, pad_to(rh, cfg.data.size_divisibility), pad_to(rw, cfg.data.size_divisibility))
-    x[0, :, :rh, :rw] = img
+    model, cfg, dense, sizes = photo_dense(photo, ["postprocess.max_instances=40"])
+    h, w = sizes[0][1]
     with torch.inference_mode():
-        dense = model.forward_dense(x)
-        got = panoptic_inference(dense, model.forward_instances, [((rh, rw), (h, w))], cfg)[0]
-        want = ref.panoptic_inference(dense, model.forward_instances, [((rh, rw), (h, w))], cfg)[0]
+        got = panoptic_inference(dense, model.forward_instances, sizes, cfg)[0]
+        want = ref.panoptic_inference(dense, model.forward_instances, sizes, cfg)[0]
     assert want.num_instances > 0 and got.id_map.shape == (h, w)
     assert_same(got, want)
 
