@@ -16,6 +16,7 @@ from sepsnet.postprocess.host_reads import HostReadCounter
 from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.timing import PIPELINE_STAGES, StageTimer
 
+from _instance_stand_in import per_roi_instances
 from _photo_frame import photo_dense
 from _samples import COCO_IMAGES
 
@@ -24,19 +25,7 @@ SIZES = [((96, 152), (130, 205)), ((80, 160), (61, 122))]  # enlarged / shrunk, 
 
 
 def _engine(with_scores: bool = True):
-    """A stand-in instance engine whose outputs for a roi depend on that roi alone (as a real
-    engine's do), so a padded batch gives the valid rois what the exact batch gives them; pure
-    device work (no host data), so the read counts are the post-processing's own."""
-    def run(bases, p3, rois, attention):
-        key = rois[:, 1] * 0.013 + rois[:, 2] * 0.029 + rois[:, 3] * 0.017 + rois[:, 4] * 0.031
-        grid = torch.linspace(-1, 1, R, device=rois.device)
-        blob = 1 - (grid[None, :, None] ** 2 + grid[None, None, :] ** 2) * (1.2 + key.frac()[:, None, None])
-        out = {"mask_probs": torch.sigmoid(blob * 6)}
-        if with_scores:
-            out["iou_score"] = torch.sigmoid(torch.sin(key * 7.0) * 3)
-            out["silhouette_score"] = torch.sigmoid(torch.cos(key * 5.0) * 3)
-        return out
-    return run
+    return per_roi_instances(R, with_scores)
 
 
 def _cfg(seed: int) -> SEPSNetConfig:

@@ -14,6 +14,7 @@ from sepsnet.postprocess.pipeline import panoptic_inference
 from sepsnet.postprocess.preselect import Preselect
 from sepsnet.postprocess.timing import PIPELINE_STAGES, StageTimer
 
+from _instance_stand_in import per_roi_instances
 from _photo_frame import photo_dense
 from _samples import COCO_IMAGES
 
@@ -220,21 +221,6 @@ def test_real_photos_equal_reference(photo) -> None:
     assert_same(got, want)
 
 
-def _per_roi_instances(with_scores: bool):
-    """A stand-in instance engine whose outputs for one roi depend on that roi alone (as a real
-    engine's do, up to batch-size rounding), so running it on fewer rois changes nothing for them."""
-    def run(bases, p3, rois, attention):
-        key = (rois[:, 1:] * torch.tensor([0.013, 0.029, 0.017, 0.031])).sum(1)
-        grid = torch.linspace(-1, 1, R)
-        blob = 1 - (grid[None, :, None] ** 2 + grid[None, None, :] ** 2) * (1.2 + key.frac()[:, None, None])
-        out = {"mask_probs": torch.sigmoid(blob * 6)}
-        if with_scores:
-            out["iou_score"] = torch.sigmoid(torch.sin(key * 7.0) * 3)
-            out["silhouette_score"] = torch.sigmoid(torch.cos(key * 5.0) * 3)
-        return out
-    return run
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: int) -> None:
     """``panoptic_only``: the instance engine sees only candidates whose best possible Eq. 4 score
@@ -248,7 +234,7 @@ def test_panoptic_only_runs_fewer_instances_and_keeps_the_panoptic_output(seed: 
     dense = _random_dense(g, 2, 96, 160, hot=40)
     sizes = [((96, 152), (130, 205)), ((80, 160), (61, 122))]
     seen: list[int] = []
-    inner = _per_roi_instances(with_scores=seed != 3)
+    inner = per_roi_instances(R, with_scores=seed != 3)
 
     def run(bases, p3, rois, attention):
         seen.append(rois.shape[0])
