@@ -55,17 +55,23 @@ def load_native() -> ModuleType | None:
 NATIVE = load_native()  # read at call time: tests set it to None for the NumPy form
 
 
+def _valid_cells(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], stride: int
+                 ) -> tuple[torch.Tensor, torch.dtype]:
+    """The float32 logits (1, C, h, w) of the valid cells (the resized, unpadded image; a partly valid
+    last cell is kept, the border clamp happens there) and the label dtype (uint8 up to 256 classes)."""
+    rh, rw = resized_hw
+    logits = stuff_logits[:, : math.ceil(rh / stride), : math.ceil(rw / stride)].float()[None]
+    return logits, (torch.uint8 if logits.shape[1] <= 256 else torch.int64)
+
+
 def stuff_label_map(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int],
                     stride: int = STUFF_STRIDE) -> torch.Tensor:
     """Argmax of ``stuff_logits`` (C, hs, ws) (stride ``stride`` w.r.t. the padded input),
     cropped to the valid region and resampled ``resized_hw`` -> ``original_hw``: (oh, ow) labels,
     uint8 when C <= 256 (int64 otherwise)."""
     (rh, rw), (oh, ow) = resized_hw, original_hw
-    # crop to the valid cells (a partly valid last cell is kept); border clamp happens there
-    logits = stuff_logits[:, : math.ceil(rh / stride), : math.ceil(rw / stride)].float()[None]
-    c, hs, ws = logits.shape[1:]
-    dev = stuff_logits.device
-    dtype = torch.uint8 if c <= 256 else torch.int64
+    logits, dtype = _valid_cells(stuff_logits, resized_hw, stride)
+    c, dev = logits.shape[1], stuff_logits.device
     if c * oh * ow * 4 <= _INTERP_BYTES:
         sf = (stride * oh / rh, stride * ow / rw)
         native = NATIVE
@@ -90,10 +96,9 @@ def resampled_labels(stuff_logits: torch.Tensor, resized_hw: tuple[int, int], or
     data-dependent shortcut: the CPU fallback, and with ``row_tiles=False`` (no host-side tile
     check) the device path's form, free of host reads."""
     (rh, rw), (oh, ow) = resized_hw, original_hw
-    logits = stuff_logits[:, : math.ceil(rh / stride), : math.ceil(rw / stride)].float()[None]
+    logits, dtype = _valid_cells(stuff_logits, resized_hw, stride)
     c, hs, ws = logits.shape[1:]
     dev = stuff_logits.device
-    dtype = torch.uint8 if c <= 256 else torch.int64
     if c * oh * ow * 4 <= _INTERP_BYTES:
         # one channels-last F.interpolate with the exact scale (same mapping as the grid below);
         # a replicated extra cell makes the output cover (oh, ow) whatever rounding
