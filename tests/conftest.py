@@ -62,3 +62,18 @@ def stuff_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
         return counting
     monkeypatch.setattr(stuff, "NATIVE", None)
     return None
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the seeded, untrained tiny model (``configs/tiny_synthetic.yaml``) for export tests."""
+    import torch
+
+    from sepsnet.config import load_config
+    from sepsnet.model import build_model
+    from sepsnet.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_synthetic.yaml")
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", model=build_model(cfg), cfg=cfg,
+                           iteration=1, with_rng=False)

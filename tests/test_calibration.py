@@ -19,19 +19,14 @@ from sepsnet.data.transforms import inference_sizes
 from sepsnet.engines.predictor import PanopticPredictor
 from sepsnet.errors import ConfigError, DataError
 from sepsnet.export import calibration, precision
-from sepsnet.model import build_model
-from sepsnet.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 64, 96
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", model=build_model(cfg), cfg=cfg,
-                           iteration=1, with_rng=False)
+def ckpt(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.mark.parametrize("input_hw", [(H, W), (256, 384), None])

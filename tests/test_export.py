@@ -17,12 +17,10 @@ from onnx import numpy_helper
 
 from sepsnet.cli.export import EXIT_NEEDS_TRT
 from sepsnet.cli.export import main as export_main
-from sepsnet.config import load_config
 from sepsnet.errors import EngineError
 from sepsnet.export import bundle, calibration, onnx_export, precision, strip, surgery, trt_build
 from sepsnet.model.weights import checkpoint_config, load_checkpoint
 from sepsnet.postprocess.candidates import level_entries, select_candidates
-from sepsnet.train.checkpoint import save_checkpoint
 
 from _compare import match_detections, match_rows
 
@@ -49,14 +47,8 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sepsnet.model.sepsnet import SEPSNet
-
-    torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
-    model = SEPSNet(cfg.model)
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", model=model, cfg=cfg, iteration=1,
-                           with_rng=False)
+def ckpt(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,26 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from sepsnet.cli.export import main as export_main
-from sepsnet.config import load_config
 from sepsnet.errors import BundleError
 from sepsnet.export import bundle, staging
-from sepsnet.train.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 64, 96
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sepsnet.model.sepsnet import SEPSNet
-
-    torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", model=SEPSNet(cfg.model), cfg=cfg,
-                           iteration=1, with_rng=False)
+def ckpt(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def _fake_bundle(folder: Path, files: dict[str, bytes]) -> None:
