@@ -160,10 +160,10 @@ def prove_stripped(out: Path, names: Sequence[str], aux: Any) -> None:
 
 
 def copy_bundle(src: Path, out: Path, manifest: dict[str, Any]) -> None:
-    """Copy the bundle ``src`` into ``out`` (missing or empty). A non-empty ``out`` is accepted only when
-    it holds a copy of the same bundle (same fp32 graphs, e.g. an earlier ``--from-onnx src --out out``
-    stopped by a missing TensorRT): its files are then overwritten and its other graphs/engines removed.
-    Anything else is refused."""
+    """Copy the bundle ``src`` (its manifest's files) into ``out`` (missing or empty). A non-empty ``out``
+    is accepted only when it holds a copy of the same bundle (same fp32 graphs, e.g. an earlier
+    ``--from-onnx src --out out`` stopped by a missing TensorRT): its files are then replaced and its
+    other graphs/engines removed. Anything else is refused."""
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -178,10 +178,11 @@ def copy_bundle(src: Path, out: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"--out {out} is not empty and does not hold a copy of the bundle {src} "
                               "(different or no manifest): refusing to overwrite it; pass a new or empty folder, "
                               f"or omit --out to build the engines inside {src}")
-    shutil.copytree(src, out, dirs_exist_ok=True)
-    for name in STALE_FILES:  # graphs/engines of the earlier copy that this bundle does not have
-        if name not in manifest["files"] and (out / name).is_file():
-            (out / name).unlink()
+    # copied beside ``out`` and published at the end (an interrupted copy leaves ``out`` as it was);
+    # publishing removes the graphs/engines of an earlier copy that this bundle does not have
+    with staging.staged(out, stale=STALE_FILES) as work:
+        for name in [*manifest["files"], bundle.MANIFEST]:
+            shutil.copy2(src / name, work / name)
 
 
 class BundleExporter:
