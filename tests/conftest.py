@@ -48,20 +48,32 @@ class CountingStuffNative:
         return n
 
 
+def _counting_stuff_native(monkeypatch: pytest.MonkeyPatch) -> CountingStuffNative:
+    from sepsnet.postprocess import stuff
+
+    if stuff.NATIVE is None:
+        pytest.skip("C helper sepsnet.postprocess._stuff_native not built (pip install -e . builds it) "
+                    "or SEPSNET_STUFF_NATIVE=0")
+    counting = CountingStuffNative(stuff.NATIVE)
+    monkeypatch.setattr(stuff, "NATIVE", counting)
+    return counting
+
+
 @pytest.fixture(params=["native", "numpy"])
 def stuff_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> CountingStuffNative | None:
     """The stuff labels' two paths: the C helper (skipped when it is not built), counted, and NumPy (None)."""
     from sepsnet.postprocess import stuff
 
     if request.param == "native":
-        if stuff.NATIVE is None:
-            pytest.skip("C helper sepsnet.postprocess._stuff_native not built (pip install -e . builds it) "
-                        "or SEPSNET_STUFF_NATIVE=0")
-        counting = CountingStuffNative(stuff.NATIVE)
-        monkeypatch.setattr(stuff, "NATIVE", counting)
-        return counting
+        return _counting_stuff_native(monkeypatch)
     monkeypatch.setattr(stuff, "NATIVE", None)
     return None
+
+
+@pytest.fixture
+def stuff_native(monkeypatch: pytest.MonkeyPatch) -> CountingStuffNative:
+    """The stuff C helper alone (skipped when it is not built), counted: for tests of the helper itself."""
+    return _counting_stuff_native(monkeypatch)
 
 
 @pytest.fixture(scope="module")
