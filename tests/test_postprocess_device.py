@@ -5,7 +5,7 @@ import _reference_postprocess as ref
 import pytest
 import torch
 import torch.nn.functional as F
-from test_postprocess_reference import _random_dense, assert_same
+from test_postprocess_reference import _random_dense, assert_same, random_cfg
 from torchvision.ops import batched_nms
 
 from sepsnet.config import SEPSNetConfig
@@ -24,20 +24,10 @@ R = 14
 SIZES = [((96, 152), (130, 205)), ((80, 160), (61, 122))]  # enlarged / shrunk, partial padding
 
 
-def _engine(with_scores: bool = True):
-    return per_roi_instances(R, with_scores)
-
-
 def _cfg(seed: int) -> SEPSNetConfig:
-    cfg = SEPSNetConfig()
-    pp = cfg.postprocess
-    pp.max_instances = [30, 60][seed % 2]
-    pp.stuff_area_limit = [1, 64, 400][seed % 3]
-    pp.instance_score_thresh = [0.0, 0.3, 0.45][seed % 3]
-    pp.overlap_thresh = [0.5, 0.2][seed % 2]
-    pp.dedup_iou = [0.3, 0.6][seed % 2]
-    pp.nms_thresh = [0.8, 0.5][seed % 2]
-    pp.pre_nms_topk = [150, 400][seed % 2]
+    cfg = random_cfg(seed)
+    cfg.postprocess.nms_thresh = [0.8, 0.5][seed % 2]
+    cfg.postprocess.pre_nms_topk = [150, 400][seed % 2]
     return cfg
 
 
@@ -47,7 +37,7 @@ def test_device_path_equals_reference_with_one_read(seed: int, monkeypatch) -> N
         monkeypatch.setattr(device_path, "PASTE_CHUNK_BYTES", 4 * 130 * 205 * 3 + 5)
     cfg = _cfg(seed)
     dense = _random_dense(torch.Generator().manual_seed(seed), 2, 96, 160, hot=40)
-    run = _engine(with_scores=seed != 2)
+    run = per_roi_instances(R, with_scores=seed != 2)
     with HostReadCounter() as reads:
         got = panoptic_inference(dense, run, SIZES, cfg, device_path=True)
     want = ref.panoptic_inference(dense, run, SIZES, cfg)
@@ -63,7 +53,7 @@ def test_host_path_reads_many_times() -> None:
     cfg = _cfg(0)
     dense = _random_dense(torch.Generator().manual_seed(0), 2, 96, 160, hot=40)
     with HostReadCounter() as reads:
-        panoptic_inference(dense, _engine(), SIZES, cfg, device_path=False)
+        panoptic_inference(dense, per_roi_instances(R), SIZES, cfg, device_path=False)
     assert reads.reads > 10
 
 
@@ -135,7 +125,7 @@ def test_unsettled_frame_goes_to_host_path(monkeypatch) -> None:
     monkeypatch.setattr(device_path, "DEDUP_ITERATIONS", 1)
     cfg = _cfg(1)
     dense = _random_dense(torch.Generator().manual_seed(1), 2, 96, 160, hot=40)
-    run = _engine()
+    run = per_roi_instances(R)
     with HostReadCounter() as reads:
         got = panoptic_inference(dense, run, SIZES, cfg, device_path=True)
     assert reads.reads > 1
@@ -147,7 +137,7 @@ def test_device_path_timing_and_panoptic_only() -> None:
     cfg = _cfg(2)
     cfg.postprocess.instance_score_thresh = 0.6
     dense = _random_dense(torch.Generator().manual_seed(2), 1, 64, 96, hot=20)
-    run = _engine()
+    run = per_roi_instances(R)
     timer = StageTimer(enabled=True)
     (a,) = panoptic_inference(dense, run, [(64, 96)], cfg, timer=timer, device_path=True)
     assert set(a.timings) == {*PIPELINE_STAGES, "total"}
@@ -180,7 +170,7 @@ def test_cuda_device_path_syncs_once_per_frame() -> None:
 
     cfg = _cfg(0)
     dense = _random_dense(torch.Generator().manual_seed(0), 2, 96, 160, hot=40)
-    run = _engine()
+    run = per_roi_instances(R)
     want = panoptic_inference(dense, run, SIZES, cfg, device_path=True)
     cuda_dense = {k: v.cuda() for k, v in dense.items()}
     panoptic_inference(cuda_dense, run, SIZES, cfg)  # warm-up

@@ -173,8 +173,8 @@ def test_cuda_host_reads_do_not_grow_with_instances() -> None:
     assert abs(counts[1] - counts[0]) <= 1, counts
 
 
-def _check_randomized(seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+def random_cfg(seed: int) -> SEPSNetConfig:
+    """Post-processing settings varied with ``seed`` (instance count, areas, thresholds)."""
     cfg = SEPSNetConfig()
     pp = cfg.postprocess
     pp.max_instances = [30, 60][seed % 2]
@@ -183,6 +183,12 @@ def _check_randomized(seed: int) -> None:
     pp.overlap_thresh = [0.5, 0.2][seed % 2]
     pp.dedup_iou = [0.3, 0.6][seed % 2]
     pp.nms_thresh = 0.8
+    return cfg
+
+
+def _check_randomized(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    cfg = random_cfg(seed)
     h, w = 96, 160
     dense = _random_dense(g, 2, h, w, hot=40)
     sizes = [((96, 152), (130, 205)), ((80, 160), (61, 122))]  # enlarged / shrunk, partial padding
