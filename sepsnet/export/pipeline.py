@@ -33,7 +33,8 @@ PLUGIN_NAME = "libsepsnet_plugins.so"
 PLUGIN_SEARCH = ("build/plugins", "build", "cpp_plugins/build", "cpp_plugins/roi_blend/build", "sepsnet/ops")
 VARIANT_GRAPHS = ("dense.fp16.onnx", "instance.fp16.onnx", "dense.int8.onnx", "dense.fp16.int8.onnx",
                   "instance.plugin.onnx", "instance.plugin.fp16.onnx")
-STALE_FILES = VARIANT_GRAPHS + ("dense.plan", "instance.plan", PLUGIN_NAME)
+PLAN_FILES = ("dense.plan", "instance.plan")
+STALE_FILES = VARIANT_GRAPHS + PLAN_FILES + (PLUGIN_NAME,)
 Batches = list[Any]
 
 
@@ -261,8 +262,7 @@ class BundleExporter:
             data = config_from_dict(manifest["config"], where=f"{out}/manifest.json").data
             # rewritten beside the bundle and published at the end: the bundle stays usable meanwhile
             with staging.staged(out, stale=STALE_FILES) as work:
-                staging.seed_from(out, work, [n for n in manifest["files"] if n not in VARIANT_GRAPHS
-                                              and n not in ("dense.plan", "instance.plan")])
+                staging.seed_from(out, work, [n for n in manifest["files"] if n not in VARIANT_GRAPHS + PLAN_FILES])
                 graphs = write_engine_graphs(work, prec, plugin, calibration_source(opt, data, manifest["input"]),
                                              opt.calib_method)
                 content = bundle.manifest_body(manifest)
@@ -289,8 +289,8 @@ class BundleExporter:
                 f"with `{rebuild_command(str(out), self._wanted(manifest))}`, or pass --onnx-only.") from None
         major = trt_build.trt_major(trt)
         # built beside the bundle and published at the end: the ONNX bundle stays valid during the build
-        with staging.staged(out, stale=("dense.plan", "instance.plan")) as work:
-            staging.seed_from(out, work, [n for n in manifest["files"] if n not in ("dense.plan", "instance.plan")])
+        with staging.staged(out, stale=PLAN_FILES) as work:
+            staging.seed_from(out, work, [n for n in manifest["files"] if n not in PLAN_FILES])
             plugin_name, plugin_path = None, None
             if opt.plugin or is_plugin_bundle(manifest):
                 src = find_plugin(opt, out)
