@@ -25,6 +25,8 @@ untouched (they still count for mask AP) and never remove anything.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -98,6 +100,24 @@ def dedup_keep(masks: PastedMasks, classes: list[int], silhouette: list[float], 
     return [i for i in range(n) if not removed[i]]
 
 
+def _region_pairs(regions: Sequence[Sequence[int]], classes: list[int], eligible: list[bool]
+                  ) -> tuple[np.ndarray, ...]:
+    """The candidate duplicate pairs i < j (same class, both eligible, intersecting regions) as index
+    arrays ``ii, jj``, with the (n, n) intersection rectangles ``ix0, iy0, ix1, iy1`` of the regions."""
+    n = len(regions)
+    reg = np.asarray(regions, dtype=np.int64).reshape(-1, 4)
+    cls = np.asarray(classes, dtype=np.int64)
+    ok = np.asarray(eligible, dtype=bool)
+    ix0 = np.maximum(reg[:, None, 0], reg[None, :, 0])
+    iy0 = np.maximum(reg[:, None, 1], reg[None, :, 1])
+    ix1 = np.minimum(reg[:, None, 2], reg[None, :, 2])
+    iy1 = np.minimum(reg[:, None, 3], reg[None, :, 3])
+    pair = (ix1 > ix0) & (iy1 > iy0) & (cls[:, None] == cls[None, :]) & ok[:, None] & ok[None, :]
+    pair &= np.triu(np.ones((n, n), dtype=bool), 1)
+    ii, jj = np.nonzero(pair)
+    return ii, jj, ix0, iy0, ix1, iy1
+
+
 def _duplicates_host(masks: PastedMasks, classes: list[int], iou_thresh: float,
                      eligible: list[bool]) -> list[list[int]]:
     """Per instance the instances it duplicates (same class, both eligible, mask IoU above
@@ -107,21 +127,10 @@ def _duplicates_host(masks: PastedMasks, classes: list[int], iou_thresh: float,
     monotone) rules it out exactly. The rest are counted on the overlap of the two crops."""
     n = len(masks)
     dup: list[list[int]] = [[] for _ in range(n)]
-    if n < 2:
-        return dup
-    reg = np.asarray(masks.regions, dtype=np.int64).reshape(-1, 4)
-    cls = np.asarray(classes, dtype=np.int64)
-    ok = np.asarray(eligible, dtype=bool)
-    ix0 = np.maximum(reg[:, None, 0], reg[None, :, 0])
-    iy0 = np.maximum(reg[:, None, 1], reg[None, :, 1])
-    ix1 = np.minimum(reg[:, None, 2], reg[None, :, 2])
-    iy1 = np.minimum(reg[:, None, 3], reg[None, :, 3])
-    pair = (ix1 > ix0) & (iy1 > iy0) & (cls[:, None] == cls[None, :]) & ok[:, None] & ok[None, :]
-    pair &= np.triu(np.ones((n, n), dtype=bool), 1)
-    if not pair.any():
+    ii, jj, ix0, iy0, ix1, iy1 = _region_pairs(masks.regions, classes, eligible)
+    if not len(ii):
         return dup
     area = np.asarray(masks.areas, dtype=np.int64)
-    ii, jj = np.nonzero(pair)
     bound = np.minimum(np.minimum(area[ii], area[jj]), (ix1[ii, jj] - ix0[ii, jj]) * (iy1[ii, jj] - iy0[ii, jj]))
     union = area[ii] + area[jj] - bound
     can = union > 0
@@ -146,21 +155,10 @@ def _duplicates_device(masks: PastedMasks, classes: list[int], iou_thresh: float
     whose regions intersect is measured there, and the areas and intersections are read in one
     transfer."""
     n = len(masks)
-    reg = torch.tensor(masks.regions, dtype=torch.long).reshape(-1, 4)
-    cls = torch.tensor(classes, dtype=torch.long)
-    ok = torch.tensor(eligible, dtype=torch.bool)
-    # candidate pairs: same class and intersecting regions (vectorised), upper triangle
-    ix0 = torch.maximum(reg[:, None, 0], reg[None, :, 0])
-    iy0 = torch.maximum(reg[:, None, 1], reg[None, :, 1])
-    ix1 = torch.minimum(reg[:, None, 2], reg[None, :, 2])
-    iy1 = torch.minimum(reg[:, None, 3], reg[None, :, 3])
-    pair = (ix1 > ix0) & (iy1 > iy0) & (cls[:, None] == cls[None, :])
-    pair &= torch.ones(n, n, dtype=torch.bool).triu(1)
-    pair &= ok[:, None] & ok[None, :]
-    ii, jj = pair.nonzero(as_tuple=True)
+    ii, jj, ix0, iy0, ix1, iy1 = _region_pairs(masks.regions, classes, eligible)
     dup: list[list[int]] = [[] for _ in range(n)]
-    if ii.numel():
-        boxes = torch.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
+    if len(ii):
+        boxes = np.stack([ix0[ii, jj], iy0[ii, jj], ix1[ii, jj], iy1[ii, jj]], 1).tolist()
         pairs = list(zip(ii.tolist(), jj.tolist()))
         inters = []
         for (i, j), (x0, y0, x1, y1) in zip(pairs, boxes):
