@@ -6,21 +6,17 @@ the NumPy / OpenCV path, which gives the same numbers.
 """
 from __future__ import annotations
 
-import os
 import threading
 from types import ModuleType
 
 import numpy as np
 
+from sepsnet.native import optional_extension
+
 
 def load_native() -> ModuleType | None:
-    if os.environ.get("SEPSNET_PQ_NATIVE", "1").strip() == "0":
-        return None
-    try:
-        from sepsnet.eval import _pq_native
-    except ImportError:
-        return None
-    return _pq_native
+    """The C helper ``_pq_native`` when it was built and ``SEPSNET_PQ_NATIVE`` is not ``0``, else None."""
+    return optional_extension("sepsnet.eval._pq_native", "SEPSNET_PQ_NATIVE")
 
 
 NATIVE = load_native()

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from types import ModuleType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sepsnet.native import optional_extension
 from sepsnet.postprocess.threads import one_intra_op_thread
 
 _BAND_BYTES = 128 << 20  # float32 scratch per band of resized stuff logits (large maps)
@@ -43,13 +43,7 @@ _MAX_WINDOW_SHARE = 0.25  # near-tie windows resampling more than this share of 
 
 def load_native() -> ModuleType | None:
     """The C helper ``_stuff_native`` when it was built and ``SEPSNET_STUFF_NATIVE`` is not ``0``, else None."""
-    if os.environ.get("SEPSNET_STUFF_NATIVE", "1").strip() == "0":
-        return None
-    try:
-        from sepsnet.postprocess import _stuff_native
-    except ImportError:
-        return None
-    return _stuff_native
+    return optional_extension("sepsnet.postprocess._stuff_native", "SEPSNET_STUFF_NATIVE")
 
 
 NATIVE = load_native()  # read at call time: tests set it to None for the NumPy form
